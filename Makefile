@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format bench clean
+
+# torch is installed first, pinned, so pip never pulls a CUDA build as a dependency of
+# transformers/peft on a CPU-only machine.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/ssb run --preset quickstart --run-dir $(RUN_DIR)
+
+# pytest exits 5 when no test was collected; that is not a failure of the project.
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+bench: install
+	$(VENV)/bin/ssb bench --out bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

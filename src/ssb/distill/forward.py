@@ -1,0 +1,73 @@
+"""Model-side helpers shared by teacher scoring and student training.
+
+Both sides need the same two things: the final (post-norm) hidden states at the positions that
+predict reply tokens, and the output head that turns them into logits. Taking hidden states from
+the decoder and applying the head ourselves means full-vocabulary logits are only ever built for
+a chunk of reply positions at a time, never for the whole (B, S, V) batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class OutputHead:
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+    softcap: float | None  # final logit soft-capping (Gemma 2 style), None when the model has none
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for a (N, H) block of hidden states."""
+        z = hidden.float() @ self.weight.float().T
+        if self.bias is not None:
+            z = z + self.bias.float()
+        if self.softcap:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+def output_head(model: Any) -> OutputHead:
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        # A LoRA-wrapped lm_head is a peft layer, not a Linear: its logits are not W h.
+        raise ValueError(
+            f"the output layer is a {type(head).__name__}, not a plain Linear; ssb computes logits "
+            "from the lm_head weight, so the lm_head must not be adapted (remove lm_head from "
+            "train.lora.target_modules)"
+        )
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(head.weight, head.bias, softcap)
+
+
+def final_hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, S, H) hidden states after the final norm: what the lm_head sees."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def reply_rows(prompt_len: int, reply_len: int) -> slice:
+    """Positions whose next-token prediction is a reply token.
+
+    In `[prompt (P tokens) || reply (R tokens, end token included)]`, position t predicts token
+    t + 1, so the R reply tokens are predicted at positions P - 1 ... P + R - 2."""
+    return slice(prompt_len - 1, prompt_len - 1 + reply_len)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask. Right padding keeps every real token's position
+    unchanged, so the reply rows of each sequence are the same as unpadded."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask

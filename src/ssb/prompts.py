@@ -1,0 +1,221 @@
+"""Prompt rendering shared by every stage.
+
+One function, `render_prompt_ids`, turns a list of chat messages into the token ids a model
+sees, for rollouts, the hinted teacher, teacher scoring, student training and evaluation alike.
+Replies are always handled as token ids and appended to these ids; nothing re-tokenises
+"prompt + reply" text, so the student and the teacher see exactly the reply tokens that were
+generated.
+
+Two formats:
+- chat: the tokenizer's chat template with the generation prompt (instruct models);
+- fewshot: "Question: ...\\nAnswer: ..." worked examples for base models without a template
+  (the embedded gemma-3-270m). A reply ends at a stop string (a blank line by default) and is
+  terminated by the EOS token when distilled, so the student learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ssb.config import PromptConfig
+from ssb.problems import Problem
+
+Message = dict[str, str]
+
+DEFAULT_TEACHER_TEMPLATE = (
+    "Here is a math problem, followed by two student solutions. The first solution is correct; "
+    "the second one reaches a wrong final answer.\n\n"
+    "Problem:\n{question}\n\n"
+    "Correct solution:\n{correct}\n\n"
+    "Incorrect solution:\n{incorrect}\n\n"
+    "Write one robust, standalone, step-by-step solution to the problem. Where the incorrect "
+    "solution went wrong, make the right step explicit and warn about the pitfall, but do not "
+    "mention the students or their solutions. Your final answer must equal the correct "
+    "solution's final answer, written within \\boxed{}."
+)
+
+CORRECT_ONLY_TEACHER_TEMPLATE = (
+    "Here is a math problem and a correct student solution.\n\n"
+    "Problem:\n{question}\n\n"
+    "Correct solution:\n{correct}\n\n"
+    "Write one robust, standalone, step-by-step solution to the problem, making every step "
+    "explicit and warning about the steps where it is easy to go wrong, but do not mention the "
+    "student or their solution. Your final answer must equal the correct solution's final answer, "
+    "written within \\boxed{}."
+)
+
+GOLD_TEACHER_TEMPLATE = (
+    "Here is a math problem and its reference solution.\n\n"
+    "Problem:\n{question}\n\n"
+    "Reference solution:\n{gold_solution}\n\n"
+    "Write one robust, standalone, step-by-step solution to the problem, making every step "
+    "explicit and warning about the steps where it is easy to go wrong, but do not mention the "
+    "reference solution. Your final answer must equal the reference answer, written within "
+    "\\boxed{}."
+)
+
+# A small base model cannot follow long instructions; in the few-shot format the hint rides on
+# the question line so the context stays "Question: ... Answer: ...".
+FEWSHOT_TEACHER_TEMPLATES = {
+    "correct_and_incorrect": (
+        "{question} (Hint: a correct solution is: {correct} A common mistake is: {incorrect} "
+        "Avoid that mistake.)"
+    ),
+    "correct_only": "{question} (Hint: a correct solution is: {correct})",
+    "gold": "{question} (Hint: a reference solution is: {gold_solution})",
+}
+CHAT_TEACHER_TEMPLATES = {
+    "correct_and_incorrect": DEFAULT_TEACHER_TEMPLATE,
+    "correct_only": CORRECT_ONLY_TEACHER_TEMPLATE,
+    "gold": GOLD_TEACHER_TEMPLATE,
+}
+
+# Worked examples for the few-shot format: one line each, final answer boxed. Written in a style
+# (names, objects) the synthetic generator does not use, so they never coincide with a problem.
+FEWSHOT_EXAMPLES: list[tuple[str, str]] = [
+    (
+        "Lena has 4 red pens and 7 blue pens. How many pens does Lena have?",
+        "Lena has 4 + 7 = 11 pens. The answer is \\boxed{11}.",
+    ),
+    (
+        "A shelf holds 15 jars. Omar takes 6 jars away. How many jars are left on the shelf?",
+        "15 - 6 = 9 jars are left. The answer is \\boxed{9}.",
+    ),
+    (
+        "Each box holds 3 lemons. How many lemons are in 5 boxes?",
+        "5 boxes hold 5 * 3 = 15 lemons. The answer is \\boxed{15}.",
+    ),
+    (
+        "Priya read 12 pages on Monday and 9 pages on Tuesday. How many pages did she read?",
+        "She read 12 + 9 = 21 pages. The answer is \\boxed{21}.",
+    ),
+    (
+        "A farmer had 18 eggs and sold 11 of them. How many eggs does the farmer have now?",
+        "18 - 11 = 7 eggs are left. The answer is \\boxed{7}.",
+    ),
+    (
+        "Kofi buys 2 bags with 8 plums in each bag and eats 3 plums. How many plums are left?",
+        "He buys 2 * 8 = 16 plums and eats 3, so 16 - 3 = 13 are left. The answer is \\boxed{13}.",
+    ),
+    (
+        "A train has 6 cars with 10 seats each. How many seats does the train have?",
+        "6 * 10 = 60 seats. The answer is \\boxed{60}.",
+    ),
+    (
+        "Mina had 20 stamps, gave 5 to a friend and then bought 4 more. How many stamps does she "
+        "have?",
+        "20 - 5 = 15, and 15 + 4 = 19 stamps. The answer is \\boxed{19}.",
+    ),
+]
+
+
+def uses_chat_template(tokenizer: Any, cfg: PromptConfig) -> bool:
+    if cfg.format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt.format is 'chat' but the tokenizer has no chat template")
+        return True
+    if cfg.format == "fewshot":
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def student_messages(problem: Problem, cfg: PromptConfig) -> list[Message]:
+    """The hint-free prompt: used for rollouts, student training and evaluation."""
+    messages = []
+    if cfg.system_prompt:
+        messages.append({"role": "system", "content": cfg.system_prompt})
+    messages.append({"role": "user", "content": problem.question})
+    return messages
+
+
+def teacher_messages(
+    problem: Problem,
+    cfg: PromptConfig,
+    *,
+    chat: bool,
+    context: str = "correct_and_incorrect",
+    correct: str | None = None,
+    incorrect: str | None = None,
+) -> list[Message]:
+    """The hinted prompt: the problem plus the hints chosen by `context`."""
+    if cfg.teacher_template is not None:
+        template = cfg.teacher_template
+    else:
+        templates = CHAT_TEACHER_TEMPLATES if chat else FEWSHOT_TEACHER_TEMPLATES
+        template = templates[context]
+    needed = {
+        "correct_and_incorrect": ("correct", "incorrect"),
+        "correct_only": ("correct",),
+        "gold": ("gold_solution",),
+    }[context]
+    values = {
+        "question": problem.question,
+        "correct": (correct or "").strip(),
+        "incorrect": (incorrect or "").strip(),
+        "gold_solution": (problem.solution or "").strip(),
+    }
+    for name in needed:
+        if not values[name]:
+            raise ValueError(f"teacher context {context!r} needs a {name} for problem {problem.id}")
+    text = template
+    for name, value in values.items():
+        text = text.replace("{" + name + "}", value)
+    messages = []
+    if cfg.system_prompt:
+        messages.append({"role": "system", "content": cfg.system_prompt})
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+def render_prompt_text(tokenizer: Any, messages: list[Message], cfg: PromptConfig) -> str:
+    """The prompt as text (for logs and records); the ids come from `render_prompt_ids`."""
+    return tokenizer.decode(render_prompt_ids(tokenizer, messages, cfg))
+
+
+def render_prompt_ids(tokenizer: Any, messages: list[Message], cfg: PromptConfig) -> list[int]:
+    """THE prompt renderer: messages -> token ids ending where the model's reply begins."""
+    if uses_chat_template(tokenizer, cfg):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys") and "input_ids" in out:  # transformers 5 returns a BatchEncoding
+            out = out["input_ids"]
+        return [int(t) for t in out]
+    return list(tokenizer(fewshot_text(messages, cfg), add_special_tokens=True)["input_ids"])
+
+
+def fewshot_text(messages: list[Message], cfg: PromptConfig) -> str:
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if len(users) != 1 or any(m["role"] not in ("system", "user") for m in messages):
+        raise ValueError("the few-shot format takes one user message (and optional system text)")
+    parts = [system + "\n\n"] if system else []
+    for question, answer in FEWSHOT_EXAMPLES[: cfg.num_fewshot]:
+        parts.append(f"Question: {question}\nAnswer: {answer}\n\n")
+    parts.append(f"Question: {users[0]}\nAnswer:")
+    return "".join(parts)
+
+
+@dataclass
+class ReplyFormat:
+    """How replies end for this model and prompt format."""
+
+    chat: bool
+    end_token_id: int  # appended to every distilled reply (end-of-turn, or EOS for few-shot)
+    stop_token_ids: list[int]  # generation stops at any of these
+    stop_strings: list[str]  # and at any of these (few-shot only)
+
+
+def reply_format(tokenizer: Any, cfg: PromptConfig) -> ReplyFormat:
+    from ssb.models import end_of_turn_token_id
+
+    chat = uses_chat_template(tokenizer, cfg)
+    eos = tokenizer.eos_token_id
+    if chat:
+        end = end_of_turn_token_id(tokenizer)
+        stops = sorted({end} | ({eos} if eos is not None else set()))
+        return ReplyFormat(chat=True, end_token_id=end, stop_token_ids=stops, stop_strings=[])
+    if eos is None:
+        raise ValueError("the tokenizer has neither a chat template nor an EOS token")
+    return ReplyFormat(
+        chat=False, end_token_id=eos, stop_token_ids=[eos], stop_strings=list(cfg.stop_strings)
+    )

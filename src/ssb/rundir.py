@@ -1,0 +1,324 @@
+"""The run directory: one folder per run, atomic writes, crash-tolerant jsonl, the manifest.
+
+Layout (DESIGN section 4)::
+
+    runs/<name>/config.yaml  manifest.json  rollouts.jsonl  pairs.jsonl  targets/  adapter/
+                eval/  report.md  plots/
+
+Every write is either an atomic replace (temp file + fsync + rename) or a jsonl append that is
+flushed and fsynced per batch; a reader tolerates a torn last line (the record in flight when a
+process was killed) and the next append cuts it off, so a resumed stage never duplicates or loses
+a finished record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ssb.config import Config, config_hash, dump_yaml, to_dict
+
+TRACKED_PACKAGES = (
+    "ssb",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "datasets",
+    "math-verify",
+    "gguf",
+    "trl",
+    "vllm",
+)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (incompatible config, unwritable, ...)."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete records of a jsonl file. A torn last line (no trailing newline, or not valid
+    JSON) is ignored: it is the record a killed process was writing. A bad line in the middle
+    is an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    with path.open("rb") as f:
+        lines = f.read().split(b"\n")
+    # split() leaves '' after a final newline; anything else in the last slot is a torn record.
+    complete, tail = lines[:-1], lines[-1]
+    for lineno, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+    del tail
+    return records
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Cut a partial last line left by a killed writer, so the next append starts clean."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1  # 0 when there is no complete line at all
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Append records (one JSON object per line) and fsync. Returns the number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _truncate_torn_tail(path)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    if not lines:
+        return 0
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    return len(lines)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# Config sections that, when changed, make earlier stages' files unusable for later ones.
+# Changing e.g. eval settings between stages is fine; changing the model is not.
+_STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "rollout": (
+        "model",
+        "data.train",
+        "data.train_split",
+        "data.synthetic",
+        "data.shuffle",
+        "prompt",
+        "rollout",
+        "generation.max_new_tokens",
+        "seed",
+    ),
+    "bootstrap": ("bootstrap",),
+    "targets": ("targets",),
+    "train": ("train",),
+}
+
+
+class RunDir:
+    """Paths and bookkeeping of one run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ---- paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def rollouts_path(self) -> Path:
+        return self.path / "rollouts.jsonl"
+
+    @property
+    def pairs_path(self) -> Path:
+        return self.path / "pairs.jsonl"
+
+    @property
+    def bootstrap_log_path(self) -> Path:
+        """Every problem the bootstrap stage has decided on (kept or rejected, and why)."""
+        return self.path / "bootstrap.jsonl"
+
+    @property
+    def targets_dir(self) -> Path:
+        return self.path / "targets"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def train_log_path(self) -> Path:
+        return self.path / "train_log.jsonl"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.md"
+
+    # ---- manifest
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{self.manifest_path}: not valid JSON ({exc.msg})") from None
+
+    def update_manifest(self, **updates: Any) -> dict[str, Any]:
+        manifest = self.read_manifest()
+        for key, value in updates.items():
+            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                manifest[key] = {**manifest[key], **value}
+            else:
+                manifest[key] = value
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    def stage_status(self, stage: str) -> dict[str, Any]:
+        return self.read_manifest().get("stages", {}).get(stage, {})
+
+    def is_complete(self, stage: str) -> bool:
+        return self.stage_status(stage).get("status") == "complete"
+
+    def record_stage(self, stage: str, status: str, **info: Any) -> None:
+        manifest = self.read_manifest()
+        stages = manifest.setdefault("stages", {})
+        entry = stages.get(stage, {})
+        entry.update(info)
+        entry["status"] = status
+        entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        stages[stage] = entry
+        atomic_write_json(self.manifest_path, manifest)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Mark a stage running, time it, and mark it complete (or failed) at the end.
+
+        The yielded dict collects the summary the stage wants recorded in the manifest."""
+        summary: dict[str, Any] = {}
+        start = time.time()
+        self.record_stage(name, "running")
+        try:
+            yield summary
+        except BaseException as exc:
+            self.record_stage(
+                name, "failed", error=f"{type(exc).__name__}: {exc}", seconds=time.time() - start
+            )
+            raise
+        self.record_stage(name, "complete", seconds=round(time.time() - start, 2), **summary)
+
+    # ---- set-up
+    def init(self, cfg: Config, stage: str, force: bool = False) -> None:
+        """Create the directory, check that `cfg` is compatible with what earlier stages used,
+        and write the resolved config and package versions."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"cannot write to run directory {self.path}: {exc}") from None
+        if self.config_path.exists() and not force:
+            self._check_compatible(cfg)
+        atomic_write_text(self.config_path, dump_yaml(cfg))
+        self.update_manifest(
+            name=cfg.name,
+            config_hash=config_hash(cfg),
+            packages=package_versions(),
+            command=" ".join(sys.argv),
+        )
+
+    def _check_compatible(self, cfg: Config) -> None:
+        import yaml
+
+        try:
+            old = yaml.safe_load(self.config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RunDirError(f"{self.config_path}: invalid YAML ({exc})") from None
+        new = to_dict(cfg)
+        done = {s for s, v in self.read_manifest().get("stages", {}).items() if v.get("status")}
+        diffs = []
+        for stage, keys in _STAGE_INPUTS.items():
+            if stage not in done:
+                continue
+            for key in keys:
+                if _get(old, key) != _get(new, key):
+                    diffs.append(f"{key} (used by finished stage '{stage}')")
+        if diffs:
+            raise RunDirError(
+                f"{self.path} was made with a different config: "
+                + ", ".join(diffs)
+                + ". Use a new --run-dir, or --force to proceed anyway."
+            )
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node

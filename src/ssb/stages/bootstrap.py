@@ -1,0 +1,202 @@
+"""Stage 2: select informative problems and let the hinted teacher write a robust solution.
+
+For every rolled-out problem, in file order:
+- keep it only if it has at least one correct and one incorrect (boxed) rollout;
+- take one correct rollout and a rollout of the most common wrong answer (seeded tie-breaks);
+- show the same model the hinted prompt and sample a robust solution;
+- keep the solution only if its boxed answer is still correct and it ended on its own.
+
+`bootstrap.jsonl` records the decision for every problem (kept or why not); `pairs.jsonl` holds
+the kept pairs. A problem in either file is never redone, so a resumed run neither loses nor
+duplicates pairs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from ssb.config import Config
+from ssb.generate import make_generator
+from ssb.generate.base import SamplingParams
+from ssb.grading import answer_key, extract_boxed, grade
+from ssb.problems import Problem
+from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
+from ssb.rundir import RunDir, append_jsonl, read_jsonl
+from ssb.stages.common import chunks, load_base, log, stable_seed
+
+REJECT_REASONS = ("all_correct", "all_wrong", "no_boxed_wrong", "teacher_wrong", "teacher_truncated")
+
+
+def select_rollouts(record: dict[str, Any], seed: int) -> tuple[str, dict | None, dict | None]:
+    """Decide on one rollout record: ("mixed", correct_sample, wrong_sample) or (reason, None, None).
+
+    The wrong sample is one whose answer is the most common wrong answer (answers grouped by
+    `answer_key`, so "18.0" and "18" count together); ties between answers and the choice among
+    equal samples use an RNG seeded by (seed, problem id), so the choice is reproducible."""
+    samples = record["samples"]
+    correct = [s for s in samples if s["correct"]]
+    wrong = [s for s in samples if not s["correct"]]
+    if not wrong:
+        return "all_correct", None, None
+    if not correct:
+        return "all_wrong", None, None
+    # A wrong rollout with no boxed answer teaches no specific pitfall (the reference drops them).
+    wrong = [s for s in wrong if s["answer"] is not None]
+    if not wrong:
+        return "no_boxed_wrong", None, None
+    rng = random.Random(stable_seed(seed, "select", record["id"]))
+    counts = Counter(answer_key(s["answer"]) for s in wrong)
+    top = max(counts.values())
+    tied = sorted(key for key, c in counts.items() if c == top)
+    chosen_key = rng.choice(tied)
+    chosen_wrong = rng.choice([s for s in wrong if answer_key(s["answer"]) == chosen_key])
+    chosen_correct = rng.choice(correct)
+    return "mixed", chosen_correct, chosen_wrong
+
+
+def _problem(record: dict[str, Any]) -> Problem:
+    return Problem(
+        id=record["id"],
+        question=record["question"],
+        answer=record["gold"],
+        source=record.get("source", ""),
+        solution=record.get("solution"),
+    )
+
+
+def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Write pairs.jsonl for every rolled-out problem not yet decided."""
+    bcfg = cfg.bootstrap
+    rollouts = read_jsonl(rundir.rollouts_path)
+    if not rollouts:
+        raise FileNotFoundError(f"no rollouts in {rundir.rollouts_path}: run `ssb rollout` first")
+    decided = {r["id"] for r in read_jsonl(rundir.bootstrap_log_path)}
+    decided |= {r["id"] for r in read_jsonl(rundir.pairs_path)}
+    kept = len(read_jsonl(rundir.pairs_path))
+    todo = [r for r in rollouts if r["id"] not in decided]
+    log.info("bootstrap: %d rolled-out problems, %d to decide", len(rollouts), len(todo))
+
+    base = None
+    generator = None
+    gen_seconds, gen_tokens = 0.0, 0
+    batch_problems = max(1, cfg.generation.batch_size // bcfg.attempts)
+    for index, batch in enumerate(chunks(todo, batch_problems)):
+        if bcfg.target_pairs is not None and kept >= bcfg.target_pairs:
+            break
+        decisions: list[dict[str, Any]] = []
+        mixed = []
+        for record in batch:
+            if bcfg.teacher_context == "gold":
+                if not record.get("solution"):
+                    raise ValueError(
+                        f"bootstrap.teacher_context=gold needs gold solutions; problem "
+                        f"{record['id']} ({record.get('source')}) has none"
+                    )
+            status, good, bad = select_rollouts(record, cfg.seed)
+            if status == "mixed":
+                mixed.append((record, good, bad))
+            else:
+                decisions.append({"id": record["id"], "status": status})
+        pairs = []
+        if mixed:
+            if base is None:
+                base = load_base(cfg)
+                generator = make_generator(
+                    cfg, base.model, base.tokenizer, base.reply.stop_token_ids
+                )
+            chat = uses_chat_template(base.tokenizer, cfg.prompt)
+            t_msgs = [
+                teacher_messages(
+                    _problem(r),
+                    cfg.prompt,
+                    chat=chat,
+                    context=bcfg.teacher_context,
+                    correct=good["text"],
+                    incorrect=bad["text"],
+                )
+                for r, good, bad in mixed
+            ]
+            prompts = [render_prompt_ids(base.tokenizer, m, cfg.prompt) for m in t_msgs]
+            params = SamplingParams(
+                temperature=bcfg.temperature,
+                top_p=bcfg.top_p,
+                top_k=bcfg.top_k,
+                max_new_tokens=cfg.generation.max_new_tokens,
+                n=bcfg.attempts,
+                stop_strings=base.reply.stop_strings,
+                seed=stable_seed(cfg.seed, "bootstrap", index, mixed[0][0]["id"]),
+            )
+            start = time.perf_counter()
+            outputs = generator.generate(prompts, params, progress=progress)
+            gen_seconds += time.perf_counter() - start
+            gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+            for (record, good, bad), msgs, prompt_ids, outs in zip(mixed, t_msgs, prompts, outputs):
+                problem = _problem(record)
+                # The first attempt that ended by itself with a still-correct answer.
+                reply = next(
+                    (c for c in outs if c.finish_reason == "stop" and grade(c.text, problem.answer)),
+                    None,
+                )
+                if reply is None:
+                    truncated = all(c.finish_reason == "length" for c in outs)
+                    reason = "teacher_truncated" if truncated else "teacher_wrong"
+                    decisions.append(
+                        {
+                            "id": record["id"],
+                            "status": reason,
+                            "teacher_answers": [extract_boxed(c.text) for c in outs],
+                        }
+                    )
+                    continue
+                if bcfg.target_pairs is not None and kept + len(pairs) >= bcfg.target_pairs:
+                    break  # undecided: a later run with a larger target picks it up
+                s_msgs = student_messages(problem, cfg.prompt)
+                pairs.append(
+                    {
+                        "id": problem.id,
+                        "question": problem.question,
+                        "gold": problem.answer,
+                        "source": problem.source,
+                        "student_messages": s_msgs,
+                        "teacher_messages": msgs,
+                        "student_prompt_ids": render_prompt_ids(
+                            base.tokenizer, s_msgs, cfg.prompt
+                        ),
+                        "teacher_prompt_ids": prompt_ids,
+                        "reply": reply.text,
+                        "reply_ids": reply.token_ids,
+                        "end_token_id": base.reply.end_token_id,
+                        "teacher_answer": extract_boxed(reply.text),
+                        "correct_rollout": good["text"],
+                        "correct_answer": good["answer"],
+                        "incorrect_rollout": bad["text"],
+                        "incorrect_answer": bad["answer"],
+                    }
+                )
+                decisions.append({"id": problem.id, "status": "kept"})
+        # Pairs first: a crash between the two appends leaves the id in pairs.jsonl, which
+        # also counts as decided, so nothing is redone or duplicated.
+        append_jsonl(rundir.pairs_path, pairs)
+        append_jsonl(rundir.bootstrap_log_path, decisions)
+        kept += len(pairs)
+    summary = funnel(rundir)
+    if gen_seconds > 0:
+        summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
+    return summary
+
+
+def funnel(rundir: RunDir) -> dict[str, Any]:
+    """problems -> mixed -> kept, with the reason for every problem that was not kept."""
+    decisions = read_jsonl(rundir.bootstrap_log_path)
+    counts = Counter(d["status"] for d in decisions)
+    out: dict[str, Any] = {
+        "problems": len(read_jsonl(rundir.rollouts_path)),
+        "decided": len(decisions),
+        "mixed": sum(counts[s] for s in ("kept", "teacher_wrong", "teacher_truncated")),
+        "kept": len(read_jsonl(rundir.pairs_path)),
+    }
+    out["rejected"] = {reason: counts[reason] for reason in REJECT_REASONS}
+    return out

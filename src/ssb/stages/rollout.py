@@ -1,0 +1,116 @@
+"""Stage 1: sample K hint-free answers per training problem and grade them.
+
+Writes `rollouts.jsonl`, one record per problem. Problems are processed in fixed chunks (by
+position in the problem list) and each chunk is appended in one write, so a resumed run skips
+finished problems, and a chunk is seeded by its position: an interrupted and resumed run
+reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ssb.config import Config
+from ssb.generate import make_generator
+from ssb.generate.base import SamplingParams
+from ssb.grading import extract_boxed, grade
+from ssb.problems import Problem, load_train_problems
+from ssb.prompts import render_prompt_ids, student_messages
+from ssb.rundir import RunDir, append_jsonl, read_jsonl
+from ssb.stages.common import chunks, load_base, log, stable_seed
+
+
+def rollout_record(problem: Problem, completions: list[Any]) -> dict[str, Any]:
+    samples = []
+    for c in completions:
+        samples.append(
+            {
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason,
+                "answer": extract_boxed(c.text),
+                "correct": grade(c.text, problem.answer),
+            }
+        )
+    return {
+        "id": problem.id,
+        "question": problem.question,
+        "gold": problem.answer,
+        "source": problem.source,
+        "solution": problem.solution,
+        "samples": samples,
+        "num_correct": sum(s["correct"] for s in samples),
+    }
+
+
+def run_rollout(
+    cfg: Config,
+    rundir: RunDir,
+    problems: list[Problem] | None = None,
+    progress: bool = True,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Sample cfg.rollout.num_samples answers for each problem not yet in rollouts.jsonl."""
+    if problems is None:
+        problems = load_train_problems(cfg)
+    done = {r["id"] for r in read_jsonl(rundir.rollouts_path)}
+    k = cfg.rollout.num_samples
+    # A chunk is about one generation batch of sequences; at least one problem.
+    chunk_size = max(1, cfg.generation.batch_size // k) * 4
+    todo_chunks = [
+        (index, [p for p in chunk if p.id not in done])
+        for index, chunk in enumerate(chunks(problems, chunk_size))
+    ]
+    todo_chunks = [(i, c) for i, c in todo_chunks if c]
+    num_todo = sum(len(c) for _, c in todo_chunks)
+    log.info("rollout: %d problems, %d already done, %d to sample", len(problems), len(done), num_todo)
+    written = 0
+    gen_seconds = 0.0
+    gen_tokens = 0
+    if todo_chunks:
+        base = load_base(cfg)
+        generator = make_generator(cfg, base.model, base.tokenizer, base.reply.stop_token_ids)
+        for index, chunk in todo_chunks:
+            prompts = [
+                render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
+                for p in chunk
+            ]
+            params = SamplingParams(
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
+                max_new_tokens=cfg.generation.max_new_tokens,
+                n=k,
+                stop_strings=base.reply.stop_strings,
+                seed=stable_seed(cfg.seed, "rollout", index),
+            )
+            start = time.perf_counter()
+            outputs = generator.generate(prompts, params, progress=progress)
+            gen_seconds += time.perf_counter() - start
+            gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+            records = [rollout_record(p, outs) for p, outs in zip(chunk, outputs)]
+            written += append_jsonl(rundir.rollouts_path, records)
+            if on_chunk is not None:
+                on_chunk(written, num_todo)
+    summary = summarize_rollouts(rundir)
+    if gen_seconds > 0:
+        summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
+    return summary
+
+
+def summarize_rollouts(rundir: RunDir) -> dict[str, Any]:
+    records = read_jsonl(rundir.rollouts_path)
+    samples = [s for r in records for s in r["samples"]]
+    n = len(records)
+    return {
+        "problems": n,
+        "samples": len(samples),
+        "sample_accuracy": (sum(s["correct"] for s in samples) / len(samples)) if samples else 0.0,
+        "all_correct": sum(r["num_correct"] == len(r["samples"]) for r in records),
+        "all_wrong": sum(r["num_correct"] == 0 for r in records),
+        "mixed": sum(0 < r["num_correct"] < len(r["samples"]) for r in records),
+        "truncated_samples": sum(s["finish_reason"] == "length" for s in samples),
+        "generated_tokens": sum(len(s["token_ids"]) for s in samples),
+    }

@@ -1,0 +1,115 @@
+"""Stage 3: score `[hinted teacher prompt || reply + end token]` with the frozen base model and
+store the teacher's distributions on the reply positions (end token included).
+
+The teacher prompt ids are the ones the reply was generated from (stored in pairs.jsonl by the
+bootstrap stage, and checked against the shared renderer here), so the targets are computed in
+exactly the context that produced the reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ssb.config import Config
+from ssb.distill.forward import final_hidden_states, output_head, reply_rows, right_pad
+from ssb.distill.losses import dense_targets, topk_targets
+from ssb.distill.store import TargetReader, TargetWriter
+from ssb.prompts import render_prompt_ids
+from ssb.rundir import RunDir, read_jsonl
+from ssb.stages.common import chunks, load_base, log
+
+
+def teacher_sequence(pair: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(teacher prompt ids, reply ids + end token): what the teacher scores."""
+    return list(pair["teacher_prompt_ids"]), list(pair["reply_ids"]) + [pair["end_token_id"]]
+
+
+def student_sequence(pair: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(student prompt ids, reply ids + end token): what the student is trained on."""
+    return list(pair["student_prompt_ids"]), list(pair["reply_ids"]) + [pair["end_token_id"]]
+
+
+def check_prompts(pairs: list[dict[str, Any]], tokenizer: Any, cfg: Config) -> None:
+    """Refuse pairs whose stored prompt ids differ from what the shared renderer makes now (a
+    changed tokenizer, template or prompt config would silently misalign teacher and student)."""
+    for pair in pairs:
+        for role in ("teacher", "student"):
+            rendered = render_prompt_ids(tokenizer, pair[f"{role}_messages"], cfg.prompt)
+            if rendered != pair[f"{role}_prompt_ids"]:
+                raise ValueError(
+                    f"pairs.jsonl example {pair['id']}: the stored {role} prompt ids differ from "
+                    "the prompt rendered with the current tokenizer and prompt config; re-run "
+                    "`ssb bootstrap` in a new run directory"
+                )
+
+
+def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
+    from ssb.models import model_identity
+
+    head = output_head(model)
+    return {
+        "tau": cfg.train.loss.temperature,
+        "topk": cfg.targets.topk if cfg.targets.mode == "topk" else None,
+        "vocab_size": int(head.weight.shape[0]),
+        "hidden_size": int(head.weight.shape[1]),
+        "model": model_identity(cfg.model, tokenizer),
+    }
+
+
+@torch.inference_mode()
+def teacher_rows(model: Any, batch: list[dict[str, Any]], pad_id: int) -> list[torch.Tensor]:
+    """Final hidden states (R, H) on the reply positions of each pair, one forward per batch."""
+    seqs = [teacher_sequence(p) for p in batch]
+    ids, mask = right_pad([prompt + reply for prompt, reply in seqs], pad_id)
+    device = next(model.parameters()).device
+    hidden = final_hidden_states(model, ids.to(device), mask.to(device))
+    return [hidden[i, reply_rows(len(prompt), len(reply))] for i, (prompt, reply) in enumerate(seqs)]
+
+
+def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+    tcfg = cfg.targets
+    pairs = read_jsonl(rundir.pairs_path)
+    if not pairs:
+        raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
+    if tcfg.mode == "online":
+        # Nothing to store: the teacher runs inside each training step (adapter disabled).
+        return {"mode": "online", "examples": len(pairs), "stored_bytes": 0}
+
+    base = load_base(cfg)
+    model, tokenizer = base.model, base.tokenizer
+    check_prompts(pairs, tokenizer, cfg)
+    meta = targets_meta(cfg, model, tokenizer)
+    writer = TargetWriter(rundir.targets_dir, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size)
+    done = writer.done_ids()
+    todo = [p for p in pairs if p["id"] not in done]
+    # Length-sorted batches waste little compute on padding.
+    todo.sort(key=lambda p: len(p["teacher_prompt_ids"]) + len(p["reply_ids"]))
+    log.info("targets (%s): %d pairs, %d already stored", tcfg.mode, len(pairs), len(done))
+    head = output_head(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=len(todo), desc="teacher targets", unit="ex", disable=not progress)
+    for batch in chunks(todo, tcfg.batch_size):
+        for pair, rows in zip(batch, teacher_rows(model, batch, pad_id)):
+            reply_ids = teacher_sequence(pair)[1]
+            if tcfg.mode == "hidden":
+                tensors = {"hidden": rows.to(torch.bfloat16).cpu()}
+            else:
+                logits = head.logits(rows)
+                if tcfg.mode == "dense":
+                    tensors = {"logp": dense_targets(logits, meta["tau"]).cpu()}
+                else:
+                    ids, logp, tail = topk_targets(logits, tcfg.topk, meta["tau"])
+                    tensors = {"ids": ids.cpu(), "logp": logp.cpu(), "tail": tail.cpu()}
+            writer.add(pair["id"], reply_ids, tensors)
+        bar.update(len(batch))
+    bar.close()
+    writer.flush()
+    reader = TargetReader(rundir.targets_dir)
+    return {
+        "mode": tcfg.mode,
+        "examples": len(reader.ids()),
+        "bytes_per_reply_token": round(reader.bytes_per_token(), 1),
+    }

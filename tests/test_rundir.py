@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from ssb.config import load_config
+from ssb.rundir import RunDir, RunDirError, append_jsonl, atomic_write_text, read_jsonl
+
+
+def test_jsonl_append_tolerates_and_repairs_a_torn_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, [{"id": 1}, {"id": 2}])
+    with path.open("a") as f:  # a writer killed mid-record
+        f.write('{"id": 3, "te')
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2]
+    append_jsonl(path, [{"id": 3}])
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2, 3]
+    assert path.read_text().count("\n") == 3
+
+
+def test_jsonl_bad_line_in_the_middle_names_file_and_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
+    with pytest.raises(RunDirError, match=r"r\.jsonl line 2"):
+        read_jsonl(path)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "hello")
+    atomic_write_text(tmp_path / "a.txt", "again")
+    assert (tmp_path / "a.txt").read_text() == "again"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_init_writes_config_and_manifest_and_refuses_incompatible_config(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(preset="quickstart")
+    rd.init(cfg, "rollout")
+    manifest = json.loads(rd.manifest_path.read_text())
+    assert manifest["packages"]["torch"]
+    assert manifest["config_hash"]
+    with rd.stage("rollout") as summary:
+        summary["problems"] = 3
+    assert rd.is_complete("rollout")
+    assert rd.stage_status("rollout")["problems"] == 3
+    # Changing eval settings later is fine; changing the model under finished rollouts is not.
+    rd.init(load_config(preset="quickstart", overrides=["eval.max_problems=5"]), "eval")
+    other = load_config(preset="quickstart", overrides=["model.name=some/other-model"])
+    with pytest.raises(RunDirError, match="model"):
+        rd.init(other, "bootstrap")
+    rd.init(other, "bootstrap", force=True)
+
+
+def test_failed_stage_is_recorded(tmp_path):
+    rd = RunDir(tmp_path)
+    with pytest.raises(RuntimeError):
+        with rd.stage("targets"):
+            raise RuntimeError("boom")
+    status = rd.stage_status("targets")
+    assert status["status"] == "failed" and "boom" in status["error"]
+
+
+def test_unwritable_run_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RunDirError, match="cannot write"):
+        RunDir(blocker / "run").init(load_config(), "rollout")
