@@ -35,12 +35,40 @@ def _stage_bootstrap(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> d
     return run_bootstrap(cfg, rundir, progress=not args.quiet)
 
 
+def _stage_targets(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.targets import run_targets
+
+    return run_targets(cfg, rundir, progress=not args.quiet)
+
+
+def _stage_train(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.train import run_train
+
+    return run_train(cfg, rundir, progress=not args.quiet)
+
+
+def _stage_eval(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.evaluate import run_eval
+
+    return run_eval(cfg, rundir, progress=not args.quiet)
+
+
+def _stage_report(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.report import write_report
+
+    return {"report": str(write_report(rundir, cfg))}
+
+
 STAGES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
     "rollout": ("sample K hint-free answers per training problem and grade them", _stage_rollout),
     "bootstrap": (
         "select mixed problems and generate the hinted teacher's robust solutions",
         _stage_bootstrap,
     ),
+    "targets": ("score the replies with the frozen teacher and store its targets", _stage_targets),
+    "train": ("train the hint-free LoRA student on the teacher targets", _stage_train),
+    "eval": ("evaluate the base model and the student on benchmarks", _stage_eval),
+    "report": ("write report.md and plots from the run's files", _stage_report),
 }
 
 
@@ -74,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, _) in STAGES.items():
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    _add_common(
+        sub.add_parser(
+            "run",
+            help="the whole pipeline: rollout, bootstrap, targets, train, eval, report",
+            description="Run every stage in order; finished work is skipped, so it also resumes.",
+        )
+    )
     show = sub.add_parser("config", help="print the resolved config as YAML")
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -126,12 +161,37 @@ def main(argv: list[str] | None = None) -> int:
 
         set_seed(cfg.seed)
         log.info("run directory: %s", rundir.path.resolve())
-        summary = run_stage(args.command, cfg, rundir, args)
+        if args.command == "run":
+            from ssb.stages.pipeline import run_pipeline
+
+            summary = run_pipeline(cfg, rundir, progress=not args.quiet)
+            _print_artifacts(rundir)
+        else:
+            summary = run_stage(args.command, cfg, rundir, args)
         print(json.dumps({"stage": args.command, "run_dir": str(rundir.path), **summary}, indent=2))
         return 0
     except (ConfigError, RunDirError) as exc:
         print(f"ssb: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _print_artifacts(rundir: RunDir) -> None:
+    names = [
+        ("config", rundir.config_path),
+        ("manifest", rundir.manifest_path),
+        ("rollouts", rundir.rollouts_path),
+        ("pairs", rundir.pairs_path),
+        ("teacher targets", rundir.targets_dir),
+        ("LoRA adapter", rundir.adapter_dir),
+        ("training log", rundir.train_log_path),
+        ("evaluation", rundir.eval_dir),
+        ("plots", rundir.plots_dir),
+        ("report", rundir.report_path),
+    ]
+    print("\nArtifacts:", file=sys.stderr)
+    for label, path in names:
+        if path.exists():
+            print(f"  {label:16s} {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ssb.distill.losses import project_logits
+
 
 @dataclass
 class OutputHead:
@@ -21,13 +23,9 @@ class OutputHead:
     softcap: float | None  # final logit soft-capping (Gemma 2 style), None when the model has none
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits for a (N, H) block of hidden states."""
-        z = hidden.float() @ self.weight.float().T
-        if self.bias is not None:
-            z = z + self.bias.float()
-        if self.softcap:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z
+        """Float32 logits for a (N, H) block of hidden states, computed exactly as the student
+        side of the loss computes them (`project_logits`)."""
+        return project_logits(hidden, self.weight, self.bias, self.softcap)
 
 
 def output_head(model: Any) -> OutputHead:

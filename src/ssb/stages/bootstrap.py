@@ -27,7 +27,13 @@ from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, u
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import chunks, load_base, log, stable_seed
 
-REJECT_REASONS = ("all_correct", "all_wrong", "no_boxed_wrong", "teacher_wrong", "teacher_truncated")
+REJECT_REASONS = (
+    "all_correct",
+    "all_wrong",
+    "no_boxed_wrong",
+    "teacher_wrong",
+    "teacher_truncated",
+)
 
 
 def select_rollouts(record: dict[str, Any], seed: int) -> tuple[str, dict | None, dict | None]:
@@ -137,7 +143,11 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                 problem = _problem(record)
                 # The first attempt that ended by itself with a still-correct answer.
                 reply = next(
-                    (c for c in outs if c.finish_reason == "stop" and grade(c.text, problem.answer)),
+                    (
+                        c
+                        for c in outs
+                        if c.finish_reason == "stop" and grade(c.text, problem.answer)
+                    ),
                     None,
                 )
                 if reply is None:
@@ -162,9 +172,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                         "source": problem.source,
                         "student_messages": s_msgs,
                         "teacher_messages": msgs,
-                        "student_prompt_ids": render_prompt_ids(
-                            base.tokenizer, s_msgs, cfg.prompt
-                        ),
+                        "student_prompt_ids": render_prompt_ids(base.tokenizer, s_msgs, cfg.prompt),
                         "teacher_prompt_ids": prompt_ids,
                         "reply": reply.text,
                         "reply_ids": reply.token_ids,

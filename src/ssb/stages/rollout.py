@@ -65,7 +65,9 @@ def run_rollout(
     ]
     todo_chunks = [(i, c) for i, c in todo_chunks if c]
     num_todo = sum(len(c) for _, c in todo_chunks)
-    log.info("rollout: %d problems, %d already done, %d to sample", len(problems), len(done), num_todo)
+    log.info(
+        "rollout: %d problems, %d already done, %d to sample", len(problems), len(done), num_todo
+    )
     written = 0
     gen_seconds = 0.0
     gen_tokens = 0

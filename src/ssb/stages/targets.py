@@ -51,7 +51,8 @@ def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
 
     head = output_head(model)
     return {
-        "tau": cfg.train.loss.temperature,
+        # Hidden states do not depend on the temperature; top-k/dense log-probs are stored at it.
+        "tau": cfg.train.loss.temperature if cfg.targets.mode != "hidden" else None,
         "topk": cfg.targets.topk if cfg.targets.mode == "topk" else None,
         "vocab_size": int(head.weight.shape[0]),
         "hidden_size": int(head.weight.shape[1]),
@@ -66,7 +67,9 @@ def teacher_rows(model: Any, batch: list[dict[str, Any]], pad_id: int) -> list[t
     ids, mask = right_pad([prompt + reply for prompt, reply in seqs], pad_id)
     device = next(model.parameters()).device
     hidden = final_hidden_states(model, ids.to(device), mask.to(device))
-    return [hidden[i, reply_rows(len(prompt), len(reply))] for i, (prompt, reply) in enumerate(seqs)]
+    return [
+        hidden[i, reply_rows(len(prompt), len(reply))] for i, (prompt, reply) in enumerate(seqs)
+    ]
 
 
 def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:

@@ -82,7 +82,10 @@ class DistillCollator:
             batch["teacher_input_ids"] = t_ids
             batch["teacher_attention_mask"] = t_mask
             batch["teacher_shift_labels"] = torch.stack(
-                [shifted_reply_labels(len(prompt), reply, t_ids.shape[1]) for prompt, reply in tseqs]
+                [
+                    shifted_reply_labels(len(prompt), reply, t_ids.shape[1])
+                    for prompt, reply in tseqs
+                ]
             )
             return batch
         assert self.reader is not None
@@ -344,4 +347,3 @@ def _save_adapter_atomically(model: Any, rundir: RunDir) -> None:
         rundir.adapter_dir.rename(old)
     tmp.rename(rundir.adapter_dir)
     shutil.rmtree(old, ignore_errors=True)
-

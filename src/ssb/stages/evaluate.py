@@ -1,0 +1,598 @@
+"""Stage 5: evaluate the base model and every trained adapter on the eval benchmarks.
+
+Models are names mapped to adapter directories: ``base`` (no adapter), ``student``
+(``adapter/``), and any ``<name>/adapter/`` in the run directory holding a PEFT adapter (e.g.
+``grpo/adapter``); ``name=path`` evaluates an adapter anywhere. Every model sees the hint-free
+prompt that rollouts and training use (`render_prompt_ids(tokenizer, student_messages(...))`).
+
+Sampling: greedy pass@1 when ``eval.num_samples == 1``, else avg@k with ``eval.temperature`` /
+``eval.top_p``. ``eval.scoring = "reference"`` reproduces the paper's harness (greedy, 1,024 new
+tokens, literal-substring matching, see `grading.reference_grade`). Both verdicts (math-verify
+and reference) are stored for every sample whatever the scoring mode, so a report can show how
+much the harness alone moves a score.
+
+Files: ``eval/<model>-<bench>.jsonl`` (one record per problem, appended a chunk at a time, so a
+resumed run skips finished problems) and ``eval/summary.json`` (rewritten atomically from all
+records at the end of every call). Each record carries a fingerprint of what produced it (model,
+adapter weights, prompt, sampling, scoring, seed); records from other settings are moved aside to
+``eval/stale/`` rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ssb.config import Config, to_dict
+from ssb.rundir import (
+    RunDir,
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+)
+from ssb.stages.common import chunks, load_base, log, stable_seed
+from ssb.stats import (
+    bootstrap_mean_interval,
+    mcnemar_exact,
+    paired_bootstrap_diff,
+    wilson_interval,
+)
+
+SCORINGS = ("math-verify", "reference")
+REFERENCE_MAX_NEW_TOKENS = 1024  # MOTIF / SSB harness: greedy, max_tokens=1024
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+BOOTSTRAP_RESAMPLES = 2000
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def has_adapter(path: str | Path | None) -> bool:
+    """True when `path` holds a saved PEFT adapter (config + weights)."""
+    if path is None:
+        return False
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and any(
+        (path / f).is_file() for f in ADAPTER_WEIGHT_FILES
+    )
+
+
+def available_models(rundir: RunDir) -> dict[str, Path | None]:
+    """Every model that can be evaluated in this run: name -> adapter dir (None for base).
+
+    base; student when ``adapter/`` has an adapter; ``<name>/adapter`` for any other direct
+    sub-directory with one (e.g. ``grpo``); and models named ``name=path`` in an earlier call
+    (remembered in eval/summary.json) whose adapter still exists.
+    """
+    models: dict[str, Path | None] = {"base": None}
+    if has_adapter(rundir.adapter_dir):
+        models["student"] = rundir.adapter_dir
+    if rundir.path.is_dir():
+        for sub in sorted(rundir.path.iterdir()):
+            name = sub.name
+            if name in models or name in ("checkpoints", "eval", "plots", "targets"):
+                continue
+            if sub.is_dir() and has_adapter(sub / "adapter") and _NAME_RE.match(name):
+                models[name] = sub / "adapter"
+    summary_path = rundir.eval_dir / "summary.json"
+    if summary_path.exists():
+        try:
+            old = json.loads(summary_path.read_text()).get("models", {})
+        except json.JSONDecodeError:
+            old = {}
+        for name, info in old.items():
+            adapter = (info or {}).get("adapter")
+            if name not in models and adapter and has_adapter(_resolve(rundir, adapter)):
+                models[name] = _resolve(rundir, adapter)
+    return models
+
+
+def _resolve(rundir: RunDir, path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else rundir.path / p
+
+
+def _display_path(rundir: RunDir, path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(rundir.path.resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def resolve_models(rundir: RunDir, models: list[str] | None) -> dict[str, Path | None]:
+    """The models to evaluate now: all available ones (None), or the listed names.
+
+    An entry ``name=path`` names an adapter directory anywhere (relative paths are taken from the
+    run directory)."""
+    available = available_models(rundir)
+    if models is None:
+        return available
+    chosen: dict[str, Path | None] = {}
+    for entry in models:
+        if "=" in entry:
+            name, raw = (s.strip() for s in entry.split("=", 1))
+            if not _NAME_RE.match(name) or name == "base":
+                raise ValueError(f"bad model name {name!r} in {entry!r}")
+            path = _resolve(rundir, raw)
+            if not has_adapter(path):
+                raise FileNotFoundError(f"model {name!r}: no PEFT adapter in {path}")
+            chosen[name] = path
+        elif entry in available:
+            chosen[entry] = available[entry]
+        else:
+            hint = ""
+            if entry == "student":
+                hint = f" (no adapter in {rundir.adapter_dir}: run `ssb train` first)"
+            raise ValueError(
+                f"unknown model {entry!r}{hint}; available: {', '.join(available)} "
+                "(or name=path/to/adapter)"
+            )
+    return chosen
+
+
+def adapter_hash(path: Path | None) -> str | None:
+    """sha256 (16 hex) of an adapter's config and weights: identifies the evaluated weights."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", *ADAPTER_WEIGHT_FILES):
+        f = Path(path) / name
+        if f.is_file():
+            h.update(name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def attached_adapter(model: Any, adapter: Path | None) -> Iterator[Any]:
+    """Yield `model` with the adapter at `adapter` on top (eval mode), or `model` itself.
+
+    The LoRA layers are injected into `model` in place and removed again on exit (also on
+    error), so the shared base model object is left exactly as it was."""
+    if adapter is None:
+        yield model
+        return
+    from peft import PeftModel
+
+    if hasattr(model, "peft_config"):
+        raise RuntimeError("the base model already carries a PEFT adapter; cannot evaluate on it")
+    wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    wrapped.eval()
+    try:
+        yield wrapped
+    finally:
+        wrapped.unload()
+        model.eval()
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def eval_settings(cfg: Config) -> dict[str, Any]:
+    """The effective sampling for this config (the reference harness forces greedy, 1024)."""
+    e = cfg.eval
+    if e.scoring not in SCORINGS:
+        raise ValueError(f"eval.scoring: {e.scoring!r} is not one of {', '.join(SCORINGS)}")
+    if e.scoring == "reference":
+        n, temperature, top_p = 1, 0.0, 1.0
+        max_new_tokens = REFERENCE_MAX_NEW_TOKENS
+    elif e.num_samples == 1:
+        n, temperature, top_p = 1, 0.0, 1.0
+        max_new_tokens = cfg.generation.max_new_tokens
+    else:
+        n, temperature, top_p = e.num_samples, e.temperature, e.top_p
+        max_new_tokens = cfg.generation.max_new_tokens
+    greedy = temperature == 0.0
+    if greedy:
+        n = 1  # n greedy samples would be n copies of one
+    return {
+        "scoring": e.scoring,
+        "greedy": greedy,
+        "num_samples": n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "metric": "pass@1" if n == 1 else f"avg@{n}",
+    }
+
+
+def fingerprint(cfg: Config, settings: dict[str, Any], adapter: Path | None) -> str:
+    """What a record depends on: model, adapter weights, prompt, sampling, scoring, seed."""
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in ("device", "cache_dir")}
+    blob = json.dumps(
+        {
+            "model": model,
+            "adapter": adapter_hash(adapter),
+            "prompt": to_dict(cfg.prompt),
+            "settings": settings,
+            "seed": cfg.seed,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def bench_slug(benchmark: str) -> str:
+    """A file-name-safe name for a benchmark (a jsonl path becomes its stem)."""
+    if benchmark.endswith((".jsonl", ".json", ".csv")) or "/" in benchmark:
+        benchmark = Path(benchmark).stem
+    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", benchmark).strip("_")
+    return slug or "bench"
+
+
+def records_path(rundir: RunDir, model: str, benchmark: str) -> Path:
+    return rundir.eval_dir / f"{model}-{bench_slug(benchmark)}.jsonl"
+
+
+def summary_path(rundir: RunDir) -> Path:
+    return rundir.eval_dir / "summary.json"
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_sample(text: str, gold: str, benchmark: str) -> dict[str, Any]:
+    """Both verdicts and the extracted answer of one output."""
+    from ssb.grading import extract_boxed, grade, reference_grade
+
+    return {
+        "answer": extract_boxed(text),
+        "correct": bool(grade(text, gold)),
+        "correct_reference": bool(reference_grade(text, gold, benchmark)),
+    }
+
+
+def eval_record(
+    problem: Any,
+    prompt_text: str,
+    completions: list[Any],
+    benchmark: str,
+    scoring: str,
+    fp: str,
+) -> dict[str, Any]:
+    samples = []
+    for c in completions:
+        verdicts = score_sample(c.text, problem.answer, benchmark)
+        samples.append(
+            {
+                "output": c.text,
+                "answer": verdicts["answer"],
+                "correct": verdicts["correct"],
+                "correct_reference": verdicts["correct_reference"],
+                "output_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason,
+            }
+        )
+    k = max(1, len(samples))
+    mv = sum(s["correct"] for s in samples) / k
+    ref = sum(s["correct_reference"] for s in samples) / k
+    return {
+        "id": problem.id,
+        "prompt": prompt_text,
+        "gold": problem.answer,
+        "samples": samples,
+        "score": ref if scoring == "reference" else mv,
+        "score_math_verify": mv,
+        "score_reference": ref,
+        "scoring": scoring,
+        "fingerprint": fp,
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _load_current(path: Path, fp: str) -> dict[str, dict[str, Any]]:
+    """Records of `path` made with fingerprint `fp`, by id (first wins). Records made with other
+    settings are moved to eval/stale/ so they are neither reused nor lost."""
+    records = read_jsonl(path)
+    current = [r for r in records if r.get("fingerprint") == fp]
+    if len(current) != len(records):
+        stale = path.parent / "stale" / f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+        # Copy first, then replace the original: a crash in between loses nothing.
+        atomic_write_bytes(stale, path.read_bytes())
+        if current:
+            atomic_write_text(
+                path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in current)
+            )
+        else:
+            path.unlink()
+        log.warning(
+            "eval: %s had %d records made with other settings; moved to %s",
+            path.name,
+            len(records) - len(current),
+            stale,
+        )
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in current:
+        by_id.setdefault(str(r["id"]), r)
+    return by_id
+
+
+def run_eval(
+    cfg: Config,
+    rundir: RunDir,
+    models: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `models` (default: every available one) on cfg.eval.benchmarks, then rewrite
+    eval/summary.json from all records. Returns a compact summary (for the manifest)."""
+    from ssb.generate import make_generator
+    from ssb.generate.base import SamplingParams
+    from ssb.problems import load_eval_problems
+    from ssb.prompts import render_prompt_ids, student_messages
+
+    settings = eval_settings(cfg)
+    if cfg.eval.scoring == "reference" and cfg.eval.num_samples > 1:
+        log.warning("eval: scoring=reference is greedy pass@1; eval.num_samples is ignored")
+    chosen = resolve_models(rundir, models)
+    problems = {bench: load_eval_problems(cfg, bench) for bench in cfg.eval.benchmarks}
+    for bench, plist in problems.items():
+        ids = [str(p.id) for p in plist]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"benchmark {bench!r} has duplicate problem ids")
+    n = settings["num_samples"]
+    chunk_size = max(1, cfg.generation.batch_size // n) * 4
+    new_records: dict[str, dict[str, int]] = {}
+    gen_seconds, gen_tokens = 0.0, 0
+    base = None
+    for name, adapter in chosen.items():
+        fp = fingerprint(cfg, settings, adapter)
+        todo: list[tuple[str, int, list[Any]]] = []
+        for bench, plist in problems.items():
+            done = _load_current(records_path(rundir, name, bench), fp)
+            for index, chunk in enumerate(chunks(plist, chunk_size)):
+                left = [p for p in chunk if str(p.id) not in done]
+                if left:
+                    todo.append((bench, index, left))
+        new_records[name] = {bench: 0 for bench in problems}
+        if not todo:
+            continue
+        log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, _, c in todo))
+        if base is None:
+            base = load_base(cfg)
+        with attached_adapter(base.model, adapter) as model:
+            generator = make_generator(cfg, model, base.tokenizer, base.reply.stop_token_ids)
+            for bench, index, chunk in todo:
+                prompts = [
+                    render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
+                    for p in chunk
+                ]
+                params = SamplingParams(
+                    temperature=settings["temperature"],
+                    top_p=settings["top_p"],
+                    top_k=0,
+                    max_new_tokens=settings["max_new_tokens"],
+                    n=n,
+                    stop_strings=base.reply.stop_strings,
+                    # The same seed for every model: paired comparisons share the randomness.
+                    seed=stable_seed(cfg.seed, "eval", bench, index),
+                )
+                start = time.perf_counter()
+                outputs = generator.generate(prompts, params, progress=progress)
+                gen_seconds += time.perf_counter() - start
+                gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+                records = [
+                    eval_record(
+                        p,
+                        base.tokenizer.decode(ids),
+                        outs,
+                        bench,
+                        settings["scoring"],
+                        fp,
+                    )
+                    for p, ids, outs in zip(chunk, prompts, outputs)
+                ]
+                new_records[name][bench] += append_jsonl(records_path(rundir, name, bench), records)
+    summary = write_summary(cfg, rundir, problems, models=chosen)
+    out: dict[str, Any] = {
+        "models": list(chosen),
+        "benchmarks": list(problems),
+        "metric": settings["metric"],
+        "scoring": settings["scoring"],
+        "new_records": new_records,
+        "accuracy": {
+            m: {b: r["accuracy"] for b, r in benches.items()}
+            for m, benches in summary["results"].items()
+        },
+    }
+    if gen_seconds > 0:
+        out["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
+    return out
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _sample_stats(records: list[dict[str, Any]], key: str, greedy: bool, seed: int) -> dict:
+    """Accuracy and 95% interval of per-problem scores under one verdict key."""
+    n = len(records)
+    if greedy:
+        successes = sum(bool(r["samples"][0][key]) for r in records if r["samples"])
+        low, high = wilson_interval(successes, n)
+        return {"accuracy": successes / n, "interval": [low, high], "method": "wilson"}
+    scores = [_score(r, key) for r in records]
+    low, high = bootstrap_mean_interval(scores, n_resamples=BOOTSTRAP_RESAMPLES, seed=seed)
+    return {"accuracy": sum(scores) / n, "interval": [low, high], "method": "bootstrap"}
+
+
+def _score(record: dict[str, Any], key: str) -> float:
+    samples = record["samples"]
+    return sum(bool(s[key]) for s in samples) / len(samples) if samples else 0.0
+
+
+def benchmark_result(
+    records: list[dict[str, Any]], settings: dict[str, Any], seed: int = 0
+) -> dict[str, Any]:
+    """Per model x benchmark numbers (see the module docstring of `write_summary`)."""
+    n = len(records)
+    samples = [s for r in records for s in r["samples"]]
+    out: dict[str, Any] = {
+        "n": n,
+        "num_samples": settings["num_samples"],
+        "metric": settings["metric"],
+        "scoring": settings["scoring"],
+    }
+    if n == 0:
+        out.update(
+            accuracy=None,
+            interval=None,
+            interval_method=None,
+            accuracy_math_verify=None,
+            interval_math_verify=None,
+            accuracy_reference=None,
+            interval_reference=None,
+            truncation_rate=None,
+            no_answer_rate=None,
+            mean_output_tokens=None,
+        )
+        return out
+    greedy = settings["greedy"]
+    mv = _sample_stats(records, "correct", greedy, seed)
+    ref = _sample_stats(records, "correct_reference", greedy, seed)
+    primary = ref if settings["scoring"] == "reference" else mv
+    out.update(
+        accuracy=primary["accuracy"],
+        interval=primary["interval"],
+        interval_method=primary["method"],
+        accuracy_math_verify=mv["accuracy"],
+        interval_math_verify=mv["interval"],
+        accuracy_reference=ref["accuracy"],
+        interval_reference=ref["interval"],
+        truncation_rate=sum(s["finish_reason"] == "length" for s in samples) / len(samples),
+        no_answer_rate=sum(s["answer"] is None for s in samples) / len(samples),
+        mean_output_tokens=sum(s["output_tokens"] for s in samples) / len(samples),
+    )
+    return out
+
+
+def paired_comparison(
+    model_records: list[dict[str, Any]],
+    base_records: list[dict[str, Any]],
+    key: str,
+    greedy: bool,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A model vs base on the problems both answered: wins/losses/ties by per-problem score,
+    exact McNemar p (for avg@k the same exact test on problems whose score differs: a sign
+    test), and the mean paired difference with a problem-level paired bootstrap interval."""
+    base_by_id = {str(r["id"]): r for r in base_records}
+    pairs = [(r, base_by_id[str(r["id"])]) for r in model_records if str(r["id"]) in base_by_id]
+    a = [_score(m, key) for m, _ in pairs]
+    b = [_score(x, key) for _, x in pairs]
+    wins = sum(x > y for x, y in zip(a, b))
+    losses = sum(x < y for x, y in zip(a, b))
+    out: dict[str, Any] = {
+        "n": len(pairs),
+        "wins": wins,
+        "losses": losses,
+        "ties": len(pairs) - wins - losses,
+        "mcnemar_p": mcnemar_exact(wins, losses),
+        "test": "mcnemar_exact" if greedy else "sign_test",
+        "diff": None,
+        "diff_interval": None,
+    }
+    if pairs:
+        diff, low, high = paired_bootstrap_diff(a, b, n_resamples=BOOTSTRAP_RESAMPLES, seed=seed)
+        out["diff"] = diff
+        out["diff_interval"] = [low, high]
+    return out
+
+
+def write_summary(
+    cfg: Config,
+    rundir: RunDir,
+    problems: dict[str, list[Any]],
+    models: dict[str, Path | None] | None = None,
+) -> dict[str, Any]:
+    """Rebuild eval/summary.json from the record files, for every available model.
+
+    Schema::
+
+        {"settings": {scoring, greedy, num_samples, temperature, top_p, max_new_tokens, metric},
+         "models": {name: {"adapter": path | null, "adapter_hash": str | null}},
+         "benchmarks": {bench: {"n_problems": int, "file_slug": str}},
+         "results": {model: {bench: {n, num_samples, metric, scoring,
+                                     accuracy, interval: [lo, hi], interval_method,
+                                     accuracy_math_verify, interval_math_verify,
+                                     accuracy_reference, interval_reference,
+                                     truncation_rate, no_answer_rate, mean_output_tokens,
+                                     file}}},
+         "comparisons": {model: {bench: {vs: "base", scoring, n, wins, losses, ties, mcnemar_p,
+                                         test, diff, diff_interval,
+                                         "math-verify": {...same keys...},
+                                         "reference": {...same keys...}}}}}
+
+    Only records made with the current settings (fingerprint) for problems in the current
+    benchmark lists count; models without any such record are left out. `models` adds to the
+    available ones (adapters named ``name=path`` in this call)."""
+    settings = eval_settings(cfg)
+    all_models = available_models(rundir)
+    all_models.update(models or {})
+    greedy = settings["greedy"]
+    results: dict[str, dict[str, Any]] = {}
+    kept: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    model_info: dict[str, Any] = {}
+    for name, adapter in all_models.items():
+        fp = fingerprint(cfg, settings, adapter)
+        per_bench: dict[str, Any] = {}
+        for bench, plist in problems.items():
+            path = records_path(rundir, name, bench)
+            by_id: dict[str, dict[str, Any]] = {}
+            for r in read_jsonl(path):
+                if r.get("fingerprint") == fp:
+                    by_id.setdefault(str(r["id"]), r)
+            records = [by_id[str(p.id)] for p in plist if str(p.id) in by_id]
+            if not records:
+                continue
+            kept.setdefault(name, {})[bench] = records
+            result = benchmark_result(records, settings, seed=stable_seed(cfg.seed, bench))
+            result["file"] = str(path.relative_to(rundir.path))
+            per_bench[bench] = result
+        if per_bench:
+            results[name] = per_bench
+            model_info[name] = {
+                "adapter": _display_path(rundir, adapter),
+                "adapter_hash": adapter_hash(adapter),
+            }
+    comparisons: dict[str, dict[str, Any]] = {}
+    for name, benches in kept.items():
+        if name == "base":
+            continue
+        for bench, records in benches.items():
+            base_records = kept.get("base", {}).get(bench)
+            if not base_records:
+                continue
+            seed = stable_seed(cfg.seed, "paired", bench)
+            both = {
+                scoring: paired_comparison(records, base_records, key, greedy, seed)
+                for scoring, key in (("math-verify", "correct"), ("reference", "correct_reference"))
+            }
+            entry = {"vs": "base", "scoring": settings["scoring"], **both[settings["scoring"]]}
+            entry.update(both)
+            comparisons.setdefault(name, {})[bench] = entry
+    summary = {
+        "settings": settings,
+        "models": model_info,
+        "benchmarks": {
+            bench: {"n_problems": len(plist), "file_slug": bench_slug(bench)}
+            for bench, plist in problems.items()
+        },
+        "results": results,
+        "comparisons": comparisons,
+    }
+    atomic_write_json(summary_path(rundir), summary)
+    return summary
