@@ -20,11 +20,22 @@ def test_paper_preset_matches_the_paper():
     lora = cfg.train.lora
     assert (lora.r, lora.alpha) == (32, 32)
     assert set(lora.target_modules) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     }
     assert (cfg.train.learning_rate, cfg.train.batch_size, cfg.train.epochs) == (2e-4, 4, 3)
     loss = cfg.train.loss
-    assert (loss.temperature, loss.tau_squared, loss.kd_weight, loss.ce_weight) == (2.0, True, 1.0, 0.0)
+    assert (loss.temperature, loss.tau_squared, loss.kd_weight, loss.ce_weight) == (
+        2.0,
+        True,
+        1.0,
+        0.0,
+    )
     assert loss.divergence == "forward_kl"
 
 
@@ -34,7 +45,11 @@ def test_overrides_parse_types_and_nested_keys(tmp_path):
     cfg = load_config(
         preset="quickstart",
         config_file=f,
-        overrides=["rollout.temperature=0.3", "bootstrap.target_pairs=null", "eval.benchmarks=gsm8k,math500"],
+        overrides=[
+            "rollout.temperature=0.3",
+            "bootstrap.target_pairs=null",
+            "eval.benchmarks=gsm8k,math500",
+        ],
     )
     assert cfg.rollout.num_samples == 8
     assert cfg.train.lora.r == 4

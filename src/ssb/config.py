@@ -24,7 +24,6 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-
 @dataclass
 class ModelConfig:
     # Hugging Face id, local directory, path to a .gguf file, or "embedded" (google/gemma-3-270m
@@ -121,7 +120,15 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
 
 
