@@ -251,7 +251,9 @@ def score_sample(text: str, gold: str, benchmark: str) -> dict[str, Any]:
     return {
         "answer": extract_boxed(text),
         "correct": bool(grade(text, gold)),
-        "correct_reference": bool(reference_grade(text, gold, benchmark)),
+        # The harness tells AIME-style sets (gold anywhere) from others by name; a file path
+        # counts by its stem ("aime25.jsonl" -> "aime25").
+        "correct_reference": bool(reference_grade(text, gold, bench_slug(benchmark))),
     }
 
 
@@ -330,14 +332,21 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate `models` (default: every available one) on cfg.eval.benchmarks, then rewrite
     eval/summary.json from all records. Returns a compact summary (for the manifest)."""
-    from ssb.generate import make_generator
+    from ssb.generate import make_generator, select_backend
     from ssb.generate.base import SamplingParams
     from ssb.problems import load_eval_problems
     from ssb.prompts import render_prompt_ids, student_messages
 
     settings = eval_settings(cfg)
+    backend = select_backend(cfg.generation.backend)
     if cfg.eval.scoring == "reference" and cfg.eval.num_samples > 1:
         log.warning("eval: scoring=reference is greedy pass@1; eval.num_samples is ignored")
+    slugs = [bench_slug(b) for b in cfg.eval.benchmarks]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(
+            f"eval.benchmarks {cfg.eval.benchmarks} would share record files ({slugs}); "
+            "give the files distinct names"
+        )
     chosen = resolve_models(rundir, models)
     problems = {bench: load_eval_problems(cfg, bench) for bench in cfg.eval.benchmarks}
     for bench, plist in problems.items():
@@ -364,8 +373,20 @@ def run_eval(
         log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, _, c in todo))
         if base is None:
             base = load_base(cfg)
-        with attached_adapter(base.model, adapter) as model:
-            generator = make_generator(cfg, model, base.tokenizer, base.reply.stop_token_ids)
+        # hf: LoRA layers injected into the shared base model for this model only; vLLM: the
+        # engine serves the saved adapter itself (a LoRARequest), the base stays untouched.
+        if backend == "hf":
+            context = attached_adapter(base.model, adapter)
+        else:
+            context = contextlib.nullcontext(base.model)
+        with context as model:
+            generator = make_generator(
+                cfg,
+                model,
+                base.tokenizer,
+                base.reply.stop_token_ids,
+                adapter_path=None if backend == "hf" else adapter,
+            )
             for bench, index, chunk in todo:
                 prompts = [
                     render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
@@ -379,7 +400,7 @@ def run_eval(
                     n=n,
                     stop_strings=base.reply.stop_strings,
                     # The same seed for every model: paired comparisons share the randomness.
-                    seed=stable_seed(cfg.seed, "eval", bench, index),
+                    seed=stable_seed(cfg.seed, "eval", bench_slug(bench), index),
                 )
                 start = time.perf_counter()
                 outputs = generator.generate(prompts, params, progress=progress)
