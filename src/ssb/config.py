@@ -83,6 +83,9 @@ class GenerationConfig:
     backend: str = "auto"  # auto (vllm if installed and a GPU is present, else hf) | hf | vllm
     batch_size: int = 16
     max_new_tokens: int = 512
+    # vLLM only: GPUs per engine (tensor parallelism) and the share of GPU memory it may take.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
 
 
 @dataclass
@@ -163,6 +166,30 @@ class TrainConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """The GRPO baseline (`ssb grpo`, TRL's GRPOTrainer): the same training problems, prompts and
+    LoRA budget (train.lora) as SSB, rewarded 1/0 by ssb.grading. The defaults follow TRL; the
+    "paper" preset has the settings of MOTIF's vanilla_grpo.py (the paper's GRPO row)."""
+
+    num_generations: int = 8  # completions per prompt (the group); >= 2
+    batch_size: int = 1  # prompts per optimizer step and device (x num_generations completions)
+    max_steps: int = 200
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.0  # KL coefficient; 0 = no reference model (TRL default, MOTIF)
+    loss_type: str = "dapo"  # TRL's: grpo | dapo | dr_grpo | bnpo | ...
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 512
+    # Added to the 1/0 correctness reward when the completion has a \boxed{} answer.
+    format_reward_weight: float = 0.0
+    save_steps: int = 50
+
+
+@dataclass
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["synthetic"])
     max_problems: int | None = 64
@@ -185,6 +212,7 @@ class Config:
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
 
 class ConfigError(ValueError):
@@ -220,6 +248,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "save_steps": 20,
         },
         "eval": {"benchmarks": ["synthetic"], "max_problems": 64},
+        "grpo": {
+            "num_generations": 4,
+            "batch_size": 1,
+            "max_steps": 8,
+            "learning_rate": 1e-4,
+            "temperature": 0.8,
+            "max_completion_length": 32,
+            "save_steps": 4,
+        },
     },
     # The paper's configuration (arXiv 2512.05105): Qwen2.5-3B-Instruct, GSM8K train scanned in
     # order until 256 pairs are kept.
@@ -240,6 +277,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             "epochs": 3,
         },
         "eval": {"benchmarks": ["math500", "aime24"], "max_problems": None},
+        # MOTIF's vanilla_grpo.py (the source of the paper's GRPO row), but with SSB's LoRA
+        # budget and bf16 weights instead of MOTIF's 4-bit base and r=64.
+        "grpo": {
+            "num_generations": 8,
+            "batch_size": 1,
+            "max_steps": 2000,
+            "learning_rate": 5e-6,
+            "lr_scheduler": "cosine",
+            "warmup_ratio": 0.1,
+            "weight_decay": 0.1,
+            "max_grad_norm": 0.1,
+            "beta": 0.0,
+            "max_completion_length": 1024,
+            "save_steps": 250,
+        },
     },
 }
 

@@ -1,0 +1,138 @@
+"""The generation interface shared by the backends, and the completion-trimming rule.
+
+Every backend takes prompts as token-id lists (rendered once by `ssb.prompts`, never re-tokenised
+here) and returns, per prompt and in input order, `n` `Completion`s whose `token_ids`:
+
+- exclude the stop token (eos / end-of-turn) and everything after it;
+- are cut *before* a stop string: with `i` the first token index such that
+  ``decode(ids[:i + 1])`` contains a stop string, the completion keeps ``ids[:i]``. A token that
+  straddles the stop string (e.g. a token ``"5\\n"`` when the stop string is ``"\\n\\n"`` and the
+  text is ``"...5\\n\\n"``) is dropped together with it, so the kept text may lose a few characters
+  before the stop string, but the kept ids always decode to text without the stop string.
+  Conversely, when the stop string spans several tokens, the kept text may end with its first
+  part (e.g. ``"15.\\n"`` for the stop string ``"\\n\\n"`` when each newline is its own token);
+- `finish_reason` is "stop" when a stop token or stop string ended the completion, "length" when
+  it ran into `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class SamplingParams:
+    temperature: float  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 512
+    n: int = 1  # completions per prompt
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.n <= 0:
+            raise ValueError(f"n must be > 0, got {self.n}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must not contain an empty string")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, progress: bool = True
+    ) -> list[list[Completion]]:
+        """One list of `params.n` completions per prompt, in input order."""
+        ...
+
+
+def first_stop_token(token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> int | None:
+    """Index of the first stop token in `token_ids`, or None."""
+    stops = set(stop_token_ids)
+    for i, tid in enumerate(token_ids):
+        if tid in stops:
+            return i
+    return None
+
+
+def stop_string_cut(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]) -> int | None:
+    """The smallest `i` such that ``decode(ids[:i + 1])`` contains a stop string, or None.
+
+    One decode of the whole sequence tells whether any stop string occurs; if one does, a binary
+    search over prefix lengths (prefix decodes only grow) finds the first token that completes
+    it, with O(log n) decodes.
+    """
+    if not stop_strings or not token_ids:
+        return None
+
+    def contains(k: int) -> bool:  # does decode(ids[:k]) contain a stop string?
+        text = tokenizer.decode(list(token_ids[:k]), skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    n = len(token_ids)
+    if not contains(n):
+        return None
+    lo, hi = 1, n  # contains(hi) is True; find the smallest such k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if contains(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def trim_completion(
+    token_ids: Sequence[int],
+    tokenizer,
+    stop_token_ids: Sequence[int],
+    stop_strings: Sequence[str] = (),
+) -> tuple[list[int], str]:
+    """Apply the trimming rule of this module: (kept ids, finish_reason)."""
+    ids = [int(t) for t in token_ids]
+    reason = "length"
+    j = first_stop_token(ids, stop_token_ids)
+    if j is not None:
+        ids, reason = ids[:j], "stop"
+    i = stop_string_cut(ids, tokenizer, stop_strings)
+    if i is not None:
+        ids, reason = ids[:i], "stop"
+    return ids, reason
+
+
+def make_completion(
+    token_ids: Sequence[int],
+    tokenizer,
+    stop_token_ids: Sequence[int],
+    stop_strings: Sequence[str] = (),
+    finish_reason: str | None = None,
+) -> Completion:
+    """Trim `token_ids` and decode them; `finish_reason` overrides "length" when given (a backend
+    that knows the sequence ended for another reason)."""
+    ids, reason = trim_completion(token_ids, tokenizer, stop_token_ids, stop_strings)
+    if reason == "length" and finish_reason is not None:
+        reason = finish_reason
+    return Completion(
+        text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, finish_reason=reason
+    )

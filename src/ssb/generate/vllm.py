@@ -1,0 +1,158 @@
+"""Generation with vLLM (optional extra ``ssb[vllm]``; GPU only). vLLM is imported lazily.
+
+vLLM loads the model from disk itself (a hub id or a directory; `ssb.models.model_location`
+gives the converted directory for ``embedded`` and GGUF sources). A LoRA student is served with
+``enable_lora`` and a `LoRARequest` for the saved adapter directory.
+
+Completions follow the same trimming rule as the transformers backend
+(`ssb.generate.base.trim_completion`): vLLM's own token ids may include the stop token or the
+tokens of a stop string, so they are trimmed again here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssb.generate.base import Completion, SamplingParams, make_completion
+
+BACKENDS = ("auto", "hf", "vllm")
+_SEED_STRIDE = 1_000_003
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def select_backend(name: str) -> str:
+    """Map "auto" -> "vllm" when vLLM is installed and a CUDA GPU is visible, else "hf".
+
+    "vllm" without vLLM or without a GPU raises a clear `RuntimeError`; "hf" is always allowed.
+    """
+    key = (name or "auto").strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"generation.backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    if key == "hf":
+        return "hf"
+    has_vllm = vllm_available()
+    has_gpu = torch.cuda.is_available()
+    if key == "auto":
+        return "vllm" if has_vllm and has_gpu else "hf"
+    if not has_vllm:
+        raise RuntimeError(
+            "generation.backend=vllm but vLLM is not installed; install it with "
+            "`pip install 'ssb[vllm]'` (needs a CUDA GPU), or use generation.backend=hf"
+        )
+    if not has_gpu:
+        raise RuntimeError(
+            "generation.backend=vllm needs a CUDA GPU, and none is visible; use "
+            "generation.backend=hf (or auto) on this machine"
+        )
+    return "vllm"
+
+
+class VLLMGenerator:
+    """`Generator` on top of ``vllm.LLM``."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        tokenizer,
+        stop_token_ids: Sequence[int],
+        *,
+        dtype: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        adapter_path: str | Path | None = None,
+        max_lora_rank: int = 64,
+        seed: int = 0,
+        llm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise RuntimeError(
+                "the vLLM backend needs vLLM: `pip install 'ssb[vllm]'`, or use backend=hf"
+            ) from exc
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [int(t) for t in dict.fromkeys(stop_token_ids)]
+        kwargs: dict[str, Any] = dict(
+            model=str(model),
+            tokenizer=str(model),
+            dtype=dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+        )
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        self.lora_request = None
+        if adapter_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+            self.lora_request = LoRARequest("ssb-student", 1, str(adapter_path))
+        kwargs.update(llm_kwargs or {})
+        self.llm = LLM(**kwargs)
+
+    def _sampling_params(self, params: SamplingParams, prompt_index: int):
+        from vllm import SamplingParams as VSamplingParams
+
+        greedy = params.greedy
+        return VSamplingParams(
+            n=params.n,
+            temperature=0.0 if greedy else float(params.temperature),
+            top_p=1.0 if greedy else float(params.top_p),
+            top_k=-1 if greedy or params.top_k <= 0 else int(params.top_k),
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop_strings) or None,
+            stop_token_ids=list(self.stop_token_ids),
+            seed=(params.seed * _SEED_STRIDE + prompt_index) % (2**31 - 1),
+            skip_special_tokens=True,
+        )
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, progress: bool = True
+    ) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        try:
+            from vllm.inputs import TokensPrompt
+        except ImportError:  # older vLLM
+            from vllm import TokensPrompt  # type: ignore[no-redef]
+
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
+        kwargs: dict[str, Any] = {"use_tqdm": progress}
+        if self.lora_request is not None:
+            kwargs["lora_request"] = self.lora_request
+        outputs = self.llm.generate(inputs, sampling, **kwargs)
+        # vLLM also stops at the model's eos (ignore_eos=False), so trim at it as well.
+        trim_ids = list(self.stop_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            trim_ids.append(int(self.tokenizer.eos_token_id))
+        results: list[list[Completion]] = []
+        for output in outputs:
+            per_prompt = []
+            for sample in output.outputs:
+                reason = "length" if sample.finish_reason == "length" else "stop"
+                per_prompt.append(
+                    make_completion(
+                        list(sample.token_ids),
+                        self.tokenizer,
+                        trim_ids,
+                        params.stop_strings,
+                        finish_reason=reason,
+                    )
+                )
+            results.append(per_prompt)
+        return results

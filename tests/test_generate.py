@@ -1,0 +1,434 @@
+"""Generation backends on tiny random models of real architectures (tests/tiny_models.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import build_tiny_model, build_tokenizer, end_of_turn_token
+
+from ssb.config import Config
+from ssb.generate import (
+    Completion,
+    Generator,
+    HFGenerator,
+    SamplingParams,
+    VLLMGenerator,
+    make_generator,
+    select_backend,
+    stop_string_cut,
+    trim_completion,
+)
+from ssb.generate import vllm as vllm_mod
+from ssb.generate.hf import StopOnStrings, left_pad
+
+CASES = [("qwen2", "chatml"), ("llama", "none"), ("gemma3", "gemma")]
+TEXTS = [
+    "Question: Tom has 3 apples.",
+    "1",
+    "Let x = 5 and y = 7. Then the product x times y is equal to",
+    "The answer is",
+    "Maria buys 12 books and gives away 5 of them to John. How many books does she keep?",
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[a for a, _ in CASES])
+def tiny(request):
+    arch, template = request.param
+    tok = build_tokenizer(template)
+    return arch, tok, build_tiny_model(arch, tok)
+
+
+def encode(tok, texts):
+    return [tok.encode(t) for t in texts]
+
+
+def ids_of(results):
+    return [[c.token_ids for c in per_prompt] for per_prompt in results]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_generates_completions_for_each_arch(tiny):
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    gen = HFGenerator(model, tok, batch_size=4, stop_token_ids=[eot])
+    assert isinstance(gen, Generator)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, n=2, seed=3)
+    results = gen.generate(encode(tok, TEXTS), params, progress=False)
+    assert len(results) == len(TEXTS)
+    for per_prompt in results:
+        assert len(per_prompt) == 2
+        for c in per_prompt:
+            assert isinstance(c, Completion)
+            assert c.finish_reason in ("stop", "length")
+            assert len(c.token_ids) <= 10
+            assert all(0 <= t < len(tok) for t in c.token_ids)
+            assert eot not in c.token_ids
+            assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+            if c.finish_reason == "length":
+                assert len(c.token_ids) == 10
+
+
+def test_left_padding_matches_unpadded_greedy(tiny):
+    """Batched (left-padded, length-sorted) greedy output == each prompt alone, in input order."""
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    long_text = " ".join(TEXTS * 3)  # > the gemma3 sliding window (64) with padding in the batch
+    texts = [TEXTS[1], long_text, TEXTS[0], TEXTS[2], TEXTS[3]]  # deliberately unsorted
+    prompts = encode(tok, texts)
+    assert len(prompts[1]) > 64 and len(set(map(len, prompts))) == len(prompts)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    batched = HFGenerator(model, tok, batch_size=8, stop_token_ids=[eot]).generate(
+        prompts, params, progress=False
+    )
+    single = HFGenerator(model, tok, batch_size=1, stop_token_ids=[eot])
+    alone = [single.generate([p], params, progress=False)[0] for p in prompts]
+    assert ids_of(batched) == ids_of(alone)
+    assert max(len(r[0].token_ids) for r in batched) >= 5  # the comparison is not vacuous
+
+
+def test_greedy_is_deterministic_and_n_copies(tiny):
+    arch, tok, model = tiny
+    gen = HFGenerator(model, tok, batch_size=3, stop_token_ids=[end_of_turn_token(tok)])
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, n=3, seed=1)
+    a = gen.generate(encode(tok, TEXTS), params, progress=False)
+    b = gen.generate(encode(tok, TEXTS), SamplingParams(0.0, max_new_tokens=8, n=3, seed=2), False)
+    assert ids_of(a) == ids_of(b)  # the seed does not matter for greedy
+    for per_prompt in a:
+        assert len(per_prompt) == 3
+        assert per_prompt[0].token_ids == per_prompt[1].token_ids == per_prompt[2].token_ids
+        assert per_prompt[0] is not per_prompt[1]
+
+
+def test_sampling_same_seed_same_samples(tiny):
+    arch, tok, model = tiny
+    gen = HFGenerator(model, tok, batch_size=4, stop_token_ids=[end_of_turn_token(tok)])
+    prompts = encode(tok, TEXTS)
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=12, n=3, seed=7)
+    a = gen.generate(prompts, params, progress=False)
+    b = gen.generate(prompts, params, progress=False)
+    assert ids_of(a) == ids_of(b)
+    c = gen.generate(prompts, SamplingParams(1.0, 0.95, 50, 12, 3, seed=8), progress=False)
+    assert ids_of(c) != ids_of(a)
+    # n samples of one prompt differ from each other (somewhere)
+    assert any(len({tuple(x.token_ids) for x in per_prompt}) > 1 for per_prompt in a)
+
+
+def test_top_k_one_is_greedy(tiny):
+    arch, tok, model = tiny
+    gen = HFGenerator(model, tok, batch_size=4, stop_token_ids=[end_of_turn_token(tok)])
+    prompts = encode(tok, TEXTS)
+    greedy = gen.generate(prompts, SamplingParams(0.0, max_new_tokens=8), progress=False)
+    topk1 = gen.generate(prompts, SamplingParams(1.0, top_k=1, max_new_tokens=8), progress=False)
+    assert ids_of(greedy) == ids_of(topk1)
+
+
+def test_stop_token_excluded_and_finish_reason(tiny):
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompts = encode(tok, TEXTS)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16)
+    first = HFGenerator(model, tok, 8, [eot]).generate(prompts, params, progress=False)
+    for per_prompt in first:
+        c = per_prompt[0]
+        assert eot not in c.token_ids
+        assert (c.finish_reason == "length") == (len(c.token_ids) == 16)
+    # Make a token that some completion first emits late (position >= 1) the stop token.
+    pos, i = max(
+        (p, i)
+        for i, r in enumerate(first)
+        for p, t in enumerate(r[0].token_ids)
+        if t not in r[0].token_ids[:p]
+    )
+    assert pos >= 1
+    ids = first[i][0].token_ids
+    stop = ids[pos]
+    second = HFGenerator(model, tok, 8, [stop, eot]).generate(prompts, params, progress=False)
+    assert second[i][0].token_ids == ids[:pos]
+    assert second[i][0].finish_reason == "stop"
+    for per_prompt, before in zip(second, first):
+        kept, _ = trim_completion(before[0].token_ids, tok, [stop, eot])
+        assert per_prompt[0].token_ids == kept  # padding after finished rows is removed
+        assert tok.pad_token_id not in per_prompt[0].token_ids or tok.pad_token_id in kept
+
+
+def test_stop_strings_end_to_end(tiny):
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompts = encode(tok, TEXTS)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16)
+    gen = HFGenerator(model, tok, 8, [eot])
+    first = gen.generate(prompts, params, progress=False)
+    # A stop string taken from the middle of one completion's text.
+    i, c = max(enumerate(r[0] for r in first), key=lambda ic: len(ic[1].token_ids))
+    piece = tok.decode(c.token_ids[4:6], skip_special_tokens=True)
+    assert piece
+    with_stop = SamplingParams(temperature=0.0, max_new_tokens=16, stop_strings=[piece])
+    second = gen.generate(prompts, with_stop, progress=False)
+    for before, after in zip(first, second):
+        kept, reason = trim_completion(before[0].token_ids, tok, [eot], [piece])
+        assert after[0].token_ids == kept
+        assert after[0].finish_reason == (before[0].finish_reason if reason == "length" else "stop")
+        assert piece not in after[0].text
+    assert second[i][0].finish_reason == "stop"
+    assert len(second[i][0].token_ids) <= 5 < len(c.token_ids)
+
+
+# --------------------------------------------------------------------------- trimming (pure)
+
+
+def test_stop_string_cut_definition():
+    tok = build_tokenizer("chatml")
+    ids = tok.encode("Answer: 12 + 3 = 15.\n\nQuestion: Ann has 4 eggs.", add_special_tokens=False)
+    i = stop_string_cut(ids, tok, ["\n\n"])
+    assert "\n\n" in tok.decode(ids[: i + 1]) and "\n\n" not in tok.decode(ids[:i])
+    # "\n\n" is two "\n" tokens here: the first one alone does not contain the stop string
+    assert tok.decode(ids[:i]) == "Answer: 12 + 3 = 15.\n"
+    assert stop_string_cut(ids, tok, ["Zebra"]) is None
+    assert stop_string_cut(ids, tok, []) is None
+    # the earliest of several stop strings wins
+    j = stop_string_cut(ids, tok, ["eggs", "Question"])
+    assert tok.decode(ids[:j]).endswith("\n\n")
+
+
+def test_stop_string_straddling_token_is_dropped():
+    tok = build_tokenizer("chatml")
+    ids = tok.encode("Question: Tom has 12 apples", add_special_tokens=False)
+    # a stop string that ends inside a multi-character token
+    word = next(t for t in ids if len(tok.decode([t]).strip()) >= 4)
+    text = tok.decode([word])
+    stop = text.strip()[:2]
+    k = ids.index(word)
+    i = stop_string_cut(ids, tok, [stop])
+    assert i <= k
+    kept, reason = trim_completion(ids, tok, [], [stop])
+    assert reason == "stop" and kept == ids[:i] and stop not in tok.decode(kept)
+
+
+def test_trim_completion_stop_token_then_string():
+    tok = build_tokenizer("chatml")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    body = tok.encode("abc def", add_special_tokens=False)
+    tail = tok.encode(" xyz", add_special_tokens=False)
+    assert trim_completion(body + [eot] + tail, tok, [eot]) == (body, "stop")
+    assert trim_completion(body, tok, [eot]) == (body, "length")
+    # a stop string after the stop token does not count
+    assert trim_completion(body + [eot] + tail, tok, [eot], ["xyz"]) == (body, "stop")
+    kept, reason = trim_completion(body + tail, tok, [eot], ["def"])
+    assert reason == "stop" and "def" not in tok.decode(kept) and tok.decode(kept).startswith("abc")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.text(alphabet="ab \n1=.é", min_size=0, max_size=30),
+    stop=st.text(alphabet="ab \n1=.é", min_size=1, max_size=3),
+)
+def test_stop_string_cut_matches_linear_scan(text, stop):
+    tok = build_tokenizer("gemma")
+    ids = tok.encode(text, add_special_tokens=False)
+    expected = next(
+        (i for i in range(len(ids)) if stop in tok.decode(ids[: i + 1], skip_special_tokens=True)),
+        None,
+    )
+    assert stop_string_cut(ids, tok, [stop]) == expected
+
+
+def test_stop_criteria_marks_rows_done_from_the_tail():
+    tok = build_tokenizer("none")
+    prompt = [tok.bos_token_id] + tok.encode("Q", add_special_tokens=False)
+    rows = [
+        prompt + tok.encode(" 12\n\nQuestion", add_special_tokens=False),
+        prompt + tok.encode(" 12 apples and", add_special_tokens=False),
+    ]
+    width = max(map(len, rows))
+    crit = StopOnStrings(tok, ["\n\n"], prompt_width=len(prompt), stop_token_ids=[tok.eos_token_id])
+    batch = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    assert crit(batch).tolist() == [True, False]
+    eos_row = torch.tensor([prompt + [5, tok.eos_token_id, 5]])
+    crit2 = StopOnStrings(tok, ["zzz"], prompt_width=len(prompt), stop_token_ids=[tok.eos_token_id])
+    assert crit2(eos_row).tolist() == [True]
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_model_generation_config_defaults_are_not_applied():
+    """A checkpoint's generation_config (e.g. repetition_penalty, top_k) must not leak in."""
+    tok = build_tokenizer("chatml")
+    model = build_tiny_model("qwen2", tok)
+    prompts = encode(tok, TEXTS)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    gen = HFGenerator(model, tok, 8, [end_of_turn_token(tok)])
+    clean = gen.generate(prompts, params, progress=False)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.max_new_tokens = 2
+    try:
+        assert ids_of(gen.generate(prompts, params, progress=False)) == ids_of(clean)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+        model.generation_config.no_repeat_ngram_size = 0
+        model.generation_config.max_new_tokens = None
+    assert model.generation_config.eos_token_id == tok.eos_token_id  # restored
+
+
+def test_peft_wrapped_model():
+    """The LoRA student (a PEFT wrapper) generates through the same path."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = build_tokenizer("chatml")
+    base = build_tiny_model("qwen2", tok)
+    prompts = encode(tok, TEXTS)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    eot = end_of_turn_token(tok)
+    expected = HFGenerator(base, tok, 4, [eot]).generate(prompts, params, progress=False)
+    student = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    got = HFGenerator(student, tok, 4, [eot]).generate(prompts, params, progress=False)
+    assert ids_of(got) == ids_of(expected)  # lora_B starts at zero: same function
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=1, top_p=0)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=1, stop_strings=[""])
+    with pytest.raises(ValueError):
+        HFGenerator(None, build_tokenizer("none"), 4, [])
+
+
+def test_progress_bar_and_empty_input(tiny, capsys):
+    arch, tok, model = tiny
+    gen = HFGenerator(model, tok, 2, [end_of_turn_token(tok)])
+    assert gen.generate([], SamplingParams(0.0), progress=True) == []
+    out = gen.generate(encode(tok, TEXTS[:3]), SamplingParams(0.0, max_new_tokens=2), True)
+    assert len(out) == 3
+    assert "3/3" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _fake_find_spec(present: bool):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name == "vllm":
+            return object() if present else None
+        return real(name, *args, **kwargs)
+
+    return find_spec
+
+
+@pytest.mark.parametrize(
+    "name,has_vllm,has_gpu,expected",
+    [
+        ("auto", True, True, "vllm"),
+        ("auto", True, False, "hf"),
+        ("auto", False, True, "hf"),
+        ("auto", False, False, "hf"),
+        ("hf", True, True, "hf"),
+        ("vllm", True, True, "vllm"),
+        ("vllm", False, True, RuntimeError),
+        ("vllm", True, False, RuntimeError),
+        ("tgi", True, True, ValueError),
+    ],
+)
+def test_select_backend(monkeypatch, name, has_vllm, has_gpu, expected):
+    monkeypatch.setattr(importlib.util, "find_spec", _fake_find_spec(has_vllm))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
+    if isinstance(expected, str):
+        assert select_backend(name) == expected
+    else:
+        with pytest.raises(expected) as info:
+            select_backend(name)
+        if expected is RuntimeError:
+            assert "generation.backend=hf" in str(info.value)
+
+
+def test_make_generator_hf(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tok = build_tokenizer("chatml")
+    model = build_tiny_model("qwen2", tok)
+    cfg = Config()
+    cfg.generation.batch_size = 3
+    gen = make_generator(cfg, model, tok, [end_of_turn_token(tok)])
+    assert isinstance(gen, HFGenerator) and gen.batch_size == 3
+    cfg.generation.backend = "vllm"
+    monkeypatch.setattr(importlib.util, "find_spec", _fake_find_spec(False))
+    with pytest.raises(RuntimeError, match="not installed"):
+        make_generator(cfg, model, tok, [end_of_turn_token(tok)])
+
+
+def _install_fake_vllm(monkeypatch, tok, calls):
+    """A stand-in `vllm` module: echoes fixed token ids per request, records the arguments."""
+
+    class FakeSamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            calls["llm"] = kwargs
+
+        def generate(self, inputs, sampling, **kwargs):
+            calls["generate"] = (inputs, sampling, kwargs)
+            outs = []
+            for prompt, sp in zip(inputs, sampling):
+                body = tok.encode(" 42\n\nQuestion: more", add_special_tokens=False)
+                samples = [
+                    types.SimpleNamespace(
+                        token_ids=body + [tok.eos_token_id], finish_reason="stop", text="x"
+                    )
+                    for _ in range(sp.kwargs["n"])
+                ]
+                outs.append(types.SimpleNamespace(outputs=samples, prompt=prompt))
+            return outs
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = FakeSamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    vllm.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+
+
+def test_vllm_generator_with_a_stand_in_module(monkeypatch):
+    tok = build_tokenizer("none")
+    calls: dict = {}
+    _install_fake_vllm(monkeypatch, tok, calls)
+    gen = VLLMGenerator("/models/x", tok, [tok.eos_token_id], tensor_parallel_size=2)
+    assert calls["llm"]["model"] == "/models/x" and calls["llm"]["tensor_parallel_size"] == 2
+    prompts = [[2, 5, 6], [2, 7]]
+    params = SamplingParams(0.7, top_p=0.9, top_k=0, max_new_tokens=9, n=2, stop_strings=["\n\n"])
+    results = gen.generate(prompts, params, progress=False)
+    inputs, sampling, kwargs = calls["generate"]
+    assert [i["prompt_token_ids"] for i in inputs] == prompts
+    sp = sampling[0].kwargs
+    assert sp["n"] == 2 and sp["max_tokens"] == 9 and sp["top_k"] == -1 and sp["top_p"] == 0.9
+    assert sp["stop"] == ["\n\n"] and sp["stop_token_ids"] == [tok.eos_token_id]
+    assert sampling[0].kwargs["seed"] != sampling[1].kwargs["seed"]
+    assert [len(r) for r in results] == [2, 2]
+    assert results[0][0].text == " 42\n" and results[0][0].finish_reason == "stop"
+    assert tok.eos_token_id not in results[1][1].token_ids
+    greedy = gen._sampling_params(SamplingParams(0.0, top_k=5), 0).kwargs
+    assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1
+
+
+def test_importing_ssb_generate_does_not_import_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        assert "vllm" not in sys.modules
+    assert not hasattr(vllm_mod, "LLM")
