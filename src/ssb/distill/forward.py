@@ -8,6 +8,7 @@ a chunk of reply positions at a time, never for the whole (B, S, V) batch.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +29,26 @@ class OutputHead:
         return project_logits(hidden, self.weight, self.bias, self.softcap)
 
 
+def unwrap_model(model: Any) -> Any:
+    """The model inside DDP / FSDP / DeepSpeed / torch.compile wrappers (a PeftModel stays a
+    PeftModel: its attribute look-ups reach the transformers model it adapts)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
 def output_head(model: Any) -> OutputHead:
-    head = model.get_output_embeddings()
+    core = unwrap_model(model)
+    head = core.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
-        # A LoRA-wrapped lm_head is a peft layer, not a Linear: its logits are not W h.
+        # A LoRA-wrapped (or modules_to_save) lm_head is a peft layer, not a Linear: its logits
+        # are not W h.
         raise ValueError(
             f"the output layer is a {type(head).__name__}, not a plain Linear; ssb computes logits "
-            "from the lm_head weight, so the lm_head must not be adapted (remove lm_head from "
-            "train.lora.target_modules)"
+            "from the lm_head weight, so the lm_head must not be adapted or trained (remove "
+            "lm_head from train.lora.target_modules)"
         )
-    config = getattr(model, "config", None)
+    config = getattr(core, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     return OutputHead(head.weight, head.bias, softcap)
 
@@ -45,10 +56,39 @@ def output_head(model: Any) -> OutputHead:
 def final_hidden_states(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """(B, S, H) hidden states after the final norm: what the lm_head sees."""
-    decoder = model.get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    """(B, S, H) hidden states after the final norm: what the lm_head sees.
+
+    The call goes through `model` itself (the DDP / FSDP / DeepSpeed wrapper when training, the
+    PeftModel, the causal LM), so wrapper hooks run: DDP only all-reduces gradients of a
+    forward made through its own `forward`. The decoder's output is captured with a forward
+    hook, and the causal LM is asked for the logits of the last position only
+    (`logits_to_keep=1`), so no (B, S, V) logits tensor is built.
+    """
+    core = unwrap_model(model)
+    decoder = core.get_decoder()
+    captured: list[torch.Tensor] = []
+
+    def grab(module: Any, args: Any, output: Any) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        captured.append(hidden if hidden is not None else output[0])
+
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if _accepts_logits_to_keep(core):
+        kwargs["logits_to_keep"] = 1
+    handle = decoder.register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(core).__name__}.forward did not run its decoder")
+    return captured[0]
+
+
+def _accepts_logits_to_keep(core: Any) -> bool:
+    # A PeftModel forwards **kwargs; look at the transformers model underneath.
+    inner = core.get_base_model() if hasattr(core, "get_base_model") else core
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def reply_rows(prompt_len: int, reply_len: int) -> slice:

@@ -46,6 +46,23 @@ def check_prompts(pairs: list[dict[str, Any]], tokenizer: Any, cfg: Config) -> N
                 )
 
 
+# Names transformers causal LMs give their output layer.
+OUTPUT_LAYERS = ("lm_head", "embed_out")
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """Refuse LoRA on the output layer before loading anything. The loss computes logits as
+    `W h` from the lm_head weight (student side, and teacher side in hidden/online mode), so an
+    adapted lm_head would silently be ignored; and hidden targets scored through the frozen
+    head would no longer be the teacher's distribution."""
+    adapted = [m for m in cfg.train.lora.target_modules if m.split(".")[-1] in OUTPUT_LAYERS]
+    if adapted:
+        raise ValueError(
+            f"train.lora.target_modules includes the output layer ({', '.join(adapted)}); "
+            f"targets.mode={cfg.targets.mode} needs a frozen, non-adapted lm_head: remove it"
+        )
+
+
 def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
     from ssb.models import model_identity
 
@@ -72,47 +89,74 @@ def teacher_rows(model: Any, batch: list[dict[str, Any]], pad_id: int) -> list[t
     ]
 
 
+# Reply rows whose full-vocabulary logits are built at once (dense/top-k): 256 x 262k float32
+# logits are 268 MB.
+SCORE_CHUNK = 256
+
+
+@torch.inference_mode()
+def score_batch(
+    model: Any, batch: list[dict[str, Any]], pad_id: int, mode: str, meta: dict[str, Any]
+) -> list[dict[str, torch.Tensor]]:
+    """The tensors `TargetWriter.add` stores for each pair of `batch` (rows = reply tokens, the
+    end token included)."""
+    head = output_head(model)
+    out = []
+    for rows in teacher_rows(model, batch, pad_id):
+        if mode == "hidden":
+            out.append({"hidden": rows.to(torch.bfloat16).cpu()})
+            continue
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, rows.shape[0], SCORE_CHUNK):
+            logits = head.logits(rows[start : start + SCORE_CHUNK])
+            if mode == "dense":
+                chunk = {"logp": dense_targets(logits, meta["tau"])}
+            else:
+                ids, logp, tail = topk_targets(logits, meta["topk"], meta["tau"])
+                chunk = {"ids": ids, "logp": logp, "tail": tail}
+            for key, value in chunk.items():
+                parts.setdefault(key, []).append(value.cpu())
+        out.append({key: torch.cat(values) for key, values in parts.items()})
+    return out
+
+
 def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     tcfg = cfg.targets
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
+    if tcfg.mode == "hidden":
+        check_lora_targets(cfg)  # hidden targets are only usable with a frozen lm_head
     if tcfg.mode == "online":
         # Nothing to store: the teacher runs inside each training step (adapter disabled).
-        return {"mode": "online", "examples": len(pairs), "stored_bytes": 0}
+        return {"mode": "online", "examples": len(pairs), "scored": 0, "bytes_per_reply_token": 0.0}
 
     base = load_base(cfg)
     model, tokenizer = base.model, base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
     meta = targets_meta(cfg, model, tokenizer)
-    writer = TargetWriter(rundir.targets_dir, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size)
-    done = writer.done_ids()
-    todo = [p for p in pairs if p["id"] not in done]
-    # Length-sorted batches waste little compute on padding.
-    todo.sort(key=lambda p: len(p["teacher_prompt_ids"]) + len(p["reply_ids"]))
-    log.info("targets (%s): %d pairs, %d already stored", tcfg.mode, len(pairs), len(done))
-    head = output_head(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=len(todo), desc="teacher targets", unit="ex", disable=not progress)
-    for batch in chunks(todo, tcfg.batch_size):
-        for pair, rows in zip(batch, teacher_rows(model, batch, pad_id)):
-            reply_ids = teacher_sequence(pair)[1]
-            if tcfg.mode == "hidden":
-                tensors = {"hidden": rows.to(torch.bfloat16).cpu()}
-            else:
-                logits = head.logits(rows)
-                if tcfg.mode == "dense":
-                    tensors = {"logp": dense_targets(logits, meta["tau"]).cpu()}
-                else:
-                    ids, logp, tail = topk_targets(logits, tcfg.topk, meta["tau"])
-                    tensors = {"ids": ids.cpu(), "logp": logp.cpu(), "tail": tail.cpu()}
-            writer.add(pair["id"], reply_ids, tensors)
-        bar.update(len(batch))
-    bar.close()
-    writer.flush()
+    # The writer flushes every `shard_size` examples, and on the way out (an error or Ctrl-C
+    # included: every buffered example is complete), so a resumed run redoes only the batch that
+    # was being scored.
+    with TargetWriter(
+        rundir.targets_dir, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size
+    ) as writer:
+        done = writer.done_ids()
+        todo = [p for p in pairs if p["id"] not in done]
+        # Length-sorted batches waste little compute on padding.
+        todo.sort(key=lambda p: len(p["teacher_prompt_ids"]) + len(p["reply_ids"]))
+        log.info("targets (%s): %d pairs, %d already stored", tcfg.mode, len(pairs), len(done))
+        bar = tqdm(total=len(todo), desc="teacher targets", unit="ex", disable=not progress)
+        for batch in chunks(todo, tcfg.batch_size):
+            for pair, tensors in zip(batch, score_batch(model, batch, pad_id, tcfg.mode, meta)):
+                writer.add(pair["id"], teacher_sequence(pair)[1], tensors)
+            bar.update(len(batch))
+        bar.close()
     reader = TargetReader(rundir.targets_dir)
     return {
         "mode": tcfg.mode,
         "examples": len(reader.ids()),
+        "scored": len(todo),
         "bytes_per_reply_token": round(reader.bytes_per_token(), 1),
     }

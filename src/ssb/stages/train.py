@@ -17,18 +17,31 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, LossConfig
-from ssb.distill.forward import final_hidden_states, output_head, reply_rows, right_pad
-from ssb.distill.losses import chunked_kd_loss
+from ssb.distill.forward import (
+    final_hidden_states,
+    output_head,
+    reply_rows,
+    right_pad,
+    unwrap_model,
+)
+from ssb.distill.losses import chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import load_base, log
-from ssb.stages.targets import check_prompts, student_sequence, teacher_sequence
+from ssb.stages.targets import (
+    check_lora_targets,
+    check_prompts,
+    student_sequence,
+    teacher_sequence,
+)
 
 IGNORE = -100
 
@@ -68,8 +81,10 @@ class DistillCollator:
         shift = torch.stack(
             [shifted_reply_labels(len(prompt), reply, ids.shape[1]) for prompt, reply in seqs]
         )
+        # The unshifted view. Trainer only counts `num_items_in_batch` (from `shift_labels`)
+        # when a batch has `labels`; tools that expect `labels` get the usual layout.
         labels = torch.full_like(shift, IGNORE)
-        labels[:, 1:] = shift[:, :-1]  # unshifted view, for tools that expect `labels`
+        labels[:, 1:] = shift[:, :-1]
         batch: dict[str, Any] = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -107,7 +122,8 @@ class DistillCollator:
 class SSBTrainer(Trainer):
     """A Trainer whose loss is the chunked KD loss on the reply positions."""
 
-    # compute_loss already divides by the step's reply-token count: no extra 1/GA scaling.
+    # compute_loss divides by the step's reply-token count when Trainer passes it, and then the
+    # loss needs no extra 1/GA scaling; set per call in compute_loss.
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, loss_config: LossConfig, target_mode: str, **kwargs: Any):
@@ -117,7 +133,7 @@ class SSBTrainer(Trainer):
         # Make Trainer count reply tokens for every optimizer step (`num_items_in_batch`) from
         # the collator's `shift_labels`, across gradient accumulation and processes.
         self.model_accepts_loss_kwargs = True
-        self._metric_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0, "examples": 0.0}
+        self._metric_sums = dict.fromkeys(("kd", "ce", "tokens", "examples"), 0.0)
 
     def compute_loss(
         self,
@@ -129,6 +145,7 @@ class SSBTrainer(Trainer):
         lc = self.loss_config
         shift = inputs["shift_labels"]
         reply_mask = shift != IGNORE
+        # Through `model` (the DDP wrapper under `accelerate launch`), so gradients are synced.
         hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
         student_rows = hidden[reply_mask]
         labels = shift[reply_mask]
@@ -156,12 +173,19 @@ class SSBTrainer(Trainer):
             logit_softcap=head.softcap,
             lm_head_bias=head.bias,
         )
-        denominator = num_items_in_batch if num_items_in_batch is not None else out.num_tokens
-        loss = out.loss_sum / denominator
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items_in_batch counts every process's tokens and DDP averages gradients over
-            # processes, so scale back up to get sum(all tokens) / count(all tokens).
-            loss = loss * self.accelerator.num_processes
+        # Read by Trainer.training_step right after this call.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is None:
+            # Not counted by Trainer (a direct call): this batch's own mean (which training_step
+            # would divide by the accumulation steps).
+            loss = normalise(out.loss_sum, out.num_tokens)
+        else:
+            # `num_items_in_batch` = reply tokens in the whole optimizer step (all accumulation
+            # micro-batches; summed over processes when average_tokens_across_devices, which
+            # run_train always sets). DDP averages gradients over processes, so each process
+            # scales by their number to end with sum(all tokens' losses) / count(all tokens).
+            world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            loss = normalise(out.loss_sum, num_items_in_batch, world_size=world)
         sums = self._metric_sums
         sums["kd"] += float(out.kd_sum)
         sums["ce"] += float(out.ce_sum)
@@ -171,21 +195,32 @@ class SSBTrainer(Trainer):
 
     @torch.no_grad()
     def _online_teacher_rows(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        """The teacher is the same network with the LoRA adapter switched off."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        with unwrapped.disable_adapter():
-            hidden = final_hidden_states(
-                unwrapped, inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
-            )
+        """The teacher is the same network with the LoRA adapter switched off. Called on the
+        unwrapped PeftModel: a no-grad forward needs no DDP gradient hooks."""
+        unwrapped = unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()  # the frozen base scores without dropout, as `ssb targets` does
+        try:
+            with unwrapped.disable_adapter():
+                hidden = final_hidden_states(
+                    unwrapped, inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+                )
+        finally:
+            unwrapped.train(was_training)
         return hidden[inputs["teacher_shift_labels"] != IGNORE].detach()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        sums = self._metric_sums
-        if "loss" in logs and sums["tokens"] > 0:
-            logs["kd"] = sums["kd"] / sums["tokens"]
-            logs["ce"] = sums["ce"] / sums["tokens"]
-            logs["reply_len"] = sums["tokens"] / max(sums["examples"], 1.0)
-            self._metric_sums = {k: 0.0 for k in sums}
+        if "loss" in logs:  # a training-step log: every process gets here (Trainer gathers)
+            keys = ("kd", "ce", "tokens", "examples")
+            sums = torch.tensor([self._metric_sums[k] for k in keys], dtype=torch.float64)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+            total = dict(zip(keys, sums.tolist()))
+            if total["tokens"] > 0:
+                logs["kd"] = total["kd"] / total["tokens"]
+                logs["ce"] = total["ce"] / total["tokens"]
+                logs["reply_len"] = total["tokens"] / max(total["examples"], 1.0)
+            self._metric_sums = dict.fromkeys(keys, 0.0)
         super().log(logs, start_time)
 
 
@@ -225,17 +260,109 @@ def check_head_frozen(model: Any, mode: str) -> None:
     """Stored targets are scored through the base lm_head; hidden/online targets are turned into
     logits with the student's lm_head. Both are only valid while the lm_head is frozen."""
     head = output_head(model)  # raises if the lm_head is LoRA-wrapped
-    if head.weight.requires_grad:
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         raise ValueError(
             f"targets.mode={mode}: the lm_head is trainable, so teacher logits recomputed through "
             "it would drift; keep lm_head out of the trainable modules"
         )
 
 
-def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
-
+def training_arguments(
+    cfg: Config, rundir: RunDir, device: torch.device, progress: bool = True, **overrides: Any
+) -> TrainingArguments:
+    """TrainingArguments from the config (fields checked against the installed transformers:
+    5.x folds `warmup_ratio` into a fractional `warmup_steps` and renames
+    `gradient_checkpointing` to `activation_checkpointing`). `overrides` win (tests use them,
+    e.g. `optim="sgd"`)."""
     tc = cfg.train
+    fields = TrainingArguments.__dataclass_fields__
+    kwargs: dict[str, Any] = {}
+    if "warmup_ratio" in fields:
+        kwargs["warmup_ratio"] = tc.warmup_ratio
+    elif tc.warmup_ratio < 1:
+        kwargs["warmup_steps"] = float(tc.warmup_ratio)  # a float in [0, 1) is a ratio
+    else:
+        raise ValueError(f"train.warmup_ratio must be < 1, got {tc.warmup_ratio}")
+    if tc.gradient_checkpointing:
+        key = "activation_checkpointing" if "activation_checkpointing" in fields else None
+        kwargs[key or "gradient_checkpointing"] = True
+    kwargs.update(
+        output_dir=str(rundir.checkpoints_dir),
+        per_device_train_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        num_train_epochs=tc.epochs,
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler,
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        logging_steps=tc.logging_steps,
+        save_strategy="steps",
+        save_steps=tc.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=list(tc.report_to) or "none",
+        remove_unused_columns=False,
+        # Normalise by the reply tokens of all processes (see SSBTrainer.compute_loss).
+        average_tokens_across_devices=True,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def lora_config(cfg: Config) -> Any:
+    from peft import LoraConfig
+
+    lc = cfg.train.lora
+    return LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def make_trainer(
+    cfg: Config,
+    rundir: RunDir,
+    model: Any,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    reader: TargetReader | None,
+    progress: bool = True,
+    **overrides: Any,
+) -> SSBTrainer:
+    """An SSBTrainer for a PEFT `model` (the LoRA student on the frozen base)."""
+    check_head_frozen(model, cfg.targets.mode)
+    device = next(model.parameters()).device
+    collator = DistillCollator(
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        mode=cfg.targets.mode,
+        reader=reader,
+    )
+    trainer = SSBTrainer(
+        model=model,
+        args=training_arguments(cfg, rundir, device, progress, **overrides),
+        train_dataset=PairDataset(pairs),
+        data_collator=collator,
+        loss_config=cfg.train.loss,
+        target_mode=cfg.targets.mode,
+        callbacks=[JsonlLogCallback(rundir.train_log_path)],
+    )
+    if not progress:
+        # With tqdm off, Trainer prints every log dict instead; stages do not print.
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+    from peft import get_peft_model
+
+    check_lora_targets(cfg)
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
@@ -244,85 +371,147 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
     check_prompts(pairs, tokenizer, cfg)
     reader = load_targets(cfg, rundir, base.model, tokenizer)
     if reader is not None:
-        missing = [p["id"] for p in pairs if p["id"] not in set(reader.ids())]
+        stored = set(reader.ids())
+        missing = [p["id"] for p in pairs if p["id"] not in stored]
         if missing:
             raise ValueError(
                 f"{len(missing)} pairs have no stored targets (first: {missing[0]}); "
                 "run `ssb targets` to finish them"
             )
+    checkpoint = last_checkpoint(rundir)
+    check_resumable(cfg, rundir, checkpoint)
 
-    lora = LoraConfig(
-        r=tc.lora.r,
-        lora_alpha=tc.lora.alpha,
-        lora_dropout=tc.lora.dropout,
-        target_modules=list(tc.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base.model, lora)
+    was_training = base.model.training
+    hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
+    model = get_peft_model(base.model, lora_config(cfg))
     try:
-        check_head_frozen(model, cfg.targets.mode)
-        if tc.gradient_checkpointing:
-            model.enable_input_require_grads()
-        device = next(base.model.parameters()).device
-        args = TrainingArguments(
-            output_dir=str(rundir.checkpoints_dir),
-            per_device_train_batch_size=tc.batch_size,
-            gradient_accumulation_steps=tc.grad_accum,
-            num_train_epochs=tc.epochs,
-            learning_rate=tc.learning_rate,
-            lr_scheduler_type=tc.lr_scheduler,
-            warmup_ratio=tc.warmup_ratio,
-            weight_decay=tc.weight_decay,
-            max_grad_norm=tc.max_grad_norm,
-            logging_steps=tc.logging_steps,
-            save_steps=tc.save_steps,
-            save_total_limit=2,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            report_to=list(tc.report_to) or "none",
-            remove_unused_columns=False,
-            gradient_checkpointing=tc.gradient_checkpointing,
-            use_cpu=device.type == "cpu",
-            dataloader_num_workers=0,
-            disable_tqdm=not progress,
-        )
-        collator = DistillCollator(
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            mode=cfg.targets.mode,
-            reader=reader,
-        )
-        trainer = SSBTrainer(
-            model=model,
-            args=args,
-            train_dataset=PairDataset(pairs),
-            data_collator=collator,
-            loss_config=tc.loss,
-            target_mode=cfg.targets.mode,
-            callbacks=[JsonlLogCallback(rundir.train_log_path)],
-        )
-        checkpoints = sorted(rundir.checkpoints_dir.glob("checkpoint-*"))
-        resume = bool(checkpoints)
-        if resume:
-            log.info("train: resuming from %s", checkpoints[-1])
-            _drop_log_after(rundir, _checkpoint_step(checkpoints[-1]))
-        elif rundir.train_log_path.exists():
-            rundir.train_log_path.unlink()  # a fresh start: no steps from an earlier attempt
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
+        # the frozen embeddings' outputs need not require grad.
+        trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress)
+        if trainer.is_world_process_zero():
+            if checkpoint is not None:
+                log.info("train: resuming from %s", checkpoint)
+                _drop_log_after(rundir, _checkpoint_step(checkpoint))
+            elif rundir.train_log_path.exists():
+                rundir.train_log_path.unlink()  # a fresh start: no steps from an earlier attempt
+            write_train_fingerprint(cfg, rundir)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if trainer.is_world_process_zero():
             _save_adapter_atomically(model, rundir)
+        trainer.accelerator.wait_for_everyone()
         summary = {
             "steps": trainer.state.global_step,
             "examples": len(pairs),
             "train_loss": round(float(result.training_loss), 6),
             "adapter": str(rundir.adapter_dir),
         }
+        if checkpoint is not None:
+            summary["resumed_from"] = checkpoint.name
         losses = [r["loss"] for r in read_jsonl(rundir.train_log_path) if "loss" in r]
         if losses:
             summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
         return summary
     finally:
-        # Give the shared base model back without the LoRA layers (not merged).
-        model.unload()
+        _restore_base(model, was_training=was_training, hooks_before=hooks_before)
+
+
+# What a checkpoint's optimizer state and step count depend on; logging, saving and the number
+# of epochs may change between a run and its resumption.
+_RESUME_FREE = ("logging_steps", "save_steps", "report_to", "epochs")
+FINGERPRINT_NAME = "ssb_train.json"
+
+
+def train_fingerprint(cfg: Config) -> dict[str, Any]:
+    from ssb.config import to_dict
+
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RESUME_FREE}
+    return {
+        "train": train,
+        "targets_mode": cfg.targets.mode,
+        "model": to_dict(cfg.model),
+        "seed": cfg.seed,
+    }
+
+
+def write_train_fingerprint(cfg: Config, rundir: RunDir) -> None:
+    from ssb.rundir import atomic_write_json
+
+    atomic_write_json(rundir.checkpoints_dir / FINGERPRINT_NAME, train_fingerprint(cfg))
+
+
+def check_resumable(cfg: Config, rundir: RunDir, checkpoint: Path | None) -> None:
+    """Refuse to resume checkpoints written under a different training config."""
+    path = rundir.checkpoints_dir / FINGERPRINT_NAME
+    if checkpoint is None or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(train_fingerprint(cfg)))
+    if old != new:
+        flat_old, flat_new = _flatten(old), _flatten(new)
+        changed = sorted(
+            k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
+        )
+        raise ValueError(
+            f"{rundir.checkpoints_dir} holds checkpoints of a run with a different config "
+            f"({', '.join(changed)}); delete that directory to "
+            "train from scratch, or restore the config to resume"
+        )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _restore_base(
+    model: Any,
+    gradient_checkpointing: bool = False,
+    was_training: bool = False,
+    hooks_before: set[int] | None = None,
+) -> None:
+    """Give the shared base model (cached by `load_base` for later stages) back as it was: LoRA
+    layers removed (not merged), no hooks left on its input embeddings (peft and Trainer add an
+    input-requires-grad hook around checkpointing), checkpointing off, the original train/eval
+    mode. `hooks_before`: the embeddings' forward-hook ids before the adapter was attached (all
+    others are removed); without it, the input-requires-grad hooks are found by name.
+    `gradient_checkpointing` is accepted for callers of the earlier signature (checkpointing is
+    switched off whenever it is on)."""
+    del gradient_checkpointing
+    base = model.unload()
+    hooks = base.get_input_embeddings()._forward_hooks
+    for key, hook in list(hooks.items()):
+        added = (
+            key not in hooks_before
+            if hooks_before is not None
+            else getattr(hook, "__name__", "").startswith("make_inputs_require_grad")
+        )
+        if added:
+            del hooks[key]
+    handle = getattr(base, "_require_grads_hook", None)
+    if handle is not None and getattr(handle, "id", None) not in hooks:
+        del base._require_grads_hook  # its hook is gone: later enable/disable calls start clean
+    if hasattr(base, "is_activation_checkpointing"):  # transformers >= 5
+        if base.is_activation_checkpointing:
+            base.activation_checkpointing_disable()
+    elif getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    base.train(was_training)
+
+
+def last_checkpoint(rundir: RunDir) -> Path | None:
+    """The newest complete `checkpoint-<step>` (by step number, not by name: "checkpoint-10"
+    sorts before "checkpoint-9"); a checkpoint without its trainer state is incomplete."""
+    found = []
+    for path in rundir.checkpoints_dir.glob("checkpoint-*"):
+        if path.is_dir() and path.name.split("-")[-1].isdigit():
+            if (path / "trainer_state.json").exists():
+                found.append(path)
+    return max(found, key=_checkpoint_step, default=None)
 
 
 def _checkpoint_step(path: Any) -> int:

@@ -1,0 +1,141 @@
+"""Training under `accelerate launch` with two CPU processes (DDP, gloo backend).
+
+One optimizer step over 4 pairs of different reply lengths, split over two processes (batch 2
+each), must move the LoRA weights exactly as one process with batch 4 does: the loss is
+normalised by the reply tokens of the whole step across processes, and gradients are all-reduced
+(they are only if the forward goes through the DDP wrapper). Then `run_train` itself runs under
+DDP with the online teacher: the adapter is saved once and each step is logged once.
+
+accelerate's `--cpu` launcher starts a single process; `--multi_gpu` starts one process per rank
+through torchrun, and the Trainer's `use_cpu` (set by run_train on CPU) makes them a MULTI_CPU
+(gloo) group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pairs_fixture import make_run
+from safetensors.torch import load_file
+
+from ssb.rundir import read_jsonl
+from ssb.stages.targets import run_targets
+
+TESTS = Path(__file__).parent
+
+SCRIPT = r"""
+import json, sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import torch
+from peft import get_peft_model
+from safetensors.torch import save_file
+
+from pairs_fixture import tiny_config
+from ssb.distill.store import TargetReader
+from ssb.models import load_model_and_tokenizer
+from ssb.rundir import RunDir, read_jsonl
+from ssb.stages.train import lora_config, make_trainer, run_train
+
+
+def sgd_step(model_dir, run_path, out_path, batch_size):
+    cfg = tiny_config(model_dir, "targets.mode=dense", f"train.batch_size={batch_size}")
+    rundir = RunDir(run_path)
+    pairs = read_jsonl(rundir.pairs_path)
+    base, tok = load_model_and_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config(cfg))
+    trainer = make_trainer(
+        cfg, rundir, model, tok, pairs, TargetReader(rundir.targets_dir), False,
+        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+        max_steps=1, save_strategy="no",
+    )
+    trainer.train()
+    if trainer.is_world_process_zero():
+        weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, out_path)
+        Path(out_path + ".json").write_text(json.dumps({
+            "loss": trainer.state.log_history[0]["loss"],
+            "world": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+        }))
+
+
+if __name__ == "__main__":
+    model_dir, run_path, out_path, batch_size = sys.argv[2:6]
+    sgd_step(model_dir, run_path, out_path, int(batch_size))
+    if len(sys.argv) > 6:  # then the whole training stage (online teacher), 1 pair per rank
+        cfg = tiny_config(model_dir, "targets.mode=online", "train.batch_size=1")
+        summary = run_train(cfg, RunDir(sys.argv[6]), progress=False)
+        Path(sys.argv[6], f"summary-{summary['steps']}.json").write_text(json.dumps(summary))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_match_one(tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("the accelerate CLI is not installed")
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", "targets.mode=dense", n=4)
+    assert len({len(p["reply_ids"]) for p in pairs}) == 4  # every split changes token counts
+    run_targets(cfg, rundir, progress=False)
+    stage_dir = tmp_path / "stage"
+    shutil.copytree(rundir.path, stage_dir)
+    script = tmp_path / "ddp_step.py"
+    script.write_text(SCRIPT)
+    model_dir = str(cfg.model.name)
+
+    single = str(tmp_path / "single.safetensors")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(script), str(TESTS), model_dir, str(rundir.path), single, "4"]
+    subprocess.run(cmd, check=True, env=env, timeout=120)
+
+    ddp = str(tmp_path / "ddp.safetensors")
+    launch = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={free_port()}",
+    ]
+    args = [str(script), str(TESTS), model_dir, str(rundir.path), ddp, "2", str(stage_dir)]
+    proc = subprocess.run(launch + args, env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    info = json.loads(Path(ddp + ".json").read_text())
+    assert info["world"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
+    one, two = load_file(single), load_file(ddp)
+    assert one.keys() == two.keys()
+    init_b = torch.zeros(())  # lora_B starts at zero, so its value after one step is the step
+    moved = torch.cat([one[k].flatten() for k in one if "lora_B" in k])
+    assert moved.abs().max() > init_b + 1e-4
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-7)
+    assert info["loss"] == pytest.approx(json.loads(Path(single + ".json").read_text())["loss"])
+
+    # run_train under DDP, online teacher: 4 pairs, 1 per process and step -> 2 steps, each
+    # logged once, with the token statistics of both processes.
+    summary = json.loads((stage_dir / "summary-2.json").read_text())
+    assert summary["steps"] == 2
+    log = read_jsonl(stage_dir / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2]
+    lengths = sorted(len(p["reply_ids"]) + 1 for p in pairs)
+    assert sum(r["reply_len"] for r in log) * 2 == pytest.approx(sum(lengths))
+    assert (stage_dir / "adapter" / "adapter_model.safetensors").exists()
