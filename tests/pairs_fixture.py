@@ -122,3 +122,12 @@ def make_run(
     pairs = make_pairs(tokenizer, cfg, n=n, same_prompt=same_prompt)
     append_jsonl(rundir.pairs_path, pairs)
     return cfg, rundir, pairs
+
+
+def end_token(tokenizer, name: str) -> int:
+    """Id of an end token given by its name (a special token) or its text (a one-token string)."""
+    if name in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(name)
+    ids = tokenizer.encode(name, add_special_tokens=False)
+    assert len(ids) == 1, f"{name!r} is not a single token"
+    return ids[0]

@@ -53,7 +53,12 @@ def test_fewshot_prompt_for_a_base_model():
     assert text.count("Question:") == 4
     assert FEWSHOT_EXAMPLES[2][1] in text and FEWSHOT_EXAMPLES[3][1] not in text
     fmt = reply_format(tok, cfg)
-    assert fmt.end_token_id == tok.eos_token_id and fmt.stop_strings == cfg.stop_strings
+    # A few-shot answer ends with the blank line the worked examples end with.
+    assert fmt.end_token_id == tok.encode("\n\n", add_special_tokens=False)[0]
+    assert fmt.end_token_id in fmt.stop_token_ids and tok.eos_token_id in fmt.stop_token_ids
+    assert fmt.stop_strings == cfg.stop_strings
+    multi = PromptConfig(stop_strings=["\nQuestion:"])  # not one token: falls back to EOS
+    assert reply_format(tok, multi).end_token_id == tok.eos_token_id
 
 
 def test_forcing_chat_without_a_template_is_an_error():

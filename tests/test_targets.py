@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from pairs_fixture import make_run
+from pairs_fixture import end_token, make_run
 from tiny_models import build_tiny_model, build_tokenizer
 
 from ssb.distill.forward import output_head, reply_rows
@@ -138,11 +138,11 @@ def test_softcapped_logits_are_stored_capped(tmp_path):
 
 @pytest.mark.parametrize(
     ("template", "end_name"),
-    [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"), ("none", "<eos>")],
+    [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"), ("none", "\n\n")],
 )
 def test_end_token_is_scored(tmp_path, template, end_name):
     cfg, rundir, pairs = make_run(tmp_path, template, n=2)
-    end = load_base(cfg).tokenizer.convert_tokens_to_ids(end_name)
+    end = end_token(load_base(cfg).tokenizer, end_name)
     _, reader = score(cfg, rundir, "topk")
     for pair in pairs:
         assert pair["end_token_id"] == end

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from pairs_fixture import make_run
+from pairs_fixture import end_token, make_run
 from peft import get_peft_model
 
 from ssb.distill.forward import final_hidden_states, output_head
@@ -133,11 +133,11 @@ def test_frozen_student_matches_teacher_on_same_prompt(tmp_path, mode):
 
 @pytest.mark.parametrize(
     ("template", "end_name"),
-    [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"), ("none", "<eos>")],
+    [("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>"), ("none", "\n\n")],
 )
 def test_end_of_turn_token_is_distilled(tmp_path, template, end_name):
     cfg, rundir, pairs = make_run(tmp_path, template, n=3)
-    end = load_base(cfg).tokenizer.convert_tokens_to_ids(end_name)
+    end = end_token(load_base(cfg).tokenizer, end_name)
     for mode in ("online", "topk"):
         reader = None if mode == "online" else targets(cfg, rundir, mode)
         batch = collate(cfg, reader, pairs, mode)
@@ -555,7 +555,9 @@ def test_embedded_model_targets_and_one_epoch(tmp_path):
     base = load_base(cfg)
     assert next(base.model.parameters()).dtype == torch.bfloat16
     pairs = embedded_pairs(base.tokenizer, cfg)
-    assert all(p["end_token_id"] == base.tokenizer.eos_token_id for p in pairs)
+    blank_line = base.tokenizer.encode("\n\n", add_special_tokens=False)
+    assert len(blank_line) == 1
+    assert all(p["end_token_id"] == blank_line[0] for p in pairs)
     report = {}
     for mode in ("topk", "hidden", "dense"):
         rundir = RunDir(tmp_path / mode)

@@ -9,8 +9,9 @@ generated.
 Two formats:
 - chat: the tokenizer's chat template with the generation prompt (instruct models);
 - fewshot: "Question: ...\\nAnswer: ..." worked examples for base models without a template
-  (the embedded gemma-3-270m). A reply ends at a stop string (a blank line by default) and is
-  terminated by the EOS token when distilled, so the student learns to stop.
+  (the embedded gemma-3-270m). A reply ends at a stop string (a blank line by default); when
+  distilled it is closed with that blank-line token (`fewshot_end_token_id`), so the student
+  learns to stop where the teacher does.
 """
 
 from __future__ import annotations
@@ -216,6 +217,25 @@ def reply_format(tokenizer: Any, cfg: PromptConfig) -> ReplyFormat:
         return ReplyFormat(chat=True, end_token_id=end, stop_token_ids=stops, stop_strings=[])
     if eos is None:
         raise ValueError("the tokenizer has neither a chat template nor an EOS token")
+    end = fewshot_end_token_id(tokenizer, cfg)
     return ReplyFormat(
-        chat=False, end_token_id=eos, stop_token_ids=[eos], stop_strings=list(cfg.stop_strings)
+        chat=False,
+        end_token_id=end,
+        stop_token_ids=sorted({eos, end}),
+        stop_strings=list(cfg.stop_strings),
     )
+
+
+def fewshot_end_token_id(tokenizer: Any, cfg: PromptConfig) -> int:
+    """The token that ends a few-shot answer: the first stop string when it is one token.
+
+    A base model ends an answer the way its worked examples do, with a blank line; it almost
+    never emits EOS there (gemma-3-270m puts ~80% on "\n\n" and ~3% on EOS after an answer). A
+    distilled end token only teaches stopping if the teacher actually predicts it, so the reply
+    is closed with the blank-line token, which generation also stops at. EOS is the fallback when
+    the stop string is not a single token."""
+    if cfg.stop_strings:
+        ids = tokenizer.encode(cfg.stop_strings[0], add_special_tokens=False)
+        if len(ids) == 1:
+            return int(ids[0])
+    return int(tokenizer.eos_token_id)
