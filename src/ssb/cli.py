@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -170,9 +171,30 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_stage(args.command, cfg, rundir, args)
         print(json.dumps({"stage": args.command, "run_dir": str(rundir.path), **summary}, indent=2))
         return 0
-    except (ConfigError, RunDirError) as exc:
-        print(f"ssb: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # Errors a user can act on (bad config, data, model, run directory, target store, disk)
+        # get one line; anything else is a bug and keeps its traceback (as does SSB_DEBUG=1).
+        if not isinstance(exc, _user_errors()) or os.environ.get("SSB_DEBUG"):
+            raise
+        print(f"ssb: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ssb.distill.store import TargetStoreError
+    from ssb.models import ModelLoadError
+    from ssb.problems import ProblemsError
+
+    errors = (ConfigError, RunDirError, ProblemsError, TargetStoreError, ModelLoadError)
+    return (*errors, ValueError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    return text
 
 
 def _print_artifacts(rundir: RunDir) -> None:

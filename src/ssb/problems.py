@@ -152,13 +152,17 @@ def _text(row: dict[str, Any], name: str, where: str) -> str:
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line; malformed lines raise with file and line."""
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise ProblemsError(f"{path} does not exist") from None
     except OSError as exc:
         raise ProblemsError(f"cannot read {path}: {exc}") from None
     with handle:
-        for lineno, line in enumerate(handle, start=1):
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProblemsError(f"{path} line {lineno}: not valid UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -181,7 +185,14 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise ProblemsError(f"cannot read {path}: {exc}") from None
     with handle:
         reader = csv.DictReader(handle)
-        for row in reader:
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise ProblemsError(f"{path} line {reader.line_num + 1}: not valid UTF-8") from None
             # line_num is the physical line the row ended on (header is line 1).
             if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
                 continue

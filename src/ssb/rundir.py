@@ -99,6 +99,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             records.append(json.loads(raw))
         except json.JSONDecodeError as exc:
             raise RunDirError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        except UnicodeDecodeError:
+            raise RunDirError(f"{path} line {lineno}: not valid UTF-8") from None
     del tail
     return records
 

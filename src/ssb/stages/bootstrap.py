@@ -89,7 +89,13 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
     generator = None
     gen_seconds, gen_tokens = 0.0, 0
     batch_problems = max(1, cfg.generation.batch_size // bcfg.attempts)
-    for index, batch in enumerate(chunks(todo, batch_problems)):
+    # Batches by position in rollouts.jsonl (not in the to-do list), so a resumed run gives each
+    # batch the same index, hence the same seed, as an uninterrupted run.
+    batches = [
+        (index, [r for r in batch if r["id"] not in decided])
+        for index, batch in enumerate(chunks(rollouts, batch_problems))
+    ]
+    for index, batch in [(i, b) for i, b in batches if b]:
         if bcfg.target_pairs is not None and kept >= bcfg.target_pairs:
             break
         decisions: list[dict[str, Any]] = []

@@ -46,3 +46,45 @@ def stable_seed(*parts: Any) -> int:
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def context_limit(cfg: Config, model: Any) -> int | None:
+    """The most tokens (prompt + generated) a sequence may have: `model.max_context` when set,
+    else the model's own `max_position_embeddings` (None when neither is known)."""
+    if cfg.model.max_context:
+        return int(cfg.model.max_context)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def fits_context(prompt_ids: list[int], max_new_tokens: int, limit: int | None) -> bool:
+    """True when the prompt plus `max_new_tokens` generated tokens fit in `limit` tokens."""
+    return limit is None or len(prompt_ids) + max_new_tokens <= limit
+
+
+def drop_long_prompts(
+    problems: list[Any],
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    limit: int | None,
+    stage: str,
+) -> tuple[list[Any], list[list[int]], int]:
+    """Skip problems whose prompt does not leave room for `max_new_tokens` within `limit` (a
+    model fed past its context gives garbage or fails); each skip is logged. Returns the kept
+    problems, their prompts, and the number skipped."""
+    kept, kept_prompts = [], []
+    for problem, ids in zip(problems, prompts):
+        if fits_context(ids, max_new_tokens, limit):
+            kept.append(problem)
+            kept_prompts.append(ids)
+        else:
+            log.warning(
+                "%s: skipping problem %s: prompt of %d tokens + %d new tokens exceeds the "
+                "context of %s tokens (model.max_context)",
+                stage,
+                getattr(problem, "id", "?"),
+                len(ids),
+                max_new_tokens,
+                limit,
+            )
+    return kept, kept_prompts, len(problems) - len(kept)

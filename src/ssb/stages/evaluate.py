@@ -38,7 +38,7 @@ from ssb.rundir import (
     atomic_write_text,
     read_jsonl,
 )
-from ssb.stages.common import chunks, load_base, log, stable_seed
+from ssb.stages.common import chunks, context_limit, drop_long_prompts, load_base, log, stable_seed
 from ssb.stats import (
     bootstrap_mean_interval,
     mcnemar_exact,
@@ -357,6 +357,7 @@ def run_eval(
     chunk_size = max(1, cfg.generation.batch_size // n) * 4
     new_records: dict[str, dict[str, int]] = {}
     gen_seconds, gen_tokens = 0.0, 0
+    skipped = 0
     base = None
     for name, adapter in chosen.items():
         fp = fingerprint(cfg, settings, adapter)
@@ -392,6 +393,16 @@ def run_eval(
                     render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
                     for p in chunk
                 ]
+                chunk, prompts, n_long = drop_long_prompts(
+                    chunk,
+                    prompts,
+                    settings["max_new_tokens"],
+                    context_limit(cfg, base.model),
+                    f"eval {name} {bench}",
+                )
+                skipped += n_long
+                if not chunk:
+                    continue
                 params = SamplingParams(
                     temperature=settings["temperature"],
                     top_p=settings["top_p"],
@@ -425,6 +436,7 @@ def run_eval(
         "metric": settings["metric"],
         "scoring": settings["scoring"],
         "new_records": new_records,
+        "skipped_long_prompts": skipped,
         "accuracy": {
             m: {b: r["accuracy"] for b, r in benches.items()}
             for m, benches in summary["results"].items()

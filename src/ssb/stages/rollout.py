@@ -19,7 +19,7 @@ from ssb.grading import extract_boxed, grade
 from ssb.problems import Problem, load_train_problems
 from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
-from ssb.stages.common import chunks, load_base, log, stable_seed
+from ssb.stages.common import chunks, context_limit, drop_long_prompts, load_base, log, stable_seed
 
 
 def rollout_record(problem: Problem, completions: list[Any]) -> dict[str, Any]:
@@ -71,14 +71,22 @@ def run_rollout(
     written = 0
     gen_seconds = 0.0
     gen_tokens = 0
+    skipped = 0
     if todo_chunks:
         base = load_base(cfg)
         generator = make_generator(cfg, base.model, base.tokenizer, base.reply.stop_token_ids)
+        limit = context_limit(cfg, base.model)
         for index, chunk in todo_chunks:
             prompts = [
                 render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
                 for p in chunk
             ]
+            chunk, prompts, n_long = drop_long_prompts(
+                chunk, prompts, cfg.generation.max_new_tokens, limit, "rollout"
+            )
+            skipped += n_long
+            if not chunk:
+                continue
             params = SamplingParams(
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
@@ -97,6 +105,7 @@ def run_rollout(
             if on_chunk is not None:
                 on_chunk(written, num_todo)
     summary = summarize_rollouts(rundir)
+    summary["skipped_long_prompts"] = skipped
     if gen_seconds > 0:
         summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
     return summary
