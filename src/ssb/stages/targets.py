@@ -8,6 +8,7 @@ exactly the context that produced the reply.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -122,6 +123,12 @@ def score_batch(
 
 def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     tcfg = cfg.targets
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One writer per store: several ranks appending to one index would race.
+        raise ValueError(
+            "ssb targets runs in a single process (it is one forward pass per pair); launch it "
+            "without accelerate, then run `ssb train` under `accelerate launch`"
+        )
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
