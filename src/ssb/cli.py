@@ -48,6 +48,12 @@ def _stage_train(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[
     return run_train(cfg, rundir, progress=not args.quiet)
 
 
+def _stage_grpo(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.grpo import run_grpo
+
+    return run_grpo(cfg, rundir, progress=not args.quiet)
+
+
 def _stage_eval(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
     from ssb.stages.evaluate import run_eval
 
@@ -68,6 +74,11 @@ STAGES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
     ),
     "targets": ("score the replies with the frozen teacher and store its targets", _stage_targets),
     "train": ("train the hint-free LoRA student on the teacher targets", _stage_train),
+    "grpo": (
+        "train the GRPO baseline LoRA (TRL GRPOTrainer) on the same problems, prompts and "
+        "LoRA budget",
+        _stage_grpo,
+    ),
     "eval": ("evaluate the base model and the student on benchmarks", _stage_eval),
     "report": ("write report.md and plots from the run's files", _stage_report),
 }

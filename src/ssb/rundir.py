@@ -161,6 +161,7 @@ _STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "bootstrap": ("bootstrap",),
     "targets": ("targets",),
     "train": ("train",),
+    "grpo": ("grpo", "train.lora"),
 }
 
 

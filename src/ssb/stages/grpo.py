@@ -16,9 +16,10 @@ What it shares with SSB, so the two adapters compare like for like (`ssb eval` p
 - the grader: reward = `ssb.grading.grade(text, gold)` (1.0 / 0.0) on the text `ssb eval` would
   grade for the same tokens, plus `grpo.format_reward_weight` x [the text has a `\\boxed{}`].
 
-Where replies end (`ssb.prompts.reply_format`): chat models stop at the end-of-turn token, which is
-added to TRL's EOS ids (TRL keeps the EOS token in the completion and masks what follows). The
-few-shot format also stops at `prompt.stop_strings` (a blank line). TRL's transformers generation
+Where replies end (`ssb.prompts.reply_format`): at its stop token ids (chat: end-of-turn and EOS;
+few-shot: EOS and the blank-line token that also closes SSB's replies), which are added to TRL's
+EOS ids (TRL keeps that token in the completion and masks what follows). The few-shot format also
+stops at `prompt.stop_strings`, for a blank line that is sampled inside another token. TRL's transformers generation
 path passes no tokenizer to `generate()`, which `stop_strings` needs, so `SSBGRPOTrainer` passes it
 for the duration of the call; afterwards each completion is cut right after the token that
 completes the first stop string (tokens sampled after a finished row are padding, which TRL
