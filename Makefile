@@ -33,7 +33,7 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests
 
 bench: install
-	$(VENV)/bin/ssb bench --out bench
+	$(VENV)/bin/ssb bench --out bench --stage-times-from $(RUN_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -51,7 +51,7 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     assert len(decided) == 24 and sum(d["status"] == "kept" for d in decided) == len(pairs)
 
     index = json.loads((rd.targets_dir / "index.json").read_text())
-    assert index["mode"] == "topk" and set(index["examples"]) == {p["id"] for p in pairs}
+    assert index["mode"] == "hidden" and set(index["examples"]) == {p["id"] for p in pairs}
     assert (rd.adapter_dir / "adapter_config.json").exists()
     log = read_jsonl(rd.train_log_path)
     assert log and all({"loss", "kd", "grad_norm", "learning_rate"} <= set(r) for r in log)

@@ -121,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
             description="Run every stage in order; finished work is skipped, so it also resumes.",
         )
     )
+    bench = sub.add_parser(
+        "bench",
+        help="measured ratios: target storage, KD memory/time, generation and scoring throughput",
+        description="Each row compares two variants measured side by side in this run.",
+    )
+    bench.add_argument("--out", default="bench", help="output directory (results.json/.md)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    bench.add_argument(
+        "--sections",
+        default=None,
+        help="comma-separated subset of storage,kd_memory,generation,scoring,stages,gpu",
+    )
+    bench.add_argument(
+        "--stage-times-from", default=None, help="a run directory whose stage times to report"
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -162,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "quiet", False))
     try:
+        if args.command == "bench":
+            from ssb.bench import run_bench
+
+            run_bench(
+                Path(args.out),
+                quick=args.quick,
+                sections=args.sections.split(",") if args.sections else None,
+                progress=not args.quiet,
+                stage_times_from=Path(args.stage_times_from) if args.stage_times_from else None,
+            )
+            sys.stdout.write((Path(args.out) / "results.md").read_text())
+            return 0
         if args.command == "config":
             cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
             sys.stdout.write(dump_yaml(cfg))

@@ -111,7 +111,12 @@ class BootstrapConfig:
 
 @dataclass
 class TargetsConfig:
-    mode: str = "topk"  # topk | hidden | dense | online
+    # hidden (default): the teacher's final hidden states, bf16; logits recomputed exactly through
+    # the frozen lm_head (2*H bytes per token). topk: k ids + log-probs + tail mass (~6*k bytes),
+    # approximate: at the paper's tau=2 the teacher spreads ~half its mass beyond the top 64 of a
+    # large vocabulary, so the KD loss is off by tens of percent (see `ssb bench`). dense: full
+    # float32 log-probs (tests, small vocabularies). online: no store, teacher forward per step.
+    mode: str = "hidden"
     topk: int = 64
     batch_size: int = 4
     shard_size: int = 256  # examples per shard
@@ -239,7 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generation": {"batch_size": 16, "max_new_tokens": 48},
         "rollout": {"num_samples": 4, "temperature": 0.5},
         "bootstrap": {"temperature": 0.4},
-        "targets": {"mode": "topk", "topk": 64, "batch_size": 4},
+        "targets": {"mode": "hidden", "batch_size": 4},
         "train": {
             "lora": {"r": 16, "alpha": 32},
             "epochs": 3,
@@ -271,7 +276,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generation": {"batch_size": 64, "max_new_tokens": 2048},
         "rollout": {"num_samples": 4, "temperature": 0.8, "top_k": 50},
         "bootstrap": {"temperature": 0.4, "top_k": 50, "target_pairs": 256},
-        "targets": {"mode": "topk", "topk": 64, "batch_size": 8},
+        "targets": {"mode": "hidden", "batch_size": 8},
         "train": {
             "lora": {"r": 32, "alpha": 32, "dropout": 0.0},
             "loss": {"temperature": 2.0, "tau_squared": True, "kd_weight": 1.0, "ce_weight": 0.0},
