@@ -1521,6 +1521,8 @@ def _section_stages(run_dir: Path | None) -> tuple[dict[str, Any], list[dict]]:
     if run_dir is None:
         return {"skipped": "no run directory given (stage_times_from=None)"}, []
     manifest_path = Path(run_dir) / "manifest.json"
+    if not manifest_path.exists():
+        return {"skipped": f"{manifest_path} does not exist (run `make demo` first)"}, []
     manifest = json.loads(manifest_path.read_text())
     stages = {
         name: float(info["seconds"])
