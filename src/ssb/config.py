@@ -239,7 +239,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": {
         "name": "quickstart",
         "model": {"name": "embedded", "dtype": "bfloat16"},
-        "data": {"train": "synthetic", "max_problems": 256, "synthetic": {"difficulty": 1}},
+        "data": {"train": "synthetic", "max_problems": 160, "synthetic": {"difficulty": 1}},
         "prompt": {"format": "fewshot", "num_fewshot": 6},
         "generation": {"batch_size": 16, "max_new_tokens": 48},
         "rollout": {"num_samples": 4, "temperature": 0.5},
@@ -253,7 +253,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "learning_rate": 5e-5,
             "save_steps": 20,
         },
-        "eval": {"benchmarks": ["synthetic"], "max_problems": 200},
+        "eval": {"benchmarks": ["synthetic"], "max_problems": 150},
         # 8 steps x 8 completions (~16 min on 2 busy cores); with 4 completions at T=0.8 every
         # group was all right or all wrong (no gradient) in 8 steps.
         "grpo": {
