@@ -61,6 +61,8 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from ssb.rundir import atomic_write_bytes
+
 __all__ = [
     "DEFAULT_DTYPES",
     "FORMAT_VERSION",
@@ -113,31 +115,6 @@ def _json_normal(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value, sort_keys=True))
     except (TypeError, ValueError) as exc:
         raise TargetStoreError(f"{what} must be JSON-serialisable: {exc}") from exc
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible (nor needed) on every platform.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:
@@ -353,7 +330,7 @@ class TargetWriter:
         shard[_REPLY_KEY] = torch.cat(replies).contiguous()
         data = st_save(shard, metadata={"format": "pt", "ssb_mode": self.mode})
 
-        _atomic_write(self.directory / name, data)
+        atomic_write_bytes(self.directory / name, data)
         before = json.dumps(self._index)
         self._index["shards"][name] = {
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -388,7 +365,7 @@ class TargetWriter:
 
     def _write_index(self) -> None:
         data = json.dumps(self._index, indent=1, sort_keys=False).encode()
-        _atomic_write(self.directory / INDEX_NAME, data)
+        atomic_write_bytes(self.directory / INDEX_NAME, data)
 
     def _check_resume(self) -> None:
         index = self._index
