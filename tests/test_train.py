@@ -415,6 +415,7 @@ def test_fresh_start_drops_an_old_log(tmp_path):
 
 def test_refusals(tmp_path):
     cfg, rundir, pairs = make_run(tmp_path, "chatml", n=2)
+    cfg.targets.mode = "topk"  # stored at the loss temperature, so a changed tau must be refused
     run_targets(cfg, rundir, progress=False)  # topk at tau 2
     # LoRA on the lm_head (any mode: the loss computes logits from the plain lm_head weight).
     for mode in ("hidden", "topk"):
