@@ -400,3 +400,19 @@ def test_corrupt_manifest_and_jsonl_are_named(tmp_path):
     run.rollouts_path.write_text('{"id": 1}\n{bad\n{"id": 2}\n')
     with pytest.raises(RunDirError, match=r"rollouts.jsonl line 2"):
         read_jsonl(run.rollouts_path)
+
+
+def test_funnel_counts_a_pair_whose_decision_line_was_lost(tmp_path):
+    """bootstrap appends pairs.jsonl first, then bootstrap.jsonl: a kill in between must not
+    make the kept pair vanish from the funnel (or be redone)."""
+    from ssb.rundir import RunDir, append_jsonl
+    from ssb.stages.bootstrap import funnel
+
+    rd = RunDir(tmp_path)
+    append_jsonl(rd.rollouts_path, [{"id": "a"}, {"id": "b"}, {"id": "c"}])
+    append_jsonl(
+        rd.bootstrap_log_path, [{"id": "a", "status": "all_wrong"}, {"id": "b", "status": "kept"}]
+    )
+    append_jsonl(rd.pairs_path, [{"id": "b"}, {"id": "c"}])  # c's "kept" line was never written
+    out = funnel(rd)
+    assert out["kept"] == 2 and out["decided"] == 3 and out["mixed"] == 2

@@ -205,3 +205,37 @@ def test_online_mode_stores_nothing(tmp_path):
     assert summary["examples"] == len(read_jsonl(rundir.pairs_path)) == len(pairs)
     assert summary["bytes_per_reply_token"] == 0
     assert not rundir.targets_dir.exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_damaged_shard_is_reported_then_rebuilt_alone(tmp_path, damage):
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", n=3)
+    # One example per forward pass, so the rescored example sees exactly the same computation.
+    score(cfg, rundir, "topk", shard_size=1, batch_size=1)
+    index = json.loads((rundir.targets_dir / "index.json").read_text())
+    victim = sorted(index["shards"])[1]
+    owner = next(i for i, e in index["examples"].items() if e["shard"] == victim)
+    reader = TargetReader(rundir.targets_dir)
+    before = {}
+    for example_id in index["examples"]:  # copies: the reader's tensors are memory-mapped
+        reply, tensors = reader.get(example_id)
+        before[example_id] = (list(reply), {k: v.clone() for k, v in tensors.items()})
+    del reader
+    path = rundir.targets_dir / victim
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+    with pytest.raises(TargetStoreError, match=victim + r".*ssb targets"):
+        TargetReader(rundir.targets_dir).get(owner)
+
+    summary, reader = score(cfg, rundir, "topk", shard_size=1, batch_size=1)
+    assert summary["scored"] == 1  # only the damaged shard's example is scored again
+    reader.verify()
+    for example_id, (reply, tensors) in before.items():
+        again_reply, again = reader.get(example_id)
+        assert again_reply == reply
+        for key in tensors:
+            torch.testing.assert_close(again[key], tensors[key])

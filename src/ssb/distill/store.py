@@ -132,6 +132,9 @@ def _checksum(reply_ids: Tensor, tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+_REBUILD = " (run `ssb targets` again to rebuild just that shard)"
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -350,6 +353,29 @@ class TargetWriter:
         self._buffer_bytes = 0
         self._next_shard += 1
         return name
+
+    def drop_damaged_shards(self) -> dict[str, int]:
+        """Forget shards that are missing, truncated or fail their sha256, with their examples,
+        so a resumed `ssb targets` rescores exactly those examples. Returns {shard: examples}."""
+        dropped: dict[str, int] = {}
+        for name, info in list(self._index["shards"].items()):
+            path = self.directory / name
+            intact = (
+                path.exists()
+                and path.stat().st_size == int(info["bytes"])
+                and _file_sha256(path) == info["sha256"]
+            )
+            if intact:
+                continue
+            lost = [i for i, e in self._index["examples"].items() if e["shard"] == name]
+            for example_id in lost:
+                del self._index["examples"][example_id]
+            del self._index["shards"][name]
+            path.unlink(missing_ok=True)
+            dropped[name] = len(lost)
+        if dropped:
+            self._write_index()
+        return dropped
 
     def close(self) -> None:
         """Flush what is buffered (every buffered example is complete, so this is safe)."""
@@ -623,17 +649,19 @@ class TargetReader:
             )
         path = self.directory / shard
         if not path.is_file():
-            raise TargetStoreError(f"shard {shard} (needed by example {example_id!r}) is missing")
+            raise TargetStoreError(
+                f"shard {shard} (needed by example {example_id!r}) is missing{_REBUILD}"
+            )
         if shard not in self._verified:
             size = path.stat().st_size
             if size != info["bytes"]:
                 raise TargetStoreError(
                     f"shard {shard} (example {example_id!r}) is corrupt: "
-                    f"{size} bytes, index says {info['bytes']}"
+                    f"{size} bytes, index says {info['bytes']}{_REBUILD}"
                 )
             if _file_sha256(path) != info["sha256"]:
                 raise TargetStoreError(
-                    f"shard {shard} (example {example_id!r}) is corrupt: sha256 mismatch"
+                    f"shard {shard} (example {example_id!r}) is corrupt: sha256 mismatch{_REBUILD}"
                 )
             self._verified.add(shard)
         try:

@@ -205,12 +205,16 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
 def funnel(rundir: RunDir) -> dict[str, Any]:
     """problems -> mixed -> kept, with the reason for every problem that was not kept."""
     decisions = read_jsonl(rundir.bootstrap_log_path)
+    pair_ids = [p["id"] for p in read_jsonl(rundir.pairs_path)]
     counts = Counter(d["status"] for d in decisions)
+    # A pair whose "kept" line was lost (killed between the two appends) still counts as kept.
+    logged = {d["id"] for d in decisions}
+    counts["kept"] += sum(1 for i in pair_ids if i not in logged)
     out: dict[str, Any] = {
         "problems": len(read_jsonl(rundir.rollouts_path)),
-        "decided": len(decisions),
+        "decided": sum(counts.values()),
         "mixed": sum(counts[s] for s in ("kept", "teacher_wrong", "teacher_truncated")),
-        "kept": len(read_jsonl(rundir.pairs_path)),
+        "kept": len(pair_ids),
     }
     out["rejected"] = {reason: counts[reason] for reason in REJECT_REASONS}
     return out

@@ -149,6 +149,10 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     with TargetWriter(
         rundir.targets_dir, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size
     ) as writer:
+        for shard, lost in writer.drop_damaged_shards().items():
+            log.warning(
+                "targets: shard %s is missing or corrupt; rescoring %d examples", shard, lost
+            )
         done = writer.done_ids()
         todo = [p for p in pairs if p["id"] not in done]
         # Length-sorted batches waste little compute on padding.
