@@ -116,7 +116,17 @@ def test_train_refuses_targets_of_another_tokenizer(tmp_path, model_dir, capsys)
     tok_path.write_text(json.dumps(tok))
     _fresh_models()
     try:
+        # The run's manifest recorded the tokenizer: refused before anything is computed ...
         rc, err = cli(capsys, "train", run, *sets)
+        assert rc == 2
+        line = error_line(err)
+        assert "another model or tokenizer" in line and "vocab_hash" in line, line
+        # ... and with --force the target store's own record still refuses mismatched targets.
+        _fresh_models()
+        forced = ["train", "--run-dir", str(run), "--quiet", "--force"]
+        capsys.readouterr()
+        rc = main(forced + [x for s in sets for x in ("--set", s)])
+        err = capsys.readouterr().err
     finally:
         _fresh_models()
     assert rc == 2
@@ -416,3 +426,25 @@ def test_funnel_counts_a_pair_whose_decision_line_was_lost(tmp_path):
     append_jsonl(rd.pairs_path, [{"id": "b"}, {"id": "c"}])  # c's "kept" line was never written
     out = funnel(rd)
     assert out["kept"] == 2 and out["decided"] == 3 and out["mixed"] == 2
+
+
+def test_a_run_refuses_another_tokenizer_unless_forced(tmp_path):
+    from tiny_models import build_tokenizer, save_tiny_model
+
+    from ssb.config import load_config
+    from ssb.rundir import RunDir, RunDirError
+    from ssb.stages.common import check_model_identity
+
+    model_dir = save_tiny_model(tmp_path / "m", "qwen2", "chatml")
+    cfg = load_config(overrides=[f"model.name={model_dir}"])
+    rd = RunDir(tmp_path / "run")
+    check_model_identity(rd, cfg, build_tokenizer("chatml"))
+    recorded = rd.read_manifest()["model_identity"]
+    assert recorded["vocab_hash"] and recorded["source"] == "local"
+    check_model_identity(rd, cfg, build_tokenizer("chatml"))  # the same: fine
+    with pytest.raises(RunDirError, match="vocab_hash"):
+        check_model_identity(rd, cfg, build_tokenizer("gemma"))
+    RunDir(tmp_path / "run", force=True)  # --force proceeds and records the new identity
+    forced = RunDir(tmp_path / "run", force=True)
+    check_model_identity(forced, cfg, build_tokenizer("gemma"))
+    assert rd.read_manifest()["model_identity"] != recorded

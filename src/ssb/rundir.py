@@ -168,8 +168,10 @@ _STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 class RunDir:
     """Paths and bookkeeping of one run directory."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, force: bool = False):
         self.path = Path(path)
+        # --force: proceed although earlier stages used another config, model or tokenizer.
+        self.force = force
 
     # ---- paths
     @property
@@ -277,6 +279,7 @@ class RunDir:
     def init(self, cfg: Config, stage: str, force: bool = False) -> None:
         """Create the directory, check that `cfg` is compatible with what earlier stages used,
         and write the resolved config and package versions."""
+        self.force = self.force or force
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"

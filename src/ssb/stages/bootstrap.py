@@ -115,7 +115,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
         pairs = []
         if mixed:
             if base is None:
-                base = load_base(cfg)
+                base = load_base(cfg, rundir)
                 generator = make_generator(
                     cfg, base.model, base.tokenizer, base.reply.stop_token_ids
                 )

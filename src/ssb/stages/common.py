@@ -10,6 +10,7 @@ from typing import Any
 
 from ssb.config import Config, to_dict
 from ssb.prompts import ReplyFormat, reply_format
+from ssb.rundir import RunDir, RunDirError
 
 log = logging.getLogger("ssb")
 
@@ -24,7 +25,7 @@ class BaseModel:
 _LOADED: dict[str, BaseModel] = {}
 
 
-def load_base(cfg: Config) -> BaseModel:
+def load_base(cfg: Config, rundir: RunDir | None = None) -> BaseModel:
     """Load the frozen base model and tokenizer once per process (stages of `ssb run` share it)."""
     from ssb.models import load_model_and_tokenizer
 
@@ -34,7 +35,32 @@ def load_base(cfg: Config) -> BaseModel:
         model.eval()
         _LOADED.clear()  # keep one model in memory at a time
         _LOADED[key] = BaseModel(model, tokenizer, reply_format(tokenizer, cfg.prompt))
-    return _LOADED[key]
+    base = _LOADED[key]
+    if rundir is not None:
+        check_model_identity(rundir, cfg, base.tokenizer)
+    return base
+
+
+def check_model_identity(rundir: RunDir, cfg: Config, tokenizer: Any) -> None:
+    """Record the model and tokenizer a run is made with (manifest.json `model_identity`) and
+    refuse to continue a run made with another one (unless `--force`): pairs, token ids and
+    targets from one tokenizer are meaningless under another."""
+    from ssb.models import model_identity
+
+    ident = model_identity(cfg.model, tokenizer)
+    recorded = rundir.read_manifest().get("model_identity")
+    if recorded is not None and recorded != ident and not rundir.force:
+        diffs = [
+            f"{k}: run has {recorded.get(k)!r}, now {ident.get(k)!r}"
+            for k in sorted(set(recorded) | set(ident))
+            if recorded.get(k) != ident.get(k)
+        ]
+        raise RunDirError(
+            f"{rundir.path} was made with another model or tokenizer ({'; '.join(diffs)}); "
+            "use a new --run-dir, or --force"
+        )
+    if recorded != ident:
+        rundir.update_manifest(model_identity=ident)
 
 
 def stable_seed(*parts: Any) -> int:

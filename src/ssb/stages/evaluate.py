@@ -373,7 +373,7 @@ def run_eval(
             continue
         log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, _, c in todo))
         if base is None:
-            base = load_base(cfg)
+            base = load_base(cfg, rundir)
         # hf: LoRA layers injected into the shared base model for this model only; vLLM: the
         # engine serves the saved adapter itself (a LoRARequest), the base stays untouched.
         if backend == "hf":

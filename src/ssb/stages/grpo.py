@@ -455,7 +455,7 @@ def _check_resumable(cfg: Config, rundir: RunDir, checkpoint: Path | None) -> No
 def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     """Train the GRPO baseline LoRA; returns a summary for the manifest."""
     check_grpo_config(cfg)
-    base = load_base(cfg)
+    base = load_base(cfg, rundir)
     model, tokenizer = base.model, base.tokenizer
     if hasattr(model, "peft_config"):
         raise RuntimeError("the base model already carries a PEFT adapter")

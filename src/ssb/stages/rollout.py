@@ -73,7 +73,7 @@ def run_rollout(
     gen_tokens = 0
     skipped = 0
     if todo_chunks:
-        base = load_base(cfg)
+        base = load_base(cfg, rundir)
         generator = make_generator(cfg, base.model, base.tokenizer, base.reply.stop_token_ids)
         limit = context_limit(cfg, base.model)
         for index, chunk in todo_chunks:

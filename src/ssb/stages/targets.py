@@ -138,7 +138,7 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
         # Nothing to store: the teacher runs inside each training step (adapter disabled).
         return {"mode": "online", "examples": len(pairs), "scored": 0, "bytes_per_reply_token": 0.0}
 
-    base = load_base(cfg)
+    base = load_base(cfg, rundir)
     model, tokenizer = base.model, base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
     meta = targets_meta(cfg, model, tokenizer)

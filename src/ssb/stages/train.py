@@ -366,7 +366,7 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
-    base = load_base(cfg)
+    base = load_base(cfg, rundir)
     tokenizer = base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
     reader = load_targets(cfg, rundir, base.model, tokenizer)
