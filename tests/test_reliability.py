@@ -448,3 +448,16 @@ def test_a_run_refuses_another_tokenizer_unless_forced(tmp_path):
     forced = RunDir(tmp_path / "run", force=True)
     check_model_identity(forced, cfg, build_tokenizer("gemma"))
     assert rd.read_manifest()["model_identity"] != recorded
+
+
+def test_golds_math_verify_cannot_take_are_skipped_and_counted():
+    from ssb.grading import gold_is_parseable
+    from ssb.problems import Problem
+    from ssb.stages.common import drop_unparseable_golds
+
+    nested = "{" * 30 + "1" + "}" * 30  # refused by the grader's guards: could hang the parser
+    assert gold_is_parseable("18") and gold_is_parseable("\\frac{1}{2}")
+    assert not gold_is_parseable(nested) and not gold_is_parseable("  ")
+    problems = [Problem("a", "q", "18", "t"), Problem("b", "q", nested, "t")]
+    kept, skipped = drop_unparseable_golds(problems, "rollout")
+    assert [p.id for p in kept] == ["a"] and skipped == ["b"]

@@ -242,6 +242,19 @@ def _parse_gold(gold: str, timeout: int | None) -> tuple[Any, ...]:
     return tuple(_parse(gold, timeout))
 
 
+def gold_is_parseable(gold: str) -> bool:
+    """Whether math-verify can turn `gold` into something to compare with; problems whose gold
+    it cannot parse are skipped (and counted) rather than graded by string fallback."""
+    gold = str(gold or "").strip()
+    if not gold or not _text_is_safe(gold):
+        return False
+    _, _, _, timeout_exception = _math_verify()
+    try:
+        return bool(_parse_gold(gold, _timeouts()))
+    except (Exception, timeout_exception):
+        return False
+
+
 def grade_answer(pred_answer: str, gold: str) -> bool:
     """True iff an already-extracted answer equals `gold` (math-verify, gold parsed first)."""
     if pred_answer is None or gold is None:

@@ -114,3 +114,21 @@ def drop_long_prompts(
                 limit,
             )
     return kept, kept_prompts, len(problems) - len(kept)
+
+
+def drop_unparseable_golds(problems: list[Any], stage: str) -> tuple[list[Any], list[str]]:
+    """Skip problems whose gold answer math-verify cannot parse (they could only be graded by
+    string equality); each is logged. Returns the kept problems and the skipped ids."""
+    from ssb.grading import gold_is_parseable
+
+    kept, skipped = [], []
+    for problem in problems:
+        (kept if gold_is_parseable(problem.answer) else skipped).append(problem)
+    for problem in skipped:
+        log.warning(
+            "%s: skipping problem %s: math-verify cannot parse its gold answer %r",
+            stage,
+            problem.id,
+            problem.answer,
+        )
+    return kept, [p.id for p in skipped]

@@ -38,7 +38,15 @@ from ssb.rundir import (
     atomic_write_text,
     read_jsonl,
 )
-from ssb.stages.common import chunks, context_limit, drop_long_prompts, load_base, log, stable_seed
+from ssb.stages.common import (
+    chunks,
+    context_limit,
+    drop_long_prompts,
+    drop_unparseable_golds,
+    load_base,
+    log,
+    stable_seed,
+)
 from ssb.stats import (
     bootstrap_mean_interval,
     mcnemar_exact,
@@ -348,7 +356,13 @@ def run_eval(
             "give the files distinct names"
         )
     chosen = resolve_models(rundir, models)
-    problems = {bench: load_eval_problems(cfg, bench) for bench in cfg.eval.benchmarks}
+    problems = {}
+    bad_golds: dict[str, int] = {}
+    for bench in cfg.eval.benchmarks:
+        problems[bench], skipped_ids = drop_unparseable_golds(
+            load_eval_problems(cfg, bench), "eval"
+        )
+        bad_golds[bench] = len(skipped_ids)
     for bench, plist in problems.items():
         ids = [str(p.id) for p in plist]
         if len(set(ids)) != len(ids):
@@ -437,6 +451,7 @@ def run_eval(
         "scoring": settings["scoring"],
         "new_records": new_records,
         "skipped_long_prompts": skipped,
+        "skipped_unparseable_gold": bad_golds,
         "accuracy": {
             m: {b: r["accuracy"] for b, r in benches.items()}
             for m, benches in summary["results"].items()

@@ -19,7 +19,15 @@ from ssb.grading import extract_boxed, grade
 from ssb.problems import Problem, load_train_problems
 from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
-from ssb.stages.common import chunks, context_limit, drop_long_prompts, load_base, log, stable_seed
+from ssb.stages.common import (
+    chunks,
+    context_limit,
+    drop_long_prompts,
+    drop_unparseable_golds,
+    load_base,
+    log,
+    stable_seed,
+)
 
 
 def rollout_record(problem: Problem, completions: list[Any]) -> dict[str, Any]:
@@ -55,6 +63,7 @@ def run_rollout(
     """Sample cfg.rollout.num_samples answers for each problem not yet in rollouts.jsonl."""
     if problems is None:
         problems = load_train_problems(cfg)
+    problems, bad_golds = drop_unparseable_golds(problems, "rollout")
     done = {r["id"] for r in read_jsonl(rundir.rollouts_path)}
     k = cfg.rollout.num_samples
     # A chunk is about one generation batch of sequences; at least one problem.
@@ -106,6 +115,7 @@ def run_rollout(
                 on_chunk(written, num_todo)
     summary = summarize_rollouts(rundir)
     summary["skipped_long_prompts"] = skipped
+    summary["skipped_unparseable_gold"] = len(bad_golds)
     if gen_seconds > 0:
         summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
     return summary
