@@ -55,27 +55,20 @@ def make_pairs(
     end = reply_format(tokenizer, cfg.prompt).end_token_id
     pairs = []
     for i, (question, gold, reply) in enumerate(EXAMPLES[:n]):
-        s_msgs = student_messages(Problem(f"p{i}", question, gold, "test"), cfg.prompt)
+        problem = Problem(f"p{i}", question, gold, "test")
+        s_msgs = student_messages(problem, cfg.prompt)
         t_msgs = s_msgs if same_prompt else hinted_messages(s_msgs, question, reply, i)
         pairs.append(
-            {
-                "id": f"p{i}",
-                "question": question,
-                "gold": gold,
-                "source": "test",
-                "student_messages": s_msgs,
-                "teacher_messages": t_msgs,
-                "student_prompt_ids": render_prompt_ids(tokenizer, s_msgs, cfg.prompt),
-                "teacher_prompt_ids": render_prompt_ids(tokenizer, t_msgs, cfg.prompt),
-                "reply": reply,
-                "reply_ids": tokenizer(reply, add_special_tokens=False)["input_ids"],
-                "end_token_id": end,
-                "teacher_answer": gold,
-                "correct_rollout": reply,
-                "correct_answer": gold,
-                "incorrect_rollout": " 1 + 1 = 3. The answer is \\boxed{3}.",
-                "incorrect_answer": "3",
-            }
+            pair_record(
+                tokenizer,
+                cfg,
+                problem,
+                s_msgs,
+                t_msgs,
+                reply,
+                end,
+                incorrect=(" 1 + 1 = 3. The answer is \\boxed{3}.", "3"),
+            )
         )
     return pairs
 
@@ -131,3 +124,26 @@ def end_token(tokenizer, name: str) -> int:
     ids = tokenizer.encode(name, add_special_tokens=False)
     assert len(ids) == 1, f"{name!r} is not a single token"
     return ids[0]
+
+
+def pair_record(tokenizer, cfg, problem, s_msgs, t_msgs, reply, end, incorrect) -> dict[str, Any]:
+    """One pairs.jsonl record as `ssb bootstrap` writes it (prompt ids from the shared renderer,
+    reply ids without special tokens); `incorrect` = (wrong rollout text, its answer)."""
+    return {
+        "id": problem.id,
+        "question": problem.question,
+        "gold": problem.answer,
+        "source": "test",
+        "student_messages": s_msgs,
+        "teacher_messages": t_msgs,
+        "student_prompt_ids": render_prompt_ids(tokenizer, s_msgs, cfg.prompt),
+        "teacher_prompt_ids": render_prompt_ids(tokenizer, t_msgs, cfg.prompt),
+        "reply": reply,
+        "reply_ids": tokenizer(reply, add_special_tokens=False)["input_ids"],
+        "end_token_id": end,
+        "teacher_answer": problem.answer,
+        "correct_rollout": reply,
+        "correct_answer": problem.answer,
+        "incorrect_rollout": incorrect[0],
+        "incorrect_answer": incorrect[1],
+    }

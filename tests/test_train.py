@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from pairs_fixture import end_token, make_run
+from pairs_fixture import end_token, make_run, pair_record
 from peft import get_peft_model
 
 from ssb.distill.forward import final_hidden_states, output_head
@@ -478,24 +478,7 @@ def embedded_pairs(tokenizer, cfg):
             problem, cfg.prompt, chat=False, correct=reply.strip(), incorrect=incorrect
         )
         pairs.append(
-            {
-                "id": problem.id,
-                "question": question,
-                "gold": gold,
-                "source": "test",
-                "student_messages": s_msgs,
-                "teacher_messages": t_msgs,
-                "student_prompt_ids": render_prompt_ids(tokenizer, s_msgs, cfg.prompt),
-                "teacher_prompt_ids": render_prompt_ids(tokenizer, t_msgs, cfg.prompt),
-                "reply": reply,
-                "reply_ids": tokenizer(reply, add_special_tokens=False)["input_ids"],
-                "end_token_id": end,
-                "teacher_answer": gold,
-                "correct_rollout": reply,
-                "correct_answer": gold,
-                "incorrect_rollout": incorrect,
-                "incorrect_answer": wrong,
-            }
+            pair_record(tokenizer, cfg, problem, s_msgs, t_msgs, reply, end, (incorrect, wrong))
         )
     return pairs
 
