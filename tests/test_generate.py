@@ -25,7 +25,14 @@ from ssb.generate import (
     trim_completion,
 )
 from ssb.generate import vllm as vllm_mod
-from ssb.generate.hf import StopOnStrings, left_pad
+from ssb.generate.hf import (
+    MIN_SHARED_PREFIX,
+    CandidateSampler,
+    StopOnStrings,
+    left_pad,
+    pad_after_prefix,
+    shared_prefix_length,
+)
 
 CASES = [("qwen2", "chatml"), ("llama", "none"), ("gemma3", "gemma")]
 TEXTS = [
@@ -53,6 +60,144 @@ def ids_of(results):
 
 
 # --------------------------------------------------------------------------- basics
+# --------------------------------------------------------------------------- shared prefix
+
+PREFIX = "Question: what is 2 plus 2? Answer: 4.\n\nQuestion:"
+# Rests of different lengths (so the padding sits between prefix and rest); short enough that
+# prompt + 10 new tokens fit the tiny gemma3's sliding window of 64.
+RESTS = ["Tom has 3 apples.", "1", "The answer is", "Maria buys 12 books and keeps 7."]
+
+
+def test_shared_prefix_length_and_layout():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 7]]) == 2
+    # every row keeps at least one token after the prefix
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[5], [5, 6]]) == 0
+    ids, mask = pad_after_prefix([[1, 2, 3, 4], [1, 2, 9], [1, 2, 5, 6, 7]], 2, pad_token_id=0)
+    assert ids.tolist() == [[1, 2, 0, 3, 4], [1, 2, 0, 0, 9], [1, 2, 5, 6, 7]]
+    assert mask.tolist() == [[1, 1, 0, 1, 1], [1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_shared_prefix_matches_plain_generation(tiny, n):
+    """Prefilling the common prefix once, padding between prefix and rest, gives the same greedy
+    tokens as plain left-padded generation and as each prompt alone."""
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompts = encode(tok, [PREFIX + " " + t for t in RESTS])
+    assert shared_prefix_length(prompts) >= MIN_SHARED_PREFIX
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, n=n)
+    shared = HFGenerator(model, tok, 8, [eot])
+    got = shared.generate(prompts, params, progress=False)
+    assert shared._prefix_memo is not None  # the shared path ran
+    assert len(shared._prefix_memo[0]) == shared_prefix_length(prompts)
+    plain = HFGenerator(model, tok, 8, [eot], share_prefix=False)
+    assert ids_of(got) == ids_of(plain.generate(prompts, params, progress=False))
+    alone = HFGenerator(model, tok, 1, [eot])
+    assert ids_of(got) == ids_of([alone.generate([p], params, progress=False)[0] for p in prompts])
+    assert max(len(r[0].token_ids) for r in got) >= 5  # not vacuous
+
+
+def test_shared_prefix_sampling_matches_plain(tiny):
+    """Same seed, same samples whether the prefix is shared or not (the logits agree)."""
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompts = encode(tok, [PREFIX + " " + t for t in RESTS])
+    params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=10, n=2, seed=5)
+    a = HFGenerator(model, tok, 4, [eot]).generate(prompts, params, progress=False)
+    b = HFGenerator(model, tok, 4, [eot], share_prefix=False).generate(prompts, params, False)
+    assert ids_of(a) == ids_of(b)
+
+
+def test_shared_prefix_off_when_the_window_would_overflow():
+    """gemma3's sliding window (64 in the tiny model): padding inside the window would change
+    which real tokens a layer sees, so a batch that does not fit falls back to left padding."""
+    tok = build_tokenizer("gemma")
+    model = build_tiny_model("gemma3", tok)
+    gen = HFGenerator(model, tok, 8, [end_of_turn_token(tok)])
+    assert gen.window == 64
+    prompts = encode(tok, [PREFIX + " " + t for t in RESTS])
+    assert gen._prefix_len(prompts, max_new_tokens=10) == shared_prefix_length(prompts)
+    assert gen._prefix_len(prompts, max_new_tokens=64) == 0
+    long_prompts = encode(tok, [PREFIX * 3 + " " + t for t in RESTS])
+    assert gen._prefix_len(long_prompts, max_new_tokens=4) == 0
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    got = gen.generate(long_prompts, params, progress=False)
+    plain = HFGenerator(model, tok, 8, [end_of_turn_token(tok)], share_prefix=False)
+    assert ids_of(got) == ids_of(plain.generate(long_prompts, params, progress=False))
+
+
+def test_full_attention_models_have_no_window():
+    tok = build_tokenizer("chatml")
+    assert HFGenerator(build_tiny_model("qwen2", tok), tok, 2, [1]).window is None
+
+
+# --------------------------------------------------------------------------- candidate sampler
+
+
+def reference_distribution(logits, temperature, top_k, top_p):
+    """transformers' own sampling distribution: its warpers in generate's order, then softmax."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 5, 1.0), (0.5, 8, 0.9), (2.0, 3, 0.6), (1.0, 40, 1.0)]
+)
+def test_candidate_sampler_matches_transformers_distribution(temperature, top_k, top_p):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 40, generator=gen) * 2
+    logits[0, 10:14] = logits[0].topk(top_k).values[-1]  # ties with the k-th logit
+    expected = reference_distribution(logits, temperature, top_k, top_p)[0]
+    draws = 40_000
+    torch.manual_seed(1)
+    out = CandidateSampler(temperature, top_k, top_p)(None, logits.expand(draws, -1))
+    assert out.shape == (draws, 40)
+    assert torch.all((out == 0).sum(-1) == 1)  # one-hot: 0 once, -inf elsewhere
+    assert torch.all(torch.isinf(out).sum(-1) == 39)
+    counts = torch.bincount(out.argmax(-1), minlength=40).double() / draws
+    assert torch.all(counts[expected == 0] == 0)  # never outside transformers' support
+    assert (counts - expected).abs().sum() / 2 < 0.015  # total variation
+    assert int((expected > 0).sum()) >= min(top_k, 40) * (top_p == 1.0)
+
+
+def test_candidate_sampler_keeps_every_tie_beyond_2k():
+    """k=2 with ten logits tied at the 2nd-largest value: all ten stay candidates (transformers'
+    TopKLogitsWarper keeps ties), which needs the widening path."""
+    logits = torch.full((1, 50), -5.0)
+    logits[0, 0] = 3.0
+    logits[0, 20:30] = 1.0
+    expected = reference_distribution(logits, 1.0, 2, 1.0)[0]
+    assert int((expected > 0).sum()) == 11
+    torch.manual_seed(0)
+    out = CandidateSampler(1.0, 2)(None, logits.expand(20_000, -1))
+    counts = torch.bincount(out.argmax(-1), minlength=50).double() / 20_000
+    assert set(counts.nonzero().flatten().tolist()) == set(expected.nonzero().flatten().tolist())
+    assert (counts - expected).abs().sum() / 2 < 0.02
+
+
+def test_generation_with_and_without_candidate_sampler_agree_in_distribution(tiny):
+    """Through model.generate: the first token's empirical distribution over many rows is the
+    same with the candidate sampler and with transformers' own full-vocabulary sampling."""
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompt = encode(tok, [TEXTS[2]])
+    params = SamplingParams(temperature=1.5, top_k=10, top_p=0.95, max_new_tokens=1, n=400)
+
+    def first_tokens(gen):
+        out = gen.generate(prompt, params, progress=False)[0]
+        ids = [c.token_ids[0] if c.token_ids else eot for c in out]
+        return torch.bincount(torch.tensor(ids), minlength=len(tok)).double() / len(ids)
+
+    ours = first_tokens(HFGenerator(model, tok, 400, [eot]))
+    theirs = first_tokens(HFGenerator(model, tok, 400, [eot], sample_from_candidates=False))
+    assert (ours > 0).sum() > 2  # a spread distribution, so the comparison means something
+    assert (ours - theirs).abs().sum() / 2 < 0.15
 
 
 def test_generates_completions_for_each_arch(tiny):

@@ -45,6 +45,7 @@ and reported as skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import json
@@ -131,7 +132,14 @@ def _sizes(quick: bool) -> dict[str, Any]:
                 "topk": 64,
                 "repeats": 1,
             },
-            "gen": {"seq_prompts": 2, "batch_prompts": 4, "batch_size": 4, "max_new_tokens": 8},
+            "gen": {
+                "seq_prompts": 2,
+                "batch_prompts": 4,
+                "batch_size": 4,
+                "max_new_tokens": 8,
+                "rollout_prompts": 2,
+                "rollout_rounds": 1,
+            },
             "scoring": {"pairs": 4, "rounds": 1},
             "gpu": {
                 "shape": {
@@ -178,6 +186,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "batch_size": 16,
             "max_new_tokens": None,  # the quickstart's (48)
             "decode_tokens": 16,
+            "rollout_prompts": 8,  # x the quickstart's 4 samples = 2 batches of 16
+            "rollout_rounds": 2,
         },
         "scoring": {"pairs": 4, "rounds": 3},
         "gpu": {
@@ -704,8 +714,20 @@ def _generation(model: Any, tokenizer: Any, cfg: Any, sizes: dict[str, Any]) -> 
         stop_strings=list(rf.stop_strings),
         seed=cfg.seed,
     )
-    one = HFGenerator(model, tokenizer, 1, rf.stop_token_ids)
+    # The reference: plain transformers generate, one sample at a time. Ours: batched, shared
+    # prefix prefilled once, top-k candidate sampling (see ssb.generate.hf).
+    one = HFGenerator(
+        model, tokenizer, 1, rf.stop_token_ids, share_prefix=False, sample_from_candidates=False
+    )
     many = HFGenerator(model, tokenizer, sizes["batch_size"], rf.stop_token_ids)
+    plain = HFGenerator(
+        model,
+        tokenizer,
+        sizes["batch_size"],
+        rf.stop_token_ids,
+        share_prefix=False,
+        sample_from_candidates=False,
+    )
     one.generate(prompts[:1], SamplingParams(temperature=0.5, max_new_tokens=2), progress=False)
 
     def timed(gen: HFGenerator, ps: list[list[int]], p: SamplingParams) -> dict[str, Any]:
@@ -736,6 +758,21 @@ def _generation(model: Any, tokenizer: Any, cfg: Any, sizes: dict[str, Any]) -> 
         "sequential": timed(one, prompts[:n_seq], params),
         "batched": timed(many, prompts, params),
     }
+    # The rollout stage's work (the quickstart's largest stage): K samples per prompt, batched,
+    # before (plain transformers sampling, every row prefilled) and after (shared prefix +
+    # candidate sampling); alternating rounds, the fastest of each side counts.
+    k = cfg.rollout.num_samples
+    rollout = dataclasses.replace(params, n=k)
+    rollout_prompts = prompts[: sizes["rollout_prompts"]]
+    rounds: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    for _ in range(sizes["rollout_rounds"]):
+        rounds["before"].append(timed(plain, rollout_prompts, rollout))
+        rounds["after"].append(timed(many, rollout_prompts, rollout))
+    out["rollout"] = {
+        side: max(runs, key=lambda r: r["tokens_per_s"]) for side, runs in rounds.items()
+    }
+    out["rollout"]["samples_per_prompt"] = k
+    out["rollout"]["rounds"] = sizes["rollout_rounds"]
     # Decode-bound variant: a one-line prompt, no stop strings, exactly max_new tokens per row.
     short = [tokenizer(f"Question: {p.question}\nAnswer:")["input_ids"] for p in problems]
     decode_new = sizes.get("decode_tokens") or max_new
@@ -1319,7 +1356,7 @@ def _section_generation(gen: dict[str, Any]) -> tuple[dict[str, Any], list[dict]
         rows.append(
             _row(
                 "generation",
-                f"quickstart sampling: batch {b} / one at a time (kept tokens/s)",
+                f"quickstart sampling: batch {b} (ours) / one at a time (plain generate), kept tok/s",
                 gen["sequential"]["tokens_per_s"],
                 gen["batched"]["tokens_per_s"],
                 "ours/baseline",
@@ -1330,6 +1367,23 @@ def _section_generation(gen: dict[str, Any]) -> tuple[dict[str, Any], list[dict]
                 ),
             )
         )
+    if "rollout" in gen:
+        r = gen["rollout"]
+        rows.append(
+            _row(
+                "generation",
+                f"rollout stage ({r['samples_per_prompt']} samples/prompt, batch "
+                f"{gen['settings']['batch_size']}): after / before (kept tokens/s)",
+                r["before"]["tokens_per_s"],
+                r["after"]["tokens_per_s"],
+                "ours/baseline",
+                unit="tok/s",
+                note=f"after: shared prefix + top-k candidate sampling; fastest of "
+                f"{r['rounds']} alternating rounds; "
+                + _cpu_note(r["after"]["tokens_per_cpu_s"], r["before"]["tokens_per_cpu_s"]),
+            )
+        )
+    if "batched" in gen:
         rows.append(
             _row(
                 "generation",
