@@ -26,8 +26,9 @@ import torch
 from pairs_fixture import make_run
 from safetensors.torch import load_file
 
-from ssb.rundir import read_jsonl
-from ssb.stages.targets import run_targets
+from ssb.distill.store import TargetReader
+from ssb.rundir import RunDir, read_jsonl
+from ssb.stages.targets import PARTS_DIR, run_targets, score_into, targets_meta
 
 TESTS = Path(__file__).parent
 
@@ -139,3 +140,86 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     lengths = sorted(len(p["reply_ids"]) + 1 for p in pairs)
     assert sum(r["reply_len"] for r in log) * 2 == pytest.approx(sum(lengths))
     assert (stage_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+TARGETS_SCRIPT = r"""
+import json, logging, sys
+from pathlib import Path
+
+logging.basicConfig(level=logging.INFO)
+
+sys.path.insert(0, sys.argv[1])
+from pairs_fixture import tiny_config
+from ssb.rundir import RunDir
+from ssb.stages.targets import run_targets
+
+cfg = tiny_config(sys.argv[2], f"targets.mode={sys.argv[4]}")
+summary = run_targets(cfg, RunDir(sys.argv[3]), progress=False)
+Path(sys.argv[3], "summary.json").write_text(json.dumps(summary))
+"""
+
+
+@pytest.mark.parametrize("mode", ["hidden", "topk"])
+def test_targets_two_cpu_processes_match_one(tmp_path, mode):
+    """`ssb targets` under accelerate launch: the two ranks split the pairs, and the merged store
+    holds every pair once, with the targets one process computes."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("the accelerate CLI is not installed")
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", f"targets.mode={mode}", n=5)
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    shutil.copy(rundir.pairs_path, multi / "pairs.jsonl")
+    run_targets(cfg, rundir, progress=False)
+
+    script = tmp_path / "targets.py"
+    script.write_text(TARGETS_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    launch = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={free_port()}",
+    ]
+    args = [str(script), str(TESTS), str(cfg.model.name), str(multi), mode]
+    proc = subprocess.run(launch + args, env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0/2 scores 3 of 5 pairs" in proc.stderr  # both ranks did a share
+    assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
+
+    summary = json.loads((multi / "summary.json").read_text())
+    assert summary["examples"] == 5 and summary["scored"] == 5
+    assert not (multi / "targets" / PARTS_DIR).exists()  # merged and cleaned up
+    one, two = TargetReader(rundir.targets_dir), TargetReader(multi / "targets")
+    assert sorted(one.ids()) == sorted(two.ids()) == sorted(p["id"] for p in pairs)
+    two.verify()
+    for example_id in one.ids():
+        reply_a, a = one.get(example_id)
+        reply_b, b = two.get(example_id)
+        assert reply_a == reply_b
+        for key in a:
+            if a[key].is_floating_point():
+                # Different batch mates (padding) may move a low bit of a bf16/fp16 value.
+                torch.testing.assert_close(b[key].float(), a[key].float(), rtol=2e-2, atol=2e-2)
+            else:
+                assert torch.equal(a[key], b[key]) or key == "ids"
+
+
+def test_parts_left_by_a_killed_run_are_merged_not_rescored(tmp_path):
+    """A rank's part store that a kill left behind is merged on the next run; only the rest is
+    scored."""
+    from ssb.stages.common import load_base
+
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", "targets.mode=hidden", n=5)
+    base = load_base(cfg)
+    meta = targets_meta(cfg, base.model, base.tokenizer)
+    part = rundir.targets_dir / PARTS_DIR / "rank1"
+    assert score_into(part, base.model, pairs[:2], 0, cfg.targets, meta, progress=False) == 2
+    summary = run_targets(cfg, RunDir(rundir.path), progress=False)
+    assert summary["examples"] == 5 and summary["scored"] == 3
+    assert not (rundir.targets_dir / PARTS_DIR).exists()
+    TargetReader(rundir.targets_dir).verify()

@@ -294,3 +294,28 @@ def test_embedded_model_converts_once_then_loads_from_cache():
     prompt = tok.encode("Question: What is 2 + 3?\nAnswer:")
     out = gen.generate([prompt], SamplingParams(0.0, max_new_tokens=6), progress=False)
     assert 1 <= len(out[0][0].token_ids) <= 6 and out[0][0].text.strip()
+
+
+def test_lm_head_gets_a_contiguous_input(saved):
+    """transformers hands the lm_head a strided slice under logits_to_keep=1; a frozen bf16 head
+    on CPU is then ~450x slower (torch 2.13), so the loader makes the input contiguous."""
+    from ssb.models import contiguous_head_input, remove_contiguous_head_input
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name=str(saved["qwen2-chatml"])))
+    seen: list[bool] = []
+    head = model.get_output_embeddings()
+    probe = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.tensor([tok.encode("Tom has 3 apples and 4 pears.")] * 2)
+    try:
+        with torch.inference_mode():
+            with_hook = model(input_ids=ids, logits_to_keep=1).logits
+            remove_contiguous_head_input(model)
+            without = model(input_ids=ids, logits_to_keep=1).logits
+            contiguous_head_input(model)
+            contiguous_head_input(model)  # idempotent: one hook
+            model(input_ids=ids, logits_to_keep=1)
+    finally:
+        probe.remove()
+    assert seen == [True, False, True]
+    torch.testing.assert_close(with_hook, without)
+    assert len(head._forward_pre_hooks) == 1

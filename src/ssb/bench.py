@@ -695,7 +695,10 @@ def _count_kept(results: list[list[Any]]) -> int:
 
 def _generation(model: Any, tokenizer: Any, cfg: Any, sizes: dict[str, Any]) -> dict[str, Any]:
     """Sequential (batch 1) vs batched generation, same prompts and sampling settings."""
+    import torch
+
     from ssb.generate import HFGenerator, SamplingParams
+    from ssb.generate.hf import left_pad
     from ssb.problems import synthetic_problems
     from ssb.prompts import render_prompt_ids, reply_format, student_messages
 
@@ -773,6 +776,35 @@ def _generation(model: Any, tokenizer: Any, cfg: Any, sizes: dict[str, Any]) -> 
     }
     out["rollout"]["samples_per_prompt"] = k
     out["rollout"]["rounds"] = sizes["rollout_rounds"]
+    # A frozen bf16 head fed a strided slice (ssb.models.contiguous_head_input): one prefill of
+    # 4 quickstart prompts through the frozen model, as transformers passes the head's input
+    # and made contiguous.
+    from ssb.models import contiguous_head_input, remove_contiguous_head_input
+
+    ids, mask = left_pad(prompts[:4], many.pad_token_id)
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    prefill: dict[str, float] = {}
+    try:
+        for label in ("strided", "contiguous"):
+            if label == "strided":
+                remove_contiguous_head_input(model)
+            else:
+                contiguous_head_input(model)
+            with torch.inference_mode():
+                start = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                prefill[label] = time.perf_counter() - start
+    finally:
+        contiguous_head_input(model)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    out["frozen_head_prefill"] = {
+        "rows": 4,
+        "prompt_tokens": int(mask.sum()),
+        "strided_s": prefill["strided"],
+        "contiguous_s": prefill["contiguous"],
+    }
     # Decode-bound variant: a one-line prompt, no stop strings, exactly max_new tokens per row.
     short = [tokenizer(f"Question: {p.question}\nAnswer:")["input_ids"] for p in problems]
     decode_new = sizes.get("decode_tokens") or max_new
@@ -1381,6 +1413,20 @@ def _section_generation(gen: dict[str, Any]) -> tuple[dict[str, Any], list[dict]
                 note=f"after: shared prefix + top-k candidate sampling; fastest of "
                 f"{r['rounds']} alternating rounds; "
                 + _cpu_note(r["after"]["tokens_per_cpu_s"], r["before"]["tokens_per_cpu_s"]),
+            )
+        )
+    if "frozen_head_prefill" in gen:
+        f = gen["frozen_head_prefill"]
+        rows.append(
+            _row(
+                "generation",
+                f"prefill of {f['rows']} prompts, frozen bf16 model: contiguous lm_head input / "
+                "strided (as transformers passes it), seconds",
+                f["strided_s"],
+                f["contiguous_s"],
+                "baseline/ours",
+                unit="s",
+                note="a torch CPU slow path; every LoRA forward hits it without the fix",
             )
         )
     if "batched" in gen:

@@ -36,6 +36,10 @@ class ModelConfig:
     # Where converted copies (GGUF -> safetensors) are cached; None = ~/.cache/ssb.
     cache_dir: str | None = None
     max_context: int | None = None  # None = the model's own limit
+    # A saved PEFT LoRA adapter (directory) on top of the base: frozen while sampling and scoring
+    # the teacher; `ssb train` continues training it (keeping its rank and target modules).
+    # Iterated SSB (`rounds`) sets it to the previous round's adapter.
+    adapter: str | None = None
 
 
 @dataclass
@@ -62,6 +66,8 @@ class DataConfig:
     id_field: str | None = None
     # At most this many training problems are scanned, in file order (None = all).
     max_problems: int | None = 32
+    # Skip this many problems first (after shuffling); iterated rounds use it for fresh problems.
+    skip_problems: int = 0
     shuffle: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -176,6 +182,7 @@ class GrpoConfig:
     LoRA budget (train.lora) as SSB, rewarded 1/0 by ssb.grading. The defaults follow TRL; the
     "paper" preset has the settings of MOTIF's vanilla_grpo.py (the paper's GRPO row)."""
 
+    enabled: bool = False  # `ssb run` also trains the GRPO baseline (and evaluates it)
     num_generations: int = 8  # completions per prompt (the group); >= 2
     batch_size: int = 1  # prompts per optimizer step and device (x num_generations completions)
     max_steps: int = 200
@@ -208,6 +215,9 @@ class EvalConfig:
 class Config:
     name: str = "ssb"
     seed: int = 0
+    # Iterated SSB: round r+1 samples, teaches and scores with round r's student (its adapter,
+    # unmerged) on the next, unseen training problems, and continues training that adapter.
+    rounds: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -434,6 +444,7 @@ def validate(cfg: Config) -> Config:
         "train.loss.chunk_size",
         "eval.num_samples",
         "bootstrap.attempts",
+        "rounds",
     ]
     for key in positive:
         if flat[key] is None or flat[key] <= 0:
@@ -447,6 +458,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.loss.jsd_beta: must be in [0, 1]")
     if flat["train.epochs"] <= 0:
         raise ConfigError("train.epochs: must be > 0")
+    if flat["data.skip_problems"] < 0:
+        raise ConfigError(f"data.skip_problems: must be >= 0, got {flat['data.skip_problems']}")
+    if cfg.targets.mode == "online" and (cfg.rounds > 1 or cfg.model.adapter):
+        # Online targets come from the student with its adapter switched off: the bare base,
+        # not the previous round's student.
+        key = "rounds" if cfg.rounds > 1 else "model.adapter"
+        raise ConfigError(f"{key}: needs stored targets; targets.mode=online cannot be used")
+    if cfg.rounds > 1 and cfg.data.max_problems is None and cfg.bootstrap.target_pairs is None:
+        raise ConfigError(
+            "rounds: each round needs fresh problems; set data.max_problems (problems per "
+            "round) or bootstrap.target_pairs (pairs per round)"
+        )
     return cfg
 
 

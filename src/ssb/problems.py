@@ -621,9 +621,11 @@ def load_problems(
 
 
 def load_train_problems(cfg: Config) -> list[Problem]:
-    """Training problems per cfg.data: train split, optional seeded shuffle, max_problems."""
+    """Training problems per cfg.data: train split, optional seeded shuffle, then the
+    `max_problems` that follow the first `skip_problems`."""
     data = cfg.data
-    limit = data.max_problems
+    skip = data.skip_problems
+    limit = None if data.max_problems is None else skip + data.max_problems
     is_synthetic = data.train.strip().lower() == "synthetic"
     if is_synthetic and _normalise_split("synthetic", data.train_split) == "train":
         # The synthetic training set has num_train problems; max_problems can only lower that.
@@ -644,7 +646,7 @@ def load_train_problems(cfg: Config) -> list[Problem]:
         random.Random(cfg.seed).shuffle(problems)
         if limit is not None:
             problems = problems[:limit]
-    return problems
+    return problems[skip:]
 
 
 def load_eval_problems(cfg: Config, benchmark: str) -> list[Problem]:

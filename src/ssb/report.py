@@ -383,6 +383,7 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
     lines += _funnel_section(funnel, made["funnel.png"])
     lines += _training_section(train_log, series, made["training.png"])
     lines += _eval_section(summary, made["accuracy.png"])
+    lines += _rounds_section(rundir, summary)
     lines += _stages_section(manifest)
     packages = manifest.get("packages") or {}
     if packages:
@@ -543,9 +544,89 @@ def _eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
             "difference (reference harness)",
         ]
         lines += _table(header, crows) + [""]
+    hrows = [
+        [
+            f"{h['model']} vs {h['vs']}",
+            h["benchmark"],
+            fmt_num(h.get("n")),
+            fmt_num(h.get("wins")),
+            fmt_num(h.get("losses")),
+            fmt_num(h.get("ties")),
+            f"{pp(h.get('diff'))} {_pp_interval(h.get('diff_interval'))}".strip(),
+            fmt_p(h.get("mcnemar_p")),
+        ]
+        for h in summary.get("head_to_head") or []
+    ]
+    if hrows:
+        lines += [
+            "### Head to head (same problems)",
+            "",
+            "SSB's student against the GRPO baseline, and each iterated round against the one "
+            "before; same statistics as above.",
+            "",
+        ]
+        header = ["comparison", "benchmark", "n", "wins", "losses", "ties", "difference", "p"]
+        lines += _table(header, hrows) + [""]
     if plot:
         lines += ["![accuracy by benchmark](plots/accuracy.png)", ""]
     return lines
+
+
+def _rounds_section(rundir: RunDir, summary: dict[str, Any]) -> list[str]:
+    """Iterated SSB: per round, the problems it scanned, its pair yield, its training loss and
+    its student's accuracy (from the run's evaluation)."""
+    from ssb.stages.pipeline import round_dir, round_model_name
+
+    rounds = []
+    r = 1
+    while r == 1 or round_dir(rundir, r).path.is_dir():
+        rounds.append((r, round_dir(rundir, r)))
+        r += 1
+    if len(rounds) < 2:
+        return []
+    results = summary.get("results") or {}
+    benches = sorted({b for m in results.values() for b in m})
+    lines = [
+        "## Iterated rounds",
+        "",
+        "Round r+1 samples, teaches and scores with round r's student (base + its adapter, "
+        "unmerged) on training problems no earlier round saw, and continues training that "
+        "adapter. Yield: pairs kept per problem scanned.",
+        "",
+    ]
+    rows = []
+    for r, sub in rounds:
+        funnel = funnel_counts(sub) or {}
+        scanned = sub.read_manifest().get("problems_scanned")
+        kept = funnel.get("kept")
+        losses = [x["loss"] for x in read_jsonl(sub.train_log_path) if _is_number(x.get("loss"))]
+        row = [
+            str(r),
+            f"`{sub.path.name}`" if r > 1 else "`.`",
+            fmt_num(scanned),
+            fmt_num(funnel.get("mixed")),
+            fmt_num(kept),
+            pct(kept / scanned) if scanned and kept is not None else "n/a",
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "n/a",
+        ]
+        model = round_model_name(r)
+        for bench in benches:
+            acc = (results.get(model) or {}).get(bench, {}).get("accuracy")
+            row.append(pct(acc) if acc is not None else "not evaluated")
+        rows.append(row)
+    header = ["round", "directory", "problems", "mixed", "pairs", "yield", "KD loss"]
+    header += [f"{b} accuracy" for b in benches]
+    base = [
+        "base",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        *[pct((results.get("base") or {}).get(b, {}).get("accuracy")) for b in benches],
+    ]
+    return lines + _table(header, [base, *rows]) + [""]
 
 
 def _pp_interval(interval: list[float] | None) -> str:

@@ -377,6 +377,32 @@ class TargetWriter:
             self._write_index()
         return dropped
 
+    def absorb(self, directory: str | os.PathLike[str]) -> tuple[int, int]:
+        """Copy every intact example of the store in `directory` that this one lacks (bit for
+        bit: same storage dtypes). A store with another mode or meta is refused; an example
+        that fails its checksum is skipped (it will be rescored). Returns (copied, skipped)."""
+        source = TargetReader(directory)
+        try:
+            if source.mode != self.mode:
+                raise TargetStoreError(
+                    f"{directory}: mode {source.mode!r}, but {self.directory} stores {self.mode!r}"
+                )
+            source.check_meta(self.meta)
+            copied = skipped = 0
+            for example_id in source.ids():
+                if example_id in self:
+                    continue
+                try:
+                    reply, tensors = source.get(example_id)
+                except TargetStoreError:
+                    skipped += 1
+                    continue
+                self.add(example_id, reply, tensors)
+                copied += 1
+        finally:
+            source.close()
+        return copied, skipped
+
     def close(self) -> None:
         """Flush what is buffered (every buffered example is complete, so this is safe)."""
         self.flush()

@@ -13,6 +13,7 @@ duplicates pairs.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
-from ssb.stages.common import chunks, load_base, log, stable_seed
+from ssb.stages.common import chunks, load_base, log, policy_model, stable_seed
 
 REJECT_REASONS = (
     "all_correct",
@@ -95,107 +96,118 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
         (index, [r for r in batch if r["id"] not in decided])
         for index, batch in enumerate(chunks(rollouts, batch_problems))
     ]
-    for index, batch in [(i, b) for i, b in batches if b]:
-        if bcfg.target_pairs is not None and kept >= bcfg.target_pairs:
-            break
-        decisions: list[dict[str, Any]] = []
-        mixed = []
-        for record in batch:
-            if bcfg.teacher_context == "gold":
-                if not record.get("solution"):
-                    raise ValueError(
-                        f"bootstrap.teacher_context=gold needs gold solutions; problem "
-                        f"{record['id']} ({record.get('source')}) has none"
+    # The model is loaded (and the adapter attached) only if some problem needs the teacher.
+    with contextlib.ExitStack() as stack:
+        for index, batch in [(i, b) for i, b in batches if b]:
+            if bcfg.target_pairs is not None and kept >= bcfg.target_pairs:
+                break
+            decisions: list[dict[str, Any]] = []
+            mixed = []
+            for record in batch:
+                if bcfg.teacher_context == "gold":
+                    if not record.get("solution"):
+                        raise ValueError(
+                            f"bootstrap.teacher_context=gold needs gold solutions; problem "
+                            f"{record['id']} ({record.get('source')}) has none"
+                        )
+                status, good, bad = select_rollouts(record, cfg.seed)
+                if status == "mixed":
+                    mixed.append((record, good, bad))
+                else:
+                    decisions.append({"id": record["id"], "status": status})
+            pairs = []
+            if mixed:
+                if base is None:
+                    base = load_base(cfg, rundir)
+                    model = stack.enter_context(policy_model(cfg, base))
+                    generator = make_generator(
+                        cfg,
+                        model,
+                        base.tokenizer,
+                        base.reply.stop_token_ids,
+                        adapter_path=cfg.model.adapter,
                     )
-            status, good, bad = select_rollouts(record, cfg.seed)
-            if status == "mixed":
-                mixed.append((record, good, bad))
-            else:
-                decisions.append({"id": record["id"], "status": status})
-        pairs = []
-        if mixed:
-            if base is None:
-                base = load_base(cfg, rundir)
-                generator = make_generator(
-                    cfg, base.model, base.tokenizer, base.reply.stop_token_ids
+                chat = uses_chat_template(base.tokenizer, cfg.prompt)
+                t_msgs = [
+                    teacher_messages(
+                        _problem(r),
+                        cfg.prompt,
+                        chat=chat,
+                        context=bcfg.teacher_context,
+                        correct=good["text"],
+                        incorrect=bad["text"],
+                    )
+                    for r, good, bad in mixed
+                ]
+                prompts = [render_prompt_ids(base.tokenizer, m, cfg.prompt) for m in t_msgs]
+                params = SamplingParams(
+                    temperature=bcfg.temperature,
+                    top_p=bcfg.top_p,
+                    top_k=bcfg.top_k,
+                    max_new_tokens=cfg.generation.max_new_tokens,
+                    n=bcfg.attempts,
+                    stop_strings=base.reply.stop_strings,
+                    seed=stable_seed(cfg.seed, "bootstrap", index, mixed[0][0]["id"]),
                 )
-            chat = uses_chat_template(base.tokenizer, cfg.prompt)
-            t_msgs = [
-                teacher_messages(
-                    _problem(r),
-                    cfg.prompt,
-                    chat=chat,
-                    context=bcfg.teacher_context,
-                    correct=good["text"],
-                    incorrect=bad["text"],
-                )
-                for r, good, bad in mixed
-            ]
-            prompts = [render_prompt_ids(base.tokenizer, m, cfg.prompt) for m in t_msgs]
-            params = SamplingParams(
-                temperature=bcfg.temperature,
-                top_p=bcfg.top_p,
-                top_k=bcfg.top_k,
-                max_new_tokens=cfg.generation.max_new_tokens,
-                n=bcfg.attempts,
-                stop_strings=base.reply.stop_strings,
-                seed=stable_seed(cfg.seed, "bootstrap", index, mixed[0][0]["id"]),
-            )
-            start = time.perf_counter()
-            outputs = generator.generate(prompts, params, progress=progress)
-            gen_seconds += time.perf_counter() - start
-            gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
-            for (record, good, bad), msgs, prompt_ids, outs in zip(mixed, t_msgs, prompts, outputs):
-                problem = _problem(record)
-                # The first attempt that ended by itself with a still-correct answer.
-                reply = next(
-                    (
-                        c
-                        for c in outs
-                        if c.finish_reason == "stop" and grade(c.text, problem.answer)
-                    ),
-                    None,
-                )
-                if reply is None:
-                    truncated = all(c.finish_reason == "length" for c in outs)
-                    reason = "teacher_truncated" if truncated else "teacher_wrong"
-                    decisions.append(
+                start = time.perf_counter()
+                outputs = generator.generate(prompts, params, progress=progress)
+                gen_seconds += time.perf_counter() - start
+                gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+                for (record, good, bad), msgs, prompt_ids, outs in zip(
+                    mixed, t_msgs, prompts, outputs
+                ):
+                    problem = _problem(record)
+                    # The first attempt that ended by itself with a still-correct answer.
+                    reply = next(
+                        (
+                            c
+                            for c in outs
+                            if c.finish_reason == "stop" and grade(c.text, problem.answer)
+                        ),
+                        None,
+                    )
+                    if reply is None:
+                        truncated = all(c.finish_reason == "length" for c in outs)
+                        reason = "teacher_truncated" if truncated else "teacher_wrong"
+                        decisions.append(
+                            {
+                                "id": record["id"],
+                                "status": reason,
+                                "teacher_answers": [extract_boxed(c.text) for c in outs],
+                            }
+                        )
+                        continue
+                    if bcfg.target_pairs is not None and kept + len(pairs) >= bcfg.target_pairs:
+                        break  # undecided: a later run with a larger target picks it up
+                    s_msgs = student_messages(problem, cfg.prompt)
+                    pairs.append(
                         {
-                            "id": record["id"],
-                            "status": reason,
-                            "teacher_answers": [extract_boxed(c.text) for c in outs],
+                            "id": problem.id,
+                            "question": problem.question,
+                            "gold": problem.answer,
+                            "source": problem.source,
+                            "student_messages": s_msgs,
+                            "teacher_messages": msgs,
+                            "student_prompt_ids": render_prompt_ids(
+                                base.tokenizer, s_msgs, cfg.prompt
+                            ),
+                            "teacher_prompt_ids": prompt_ids,
+                            "reply": reply.text,
+                            "reply_ids": reply.token_ids,
+                            "end_token_id": base.reply.end_token_id,
+                            "teacher_answer": extract_boxed(reply.text),
+                            "correct_rollout": good["text"],
+                            "correct_answer": good["answer"],
+                            "incorrect_rollout": bad["text"],
+                            "incorrect_answer": bad["answer"],
                         }
                     )
-                    continue
-                if bcfg.target_pairs is not None and kept + len(pairs) >= bcfg.target_pairs:
-                    break  # undecided: a later run with a larger target picks it up
-                s_msgs = student_messages(problem, cfg.prompt)
-                pairs.append(
-                    {
-                        "id": problem.id,
-                        "question": problem.question,
-                        "gold": problem.answer,
-                        "source": problem.source,
-                        "student_messages": s_msgs,
-                        "teacher_messages": msgs,
-                        "student_prompt_ids": render_prompt_ids(base.tokenizer, s_msgs, cfg.prompt),
-                        "teacher_prompt_ids": prompt_ids,
-                        "reply": reply.text,
-                        "reply_ids": reply.token_ids,
-                        "end_token_id": base.reply.end_token_id,
-                        "teacher_answer": extract_boxed(reply.text),
-                        "correct_rollout": good["text"],
-                        "correct_answer": good["answer"],
-                        "incorrect_rollout": bad["text"],
-                        "incorrect_answer": bad["answer"],
-                    }
-                )
-                decisions.append({"id": problem.id, "status": "kept"})
-        # Pairs first: a crash between the two appends leaves the id in pairs.jsonl, which
-        # also counts as decided, so nothing is redone or duplicated.
-        append_jsonl(rundir.pairs_path, pairs)
-        append_jsonl(rundir.bootstrap_log_path, decisions)
-        kept += len(pairs)
+                    decisions.append({"id": problem.id, "status": "kept"})
+            # Pairs first: a crash between the two appends leaves the id in pairs.jsonl, which
+            # also counts as decided, so nothing is redone or duplicated.
+            append_jsonl(rundir.pairs_path, pairs)
+            append_jsonl(rundir.bootstrap_log_path, decisions)
+            kept += len(pairs)
     summary = funnel(rundir)
     if gen_seconds > 0:
         summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ssb.config import Config, to_dict
@@ -39,6 +42,43 @@ def load_base(cfg: Config, rundir: RunDir | None = None) -> BaseModel:
     if rundir is not None:
         check_model_identity(rundir, cfg, base.tokenizer)
     return base
+
+
+@contextlib.contextmanager
+def attached_adapter(model: Any, adapter: Path | None) -> Iterator[Any]:
+    """Yield `model` with the adapter at `adapter` on top (eval mode), or `model` itself.
+
+    The LoRA layers are injected into `model` in place and removed again on exit (also on
+    error), so the shared base model object is left exactly as it was."""
+    if adapter is None:
+        yield model
+        return
+    from peft import PeftModel
+
+    if hasattr(model, "peft_config"):
+        raise RuntimeError("the base model already carries a PEFT adapter; cannot evaluate on it")
+    wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    wrapped.eval()
+    try:
+        yield wrapped
+    finally:
+        wrapped.unload()
+        model.eval()
+
+
+@contextlib.contextmanager
+def policy_model(cfg: Config, base: BaseModel) -> Iterator[Any]:
+    """The model a run samples from and scores with: the base, with `cfg.model.adapter` on top
+    (frozen, unmerged) when one is set (the previous round's student in iterated SSB)."""
+    adapter = cfg.model.adapter
+    if adapter is not None:
+        from ssb.models import has_adapter
+
+        if not has_adapter(adapter):
+            raise FileNotFoundError(f"model.adapter: no PEFT adapter in {adapter}")
+        log.info("model: base + adapter %s (frozen)", adapter)
+    with attached_adapter(base.model, Path(adapter) if adapter else None) as model:
+        yield model
 
 
 def check_model_identity(rundir: RunDir, cfg: Config, tokenizer: Any) -> None:

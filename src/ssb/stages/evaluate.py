@@ -25,11 +25,11 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ssb.config import Config, to_dict
+from ssb.models import adapter_hash, has_adapter
 from ssb.rundir import (
     RunDir,
     append_jsonl,
@@ -39,6 +39,7 @@ from ssb.rundir import (
     read_jsonl,
 )
 from ssb.stages.common import (
+    attached_adapter,
     chunks,
     context_limit,
     drop_long_prompts,
@@ -56,22 +57,11 @@ from ssb.stats import (
 
 SCORINGS = ("math-verify", "reference")
 REFERENCE_MAX_NEW_TOKENS = 1024  # MOTIF / SSB harness: greedy, max_tokens=1024
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 BOOTSTRAP_RESAMPLES = 2000
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
 # --------------------------------------------------------------------------- models
-
-
-def has_adapter(path: str | Path | None) -> bool:
-    """True when `path` holds a saved PEFT adapter (config + weights)."""
-    if path is None:
-        return False
-    path = Path(path)
-    return (path / "adapter_config.json").is_file() and any(
-        (path / f).is_file() for f in ADAPTER_WEIGHT_FILES
-    )
 
 
 def available_models(rundir: RunDir) -> dict[str, Path | None]:
@@ -102,6 +92,22 @@ def available_models(rundir: RunDir) -> dict[str, Path | None]:
             if name not in models and adapter and has_adapter(_resolve(rundir, adapter)):
                 models[name] = _resolve(rundir, adapter)
     return models
+
+
+def rival_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Paired comparisons besides "vs base": SSB's student against the GRPO baseline (the
+    paper's claim), and each iterated round's student against the round before it."""
+    pairs = []
+    if "student" in names and "grpo" in names:
+        pairs.append(("student", "grpo"))
+    for name in names:
+        match = re.fullmatch(r"round(\d+)", name)
+        if match and int(match.group(1)) >= 2:
+            r = int(match.group(1))
+            previous = "student" if r == 2 else f"round{r - 1}"
+            if previous in names:
+                pairs.append((name, previous))
+    return pairs
 
 
 def _resolve(rundir: RunDir, path: str | Path) -> Path:
@@ -147,43 +153,6 @@ def resolve_models(rundir: RunDir, models: list[str] | None) -> dict[str, Path |
                 "(or name=path/to/adapter)"
             )
     return chosen
-
-
-def adapter_hash(path: Path | None) -> str | None:
-    """sha256 (16 hex) of an adapter's config and weights: identifies the evaluated weights."""
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", *ADAPTER_WEIGHT_FILES):
-        f = Path(path) / name
-        if f.is_file():
-            h.update(name.encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def attached_adapter(model: Any, adapter: Path | None) -> Iterator[Any]:
-    """Yield `model` with the adapter at `adapter` on top (eval mode), or `model` itself.
-
-    The LoRA layers are injected into `model` in place and removed again on exit (also on
-    error), so the shared base model object is left exactly as it was."""
-    if adapter is None:
-        yield model
-        return
-    from peft import PeftModel
-
-    if hasattr(model, "peft_config"):
-        raise RuntimeError("the base model already carries a PEFT adapter; cannot evaluate on it")
-    wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    wrapped.eval()
-    try:
-        yield wrapped
-    finally:
-        wrapped.unload()
-        model.eval()
 
 
 # --------------------------------------------------------------------------- settings
@@ -632,6 +601,15 @@ def write_summary(
             entry = {"vs": "base", "scoring": settings["scoring"], **both[settings["scoring"]]}
             entry.update(both)
             comparisons.setdefault(name, {})[bench] = entry
+    head_to_head = []
+    for model, rival in rival_pairs(list(kept)):
+        for bench in kept[model]:
+            if bench not in kept[rival]:
+                continue
+            seed = stable_seed(cfg.seed, "paired", bench, model, rival)
+            key = "correct" if settings["scoring"] == "math-verify" else "correct_reference"
+            result = paired_comparison(kept[model][bench], kept[rival][bench], key, greedy, seed)
+            head_to_head.append({"model": model, "vs": rival, "benchmark": bench, **result})
     summary = {
         "settings": settings,
         "models": model_info,
@@ -641,6 +619,7 @@ def write_summary(
         },
         "results": results,
         "comparisons": comparisons,
+        "head_to_head": head_to_head,
     }
     atomic_write_json(summary_path(rundir), summary)
     return summary

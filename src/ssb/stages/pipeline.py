@@ -4,10 +4,18 @@ Rollout, bootstrap, targets and eval skip the records they already have (cheap w
 complete); train is skipped once complete. With `bootstrap.target_pairs` set and no
 `data.max_problems` cap (the paper's "scan GSM8K train in order until 256 pairs are kept"),
 rollout and bootstrap alternate over growing blocks of problems until enough pairs are kept.
+
+Iterated SSB (`rounds: N`): round 1 is the run directory itself; round r >= 2 lives in
+`<run>/round<r>/`, a run directory of its own (so each stage of it can also be run by hand) whose
+config puts round r-1's adapter on the base (`model.adapter`: frozen and unmerged for rollouts,
+the hinted teacher and its targets; trained further by the student, so the LoRA budget stays the
+same) and skips the problems earlier rounds scanned (`data.skip_problems`). One evaluation at the
+end compares base, every round's student and, with `grpo.enabled`, the GRPO baseline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,17 +37,24 @@ def _run(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[st
 
 
 def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
-    """Rollout + bootstrap; scans problems block by block when a pair target is set."""
+    """Rollout + bootstrap; scans problems block by block when a pair target is set. Records
+    how many training problems were scanned (`problems_scanned` in the manifest)."""
     from ssb.stages.bootstrap import funnel, run_bootstrap
     from ssb.stages.rollout import run_rollout
 
     problems = load_train_problems(cfg)
+    if not problems:
+        raise ValueError(
+            f"{cfg.data.train}: no training problems left after skipping the first "
+            f"{cfg.data.skip_problems} (data.skip_problems; iterated rounds use fresh problems)"
+        )
     target = cfg.bootstrap.target_pairs
     if target is None or cfg.data.max_problems is not None:
         out = {
             "rollout": _run(rundir, "rollout", lambda: run_rollout(cfg, rundir, problems, progress))
         }
         out["bootstrap"] = _run(rundir, "bootstrap", lambda: run_bootstrap(cfg, rundir, progress))
+        rundir.update_manifest(problems_scanned=len(problems))
         return out
     block = max(64, target)
     scanned = 0
@@ -55,21 +70,85 @@ def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
         log.info("scanned %d/%d problems, %d/%d pairs kept", scanned, len(problems), kept, target)
         if kept >= target:
             break
+    rundir.update_manifest(problems_scanned=scanned)
+    return out
+
+
+def round_dir(rundir: RunDir, round_index: int) -> RunDir:
+    """Round 1 is the run directory itself; round r >= 2 is `<run>/round<r>/`."""
+    if round_index == 1:
+        return rundir
+    return RunDir(rundir.path / f"round{round_index}", force=rundir.force)
+
+
+def round_model_name(round_index: int) -> str:
+    """The name evaluation gives round r's student ("student" for round 1, as in a plain run)."""
+    return "student" if round_index == 1 else f"round{round_index}"
+
+
+def round_config(cfg: Config, rundir: RunDir, round_index: int) -> Config:
+    """Round r's config: round r-1's adapter on the base, and the training problems after those
+    rounds 1 .. r-1 scanned. Needs those rounds finished."""
+    if round_index == 1:
+        return cfg
+    skip = cfg.data.skip_problems
+    for earlier in range(1, round_index):
+        scanned = round_dir(rundir, earlier).read_manifest().get("problems_scanned")
+        if scanned is None:
+            raise ValueError(f"round {earlier} has not finished generating pairs")
+        skip += int(scanned)
+    previous = round_dir(rundir, round_index - 1)
+    return dataclasses.replace(
+        cfg,
+        name=f"{cfg.name}-round{round_index}",
+        rounds=1,
+        model=dataclasses.replace(cfg.model, adapter=str(previous.adapter_dir.resolve())),
+        data=dataclasses.replace(cfg.data, skip_problems=skip),
+        grpo=dataclasses.replace(cfg.grpo, enabled=False),
+    )
+
+
+def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Pairs, teacher targets and the trained student of one round (each step resumable)."""
+    from ssb.stages.bootstrap import funnel
+    from ssb.stages.targets import run_targets
+    from ssb.stages.train import run_train
+
+    out = generate_pairs(cfg, rundir, progress)
+    if cfg.model.adapter is not None and funnel(rundir)["kept"] == 0:
+        # A later round with nothing to learn from (round 1 fails in train, saying so).
+        return {**out, "stopped": "no pairs kept"}
+    out["targets"] = _run(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
+    if rundir.is_complete("train") and rundir.adapter_dir.exists():
+        log.info("train: already complete, adapter in %s", rundir.adapter_dir)
+    else:
+        out["train"] = _run(rundir, "train", lambda: run_train(cfg, rundir, progress))
     return out
 
 
 def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     from ssb.report import write_report
     from ssb.stages.evaluate import run_eval
-    from ssb.stages.targets import run_targets
-    from ssb.stages.train import run_train
 
-    out = generate_pairs(cfg, rundir, progress)
-    out["targets"] = _run(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
-    if rundir.is_complete("train") and rundir.adapter_dir.exists():
-        log.info("train: already complete, adapter in %s", rundir.adapter_dir)
-    else:
-        out["train"] = _run(rundir, "train", lambda: run_train(cfg, rundir, progress))
+    out = train_round(cfg, rundir, progress)
+    for r in range(2, cfg.rounds + 1):
+        sub = round_dir(rundir, r)
+        sub_cfg = round_config(cfg, rundir, r)
+        log.info(
+            "round %d/%d in %s (model: base + %s)", r, cfg.rounds, sub.path, sub_cfg.model.adapter
+        )
+        sub.init(sub_cfg, "run")
+        out[f"round{r}"] = train_round(sub_cfg, sub, progress)
+        if out[f"round{r}"].get("stopped"):
+            log.warning("round %d kept no pairs: stopping after round %d", r, r - 1)
+            break
+    if cfg.grpo.enabled:
+        from ssb.stages.grpo import run_grpo
+
+        if rundir.is_complete("grpo"):
+            log.info("grpo: already complete")
+        else:
+            out["grpo"] = _run(rundir, "grpo", lambda: run_grpo(cfg, rundir, progress))
     out["eval"] = _run(rundir, "eval", lambda: run_eval(cfg, rundir, progress=progress))
     out["report"] = _run(rundir, "report", lambda: {"report": str(write_report(rundir, cfg))})
     return out

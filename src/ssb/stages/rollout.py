@@ -26,6 +26,7 @@ from ssb.stages.common import (
     drop_unparseable_golds,
     load_base,
     log,
+    policy_model,
     stable_seed,
 )
 
@@ -83,36 +84,43 @@ def run_rollout(
     skipped = 0
     if todo_chunks:
         base = load_base(cfg, rundir)
-        generator = make_generator(cfg, base.model, base.tokenizer, base.reply.stop_token_ids)
         limit = context_limit(cfg, base.model)
-        for index, chunk in todo_chunks:
-            prompts = [
-                render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
-                for p in chunk
-            ]
-            chunk, prompts, n_long = drop_long_prompts(
-                chunk, prompts, cfg.generation.max_new_tokens, limit, "rollout"
+        with policy_model(cfg, base) as model:
+            generator = make_generator(
+                cfg,
+                model,
+                base.tokenizer,
+                base.reply.stop_token_ids,
+                adapter_path=cfg.model.adapter,
             )
-            skipped += n_long
-            if not chunk:
-                continue
-            params = SamplingParams(
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                top_k=cfg.rollout.top_k,
-                max_new_tokens=cfg.generation.max_new_tokens,
-                n=k,
-                stop_strings=base.reply.stop_strings,
-                seed=stable_seed(cfg.seed, "rollout", index),
-            )
-            start = time.perf_counter()
-            outputs = generator.generate(prompts, params, progress=progress)
-            gen_seconds += time.perf_counter() - start
-            gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
-            records = [rollout_record(p, outs) for p, outs in zip(chunk, outputs)]
-            written += append_jsonl(rundir.rollouts_path, records)
-            if on_chunk is not None:
-                on_chunk(written, num_todo)
+            for index, chunk in todo_chunks:
+                prompts = [
+                    render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
+                    for p in chunk
+                ]
+                chunk, prompts, n_long = drop_long_prompts(
+                    chunk, prompts, cfg.generation.max_new_tokens, limit, "rollout"
+                )
+                skipped += n_long
+                if not chunk:
+                    continue
+                params = SamplingParams(
+                    temperature=cfg.rollout.temperature,
+                    top_p=cfg.rollout.top_p,
+                    top_k=cfg.rollout.top_k,
+                    max_new_tokens=cfg.generation.max_new_tokens,
+                    n=k,
+                    stop_strings=base.reply.stop_strings,
+                    seed=stable_seed(cfg.seed, "rollout", index),
+                )
+                start = time.perf_counter()
+                outputs = generator.generate(prompts, params, progress=progress)
+                gen_seconds += time.perf_counter() - start
+                gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+                records = [rollout_record(p, outs) for p, outs in zip(chunk, outputs)]
+                written += append_jsonl(rundir.rollouts_path, records)
+                if on_chunk is not None:
+                    on_chunk(written, num_todo)
     summary = summarize_rollouts(rundir)
     summary["skipped_long_prompts"] = skipped
     summary["skipped_unparseable_gold"] = len(bad_golds)

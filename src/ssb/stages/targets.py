@@ -9,6 +9,9 @@ exactly the context that produced the reply.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +23,10 @@ from ssb.distill.losses import dense_targets, topk_targets
 from ssb.distill.store import TargetReader, TargetWriter
 from ssb.prompts import render_prompt_ids
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.common import chunks, load_base, log
+from ssb.stages.common import chunks, load_base, log, policy_model
+
+# Where each rank writes its share under `accelerate launch`, before rank 0 merges them.
+PARTS_DIR = "parts"
 
 
 def teacher_sequence(pair: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -122,13 +128,13 @@ def score_batch(
 
 
 def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Score every pair not yet stored with the frozen teacher and store its targets.
+
+    Under `accelerate launch` (WORLD_SIZE > 1) the ranks split the missing pairs; each writes a
+    store of its own (`targets/parts/rank<k>/`, resumable like the main one) and rank 0 merges
+    them into `targets/`, bit for bit. Parts left by a killed run are merged first.
+    """
     tcfg = cfg.targets
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # One writer per store: several ranks appending to one index would race.
-        raise ValueError(
-            "ssb targets runs in a single process (it is one forward pass per pair); launch it "
-            "without accelerate, then run `ssb train` under `accelerate launch`"
-        )
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
@@ -139,16 +145,43 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
         return {"mode": "online", "examples": len(pairs), "scored": 0, "bytes_per_reply_token": 0.0}
 
     base = load_base(cfg, rundir)
-    model, tokenizer = base.model, base.tokenizer
-    check_prompts(pairs, tokenizer, cfg)
-    meta = targets_meta(cfg, model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # The writer flushes every `shard_size` examples, and on the way out (an error or Ctrl-C
-    # included: every buffered example is complete), so a resumed run redoes only the batch that
-    # was being scored.
-    with TargetWriter(
-        rundir.targets_dir, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size
-    ) as writer:
+    check_prompts(pairs, base.tokenizer, cfg)
+    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    with policy_model(cfg, base) as model:
+        meta = targets_meta(cfg, model, base.tokenizer)
+
+        def score(directory: Path, todo: list[dict[str, Any]]) -> int:
+            return score_into(directory, model, todo, pad_id, tcfg, meta, progress)
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            scored = _score_distributed(rundir, pairs, tcfg, meta, score)
+        else:
+            merge_parts(rundir.targets_dir, tcfg, meta)  # left by a killed multi-process run
+            scored = score(rundir.targets_dir, pairs)
+    reader = TargetReader(rundir.targets_dir)
+    return {
+        "mode": tcfg.mode,
+        "examples": len(reader.ids()),
+        "scored": scored,
+        "bytes_per_reply_token": round(reader.bytes_per_token(), 1),
+    }
+
+
+def score_into(
+    directory: Path,
+    model: Any,
+    pairs: list[dict[str, Any]],
+    pad_id: int,
+    tcfg: Any,
+    meta: dict[str, Any],
+    progress: bool = True,
+) -> int:
+    """Score the pairs the store in `directory` does not hold yet; returns how many it scored.
+
+    The writer flushes every `shard_size` examples, and on the way out (an error or Ctrl-C
+    included: every buffered example is complete), so a resumed run redoes only the batch that
+    was being scored."""
+    with TargetWriter(directory, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size) as writer:
         for shard, lost in writer.drop_damaged_shards().items():
             log.warning(
                 "targets: shard %s is missing or corrupt; rescoring %d examples", shard, lost
@@ -164,10 +197,54 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
                 writer.add(pair["id"], teacher_sequence(pair)[1], tensors)
             bar.update(len(batch))
         bar.close()
-    reader = TargetReader(rundir.targets_dir)
-    return {
-        "mode": tcfg.mode,
-        "examples": len(reader.ids()),
-        "scored": len(todo),
-        "bytes_per_reply_token": round(reader.bytes_per_token(), 1),
-    }
+    return len(todo)
+
+
+def merge_parts(targets_dir: Path, tcfg: Any, meta: dict[str, Any]) -> int:
+    """Move every rank's part store into the main one (then delete the parts); returns the
+    number of examples copied. Safe to repeat after a crash: copied examples are skipped."""
+    parts = targets_dir / PARTS_DIR
+    if not parts.is_dir():
+        return 0
+    copied = 0
+    with TargetWriter(targets_dir, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size) as main:
+        main.drop_damaged_shards()
+        for part in sorted(parts.iterdir()):
+            if not (part / "index.json").exists():
+                continue
+            n, bad = main.absorb(part)
+            copied += n
+            if bad:
+                log.warning("targets: %d damaged examples in %s will be rescored", bad, part)
+    shutil.rmtree(parts)
+    return copied
+
+
+def _score_distributed(
+    rundir: RunDir,
+    pairs: list[dict[str, Any]],
+    tcfg: Any,
+    meta: dict[str, Any],
+    score: Callable[[Path, list[dict[str, Any]]], int],
+) -> int:
+    from accelerate import PartialState
+
+    # Without GPUs the ranks form a gloo (MULTI_CPU) group only when asked to.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    if state.is_main_process:
+        merge_parts(rundir.targets_dir, tcfg, meta)  # parts a killed run left behind
+    state.wait_for_everyone()
+    stored = (rundir.targets_dir / "index.json").exists()
+    done = set(TargetReader(rundir.targets_dir).ids()) if stored else set()
+    todo = [p for p in pairs if p["id"] not in done]
+    # Strided over the length order, so every rank gets a similar mix of lengths.
+    todo.sort(key=lambda p: len(p["teacher_prompt_ids"]) + len(p["reply_ids"]))
+    mine = todo[rank::world]
+    log.info("targets: rank %d/%d scores %d of %d pairs", rank, world, len(mine), len(todo))
+    score(rundir.targets_dir / PARTS_DIR / f"rank{rank}", mine)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_parts(rundir.targets_dir, tcfg, meta)
+    state.wait_for_everyone()
+    return len(todo)

@@ -359,9 +359,31 @@ def make_trainer(
     return trainer
 
 
-def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
-    from peft import get_peft_model
+def student_model(cfg: Config, base_model: Any) -> Any:
+    """The trainable LoRA student on `base_model`: a fresh adapter from `train.lora`, or, with
+    `model.adapter` set (iterated SSB), that adapter made trainable so training continues it."""
+    from peft import PeftModel, get_peft_model
 
+    if cfg.model.adapter is None:
+        return get_peft_model(base_model, lora_config(cfg))
+    model = PeftModel.from_pretrained(base_model, cfg.model.adapter, is_trainable=True)
+    lora = model.peft_config["default"]
+    ours = cfg.train.lora
+    if (lora.r, lora.lora_alpha) != (ours.r, ours.alpha) or set(lora.target_modules) != set(
+        ours.target_modules
+    ):
+        log.warning(
+            "train: continuing the adapter in %s with its own LoRA settings (r=%s, alpha=%s, "
+            "modules=%s), not train.lora's",
+            cfg.model.adapter,
+            lora.r,
+            lora.lora_alpha,
+            sorted(lora.target_modules),
+        )
+    return model
+
+
+def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     check_lora_targets(cfg)
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
@@ -383,7 +405,7 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
 
     was_training = base.model.training
     hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
-    model = get_peft_model(base.model, lora_config(cfg))
+    model = student_model(cfg, base.model)
     try:
         # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
         # the frozen embeddings' outputs need not require grad.
