@@ -81,6 +81,20 @@ if __name__ == "__main__":
 """
 
 
+def two_process_launch(accelerate: str) -> list[str]:
+    """`accelerate launch` for two processes on this machine (gloo when there is no GPU)."""
+    return [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={free_port()}",
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,16 +120,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     subprocess.run(cmd, check=True, env=env, timeout=120)
 
     ddp = str(tmp_path / "ddp.safetensors")
-    launch = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        f"--main_process_port={free_port()}",
-    ]
+    launch = two_process_launch(accelerate)
     args = [str(script), str(TESTS), model_dir, str(rundir.path), ddp, "2", str(stage_dir)]
     proc = subprocess.run(launch + args, env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -175,16 +180,7 @@ def test_targets_two_cpu_processes_match_one(tmp_path, mode):
     script = tmp_path / "targets.py"
     script.write_text(TARGETS_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    launch = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        f"--main_process_port={free_port()}",
-    ]
+    launch = two_process_launch(accelerate)
     args = [str(script), str(TESTS), str(cfg.model.name), str(multi), mode]
     proc = subprocess.run(launch + args, env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -97,8 +97,6 @@ def test_rollout_training_and_eval_prompts_are_token_identical(
 ):
     """The same problem must reach the model as the same tokens in rollouts, training and eval."""
     import ssb.generate as gen_mod
-    from ssb.stages import bootstrap as bootstrap_mod
-    from ssb.stages import rollout as rollout_mod
     from ssb.stages.bootstrap import run_bootstrap
     from ssb.stages.evaluate import run_eval
     from ssb.stages.rollout import run_rollout
@@ -136,7 +134,7 @@ def test_rollout_training_and_eval_prompts_are_token_identical(
     def recording(stage):
         return lambda *a, **k: RecordingGenerator(real(*a, **k), seen[stage])
 
-    monkeypatch.setattr(rollout_mod, "make_generator", recording("rollout"))
+    monkeypatch.setattr(gen_mod, "make_generator", recording("rollout"))
     run_rollout(cfg, rundir, progress=False)
 
     # A random model is never right, so mark one sample of each problem correct and one wrong
@@ -164,7 +162,7 @@ def test_rollout_training_and_eval_prompts_are_token_identical(
         g.order = records
         return g
 
-    monkeypatch.setattr(bootstrap_mod, "make_generator", teacher_factory)
+    monkeypatch.setattr(gen_mod, "make_generator", teacher_factory)
     run_bootstrap(cfg, rundir, progress=False)
     pairs = read_jsonl(rundir.pairs_path)
     assert len(pairs) == 3

@@ -20,13 +20,12 @@ from collections import Counter
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate import make_generator
 from ssb.generate.base import SamplingParams
 from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
-from ssb.stages.common import chunks, load_base, log, policy_model, stable_seed
+from ssb.stages.common import chunks, load_base, log, policy_generator, policy_model, stable_seed
 
 REJECT_REASONS = (
     "all_correct",
@@ -120,13 +119,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                 if base is None:
                     base = load_base(cfg, rundir)
                     model = stack.enter_context(policy_model(cfg, base))
-                    generator = make_generator(
-                        cfg,
-                        model,
-                        base.tokenizer,
-                        base.reply.stop_token_ids,
-                        adapter_path=cfg.model.adapter,
-                    )
+                    generator = policy_generator(cfg, base, model)
                 chat = uses_chat_template(base.tokenizer, cfg.prompt)
                 t_msgs = [
                     teacher_messages(

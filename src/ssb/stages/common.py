@@ -81,6 +81,16 @@ def policy_model(cfg: Config, base: BaseModel) -> Iterator[Any]:
         yield model
 
 
+def policy_generator(cfg: Config, base: BaseModel, model: Any) -> Any:
+    """The generator for `policy_model`'s model (a vLLM engine serves `model.adapter` itself, as
+    a LoRA)."""
+    from ssb.generate import make_generator
+
+    return make_generator(
+        cfg, model, base.tokenizer, base.reply.stop_token_ids, adapter_path=cfg.model.adapter
+    )
+
+
 def check_model_identity(rundir: RunDir, cfg: Config, tokenizer: Any) -> None:
     """Record the model and tokenizer a run is made with (manifest.json `model_identity`) and
     refuse to continue a run made with another one (unless `--force`): pairs, token ids and

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate import make_generator
 from ssb.generate.base import SamplingParams
 from ssb.grading import extract_boxed, grade
 from ssb.problems import Problem, load_train_problems
@@ -26,6 +25,7 @@ from ssb.stages.common import (
     drop_unparseable_golds,
     load_base,
     log,
+    policy_generator,
     policy_model,
     stable_seed,
 )
@@ -86,13 +86,7 @@ def run_rollout(
         base = load_base(cfg, rundir)
         limit = context_limit(cfg, base.model)
         with policy_model(cfg, base) as model:
-            generator = make_generator(
-                cfg,
-                model,
-                base.tokenizer,
-                base.reply.stop_token_ids,
-                adapter_path=cfg.model.adapter,
-            )
+            generator = policy_generator(cfg, base, model)
             for index, chunk in todo_chunks:
                 prompts = [
                     render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
