@@ -64,3 +64,24 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(RunDirError, match="cannot write"):
         RunDir(blocker / "run").init(load_config(), "rollout")
+
+
+def test_stage_seconds_add_up_over_attempts(tmp_path, monkeypatch):
+    """A crashed attempt and its resumption both count; a rerun that finds everything done does
+    not hide the time the work took (`last_seconds` is the latest attempt alone)."""
+    import ssb.rundir as rundir_mod
+
+    clock = iter([100.0, 130.0, 200.0, 210.0, 300.0, 300.5])
+    monkeypatch.setattr(rundir_mod.time, "time", lambda: next(clock))
+    rd = RunDir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with rd.stage("rollout"):
+            raise KeyboardInterrupt  # killed after 30 s
+    assert rd.stage_status("rollout")["seconds"] == 30.0
+    with rd.stage("rollout"):
+        pass  # resumed: 10 s more
+    assert rd.stage_status("rollout")["seconds"] == 40.0
+    with rd.stage("rollout"):
+        pass  # nothing left to do
+    status = rd.stage_status("rollout")
+    assert status["seconds"] == 40.5 and status["last_seconds"] == 0.5

@@ -262,18 +262,25 @@ class RunDir:
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         """Mark a stage running, time it, and mark it complete (or failed) at the end.
 
-        The yielded dict collects the summary the stage wants recorded in the manifest."""
+        The yielded dict collects the summary the stage wants recorded in the manifest.
+        `seconds` is the stage's wall time summed over every attempt (a crashed attempt and its
+        resumption, or a rerun that found everything done), so it stays the time the stage's
+        work took; `last_seconds` is the latest attempt's."""
         summary: dict[str, Any] = {}
         start = time.time()
+        before = float(self.stage_status(name).get("seconds") or 0.0)
         self.record_stage(name, "running")
+
+        def timing() -> dict[str, float]:
+            took = time.time() - start
+            return {"seconds": round(before + took, 2), "last_seconds": round(took, 2)}
+
         try:
             yield summary
         except BaseException as exc:
-            self.record_stage(
-                name, "failed", error=f"{type(exc).__name__}: {exc}", seconds=time.time() - start
-            )
+            self.record_stage(name, "failed", error=f"{type(exc).__name__}: {exc}", **timing())
             raise
-        self.record_stage(name, "complete", seconds=round(time.time() - start, 2), **summary)
+        self.record_stage(name, "complete", **{**summary, **timing()})
 
     # ---- set-up
     def init(self, cfg: Config, stage: str, force: bool = False) -> None:
