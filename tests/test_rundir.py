@@ -85,3 +85,24 @@ def test_stage_seconds_add_up_over_attempts(tmp_path, monkeypatch):
         pass  # nothing left to do
     status = rd.stage_status("rollout")
     assert status["seconds"] == 40.5 and status["last_seconds"] == 0.5
+
+
+def test_only_rank_zero_writes_the_bookkeeping(tmp_path, monkeypatch):
+    """Under `accelerate launch` every rank runs the CLI; rank 1 must not rewrite the config or
+    the manifest (a read-modify-write race with rank 0), but still reads them."""
+    rd = RunDir(tmp_path)
+    cfg = load_config(preset="quickstart")
+    monkeypatch.setenv("RANK", "1")
+    rd.init(cfg, "targets")
+    with rd.stage("targets"):
+        pass
+    assert not rd.config_path.exists() and not rd.manifest_path.exists()
+    monkeypatch.setenv("RANK", "0")
+    rd.init(cfg, "targets")
+    with rd.stage("targets"):
+        pass
+    monkeypatch.setenv("RANK", "1")
+    assert rd.is_complete("targets") and rd.config_path.exists()
+    before = rd.manifest_path.read_bytes()
+    rd.update_manifest(extra=1)
+    assert rd.manifest_path.read_bytes() == before

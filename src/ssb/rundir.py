@@ -165,6 +165,13 @@ _STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def writes_bookkeeping() -> bool:
+    """Under a multi-process launch (`accelerate launch`, torchrun) only rank 0 writes the run's
+    config and manifest; the other ranks read them. Two processes read-modify-writing one
+    manifest could each drop the other's update."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class RunDir:
     """Paths and bookkeeping of one run directory."""
 
@@ -239,7 +246,8 @@ class RunDir:
                 manifest[key] = {**manifest[key], **value}
             else:
                 manifest[key] = value
-        atomic_write_json(self.manifest_path, manifest)
+        if writes_bookkeeping():
+            atomic_write_json(self.manifest_path, manifest)
         return manifest
 
     def stage_status(self, stage: str) -> dict[str, Any]:
@@ -256,7 +264,8 @@ class RunDir:
         entry["status"] = status
         entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         stages[stage] = entry
-        atomic_write_json(self.manifest_path, manifest)
+        if writes_bookkeeping():
+            atomic_write_json(self.manifest_path, manifest)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
@@ -289,14 +298,15 @@ class RunDir:
         self.force = self.force or force
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            probe = self.path / f".write-test-{os.getpid()}"  # one per process: ranks race
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
             raise RunDirError(f"cannot write to run directory {self.path}: {exc}") from None
         if self.config_path.exists() and not force:
             self._check_compatible(cfg)
-        atomic_write_text(self.config_path, dump_yaml(cfg))
+        if writes_bookkeeping():
+            atomic_write_text(self.config_path, dump_yaml(cfg))
         self.update_manifest(
             name=cfg.name,
             config_hash=config_hash(cfg),
