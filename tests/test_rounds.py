@@ -36,6 +36,7 @@ def test_skip_problems_gives_the_next_block():
         (["rounds=2", "data.max_problems=null"], "rounds"),
         (["rounds=0"], "rounds"),
         (["data.skip_problems=-1"], "data.skip_problems"),
+        (["round_learning_rate=0"], "round_learning_rate"),
     ],
 )
 def test_round_settings_are_validated(overrides, key):
@@ -54,6 +55,10 @@ def test_round_config_skips_what_earlier_rounds_scanned(tmp_path):
     assert third.data.skip_problems == 2 + 7 + 5
     assert third.model.adapter == str((tmp_path / "run" / "round2" / "adapter").resolve())
     assert third.rounds == 1 and third.name.endswith("-round3")
+    assert third.train.learning_rate == cfg.train.learning_rate  # round_learning_rate unset
+    slower = load_config(overrides=["rounds=3", "data.max_problems=7", "round_learning_rate=1e-5"])
+    assert round_config(slower, rundir, 2).train.learning_rate == 1e-5
+    assert round_config(slower, rundir, 1).train.learning_rate == slower.train.learning_rate
     assert round_config(cfg, rundir, 1) is cfg
     assert round_dir(rundir, 1) is rundir
     assert [round_model_name(r) for r in (1, 2, 3)] == ["student", "round2", "round3"]

@@ -98,12 +98,14 @@ def round_config(cfg: Config, rundir: RunDir, round_index: int) -> Config:
             raise ValueError(f"round {earlier} has not finished generating pairs")
         skip += int(scanned)
     previous = round_dir(rundir, round_index - 1)
+    lr = cfg.train.learning_rate if cfg.round_learning_rate is None else cfg.round_learning_rate
     return dataclasses.replace(
         cfg,
         name=f"{cfg.name}-round{round_index}",
         rounds=1,
         model=dataclasses.replace(cfg.model, adapter=str(previous.adapter_dir.resolve())),
         data=dataclasses.replace(cfg.data, skip_problems=skip),
+        train=dataclasses.replace(cfg.train, learning_rate=lr),
         grpo=dataclasses.replace(cfg.grpo, enabled=False),
     )
 
