@@ -510,19 +510,8 @@ def _eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
     crows = []
     for model, benches in comparisons.items():
         for bench, c in benches.items():
-            crows.append(
-                [
-                    f"{model} vs {c.get('vs', 'base')}",
-                    bench,
-                    fmt_num(c.get("n")),
-                    fmt_num(c.get("wins")),
-                    fmt_num(c.get("losses")),
-                    fmt_num(c.get("ties")),
-                    f"{pp(c.get('diff'))} {_pp_interval(c.get('diff_interval'))}".strip(),
-                    fmt_p(c.get("mcnemar_p")),
-                    pp(_get(c, "reference.diff")),
-                ]
-            )
+            label = f"{model} vs {c.get('vs', 'base')}"
+            crows.append([*_paired_cells(label, bench, c), pp(_get(c, "reference.diff"))])
     if crows:
         lines += [
             "### Paired comparison with base (same problems)",
@@ -545,16 +534,7 @@ def _eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
         ]
         lines += _table(header, crows) + [""]
     hrows = [
-        [
-            f"{h['model']} vs {h['vs']}",
-            h["benchmark"],
-            fmt_num(h.get("n")),
-            fmt_num(h.get("wins")),
-            fmt_num(h.get("losses")),
-            fmt_num(h.get("ties")),
-            f"{pp(h.get('diff'))} {_pp_interval(h.get('diff_interval'))}".strip(),
-            fmt_p(h.get("mcnemar_p")),
-        ]
+        _paired_cells(f"{h['model']} vs {h['vs']}", h["benchmark"], h)
         for h in summary.get("head_to_head") or []
     ]
     if hrows:
@@ -570,6 +550,21 @@ def _eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
     if plot:
         lines += ["![accuracy by benchmark](plots/accuracy.png)", ""]
     return lines
+
+
+def _paired_cells(label: str, bench: str, c: dict[str, Any]) -> list[str]:
+    """A paired comparison's table cells: label, benchmark, n, wins, losses, ties, difference
+    [95% interval], p."""
+    return [
+        label,
+        bench,
+        fmt_num(c.get("n")),
+        fmt_num(c.get("wins")),
+        fmt_num(c.get("losses")),
+        fmt_num(c.get("ties")),
+        f"{pp(c.get('diff'))} {_pp_interval(c.get('diff_interval'))}".strip(),
+        fmt_p(c.get("mcnemar_p")),
+    ]
 
 
 def _rounds_section(rundir: RunDir, summary: dict[str, Any]) -> list[str]:

@@ -59,14 +59,7 @@ def left_pad(
     prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), left-padded to the longest prompt."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    return pad_after_prefix(prompts, 0, pad_token_id, device)
 
 
 def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
@@ -86,7 +79,8 @@ def pad_after_prefix(
     pad_token_id: int,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) laid out as [shared prefix][padding][rest of the prompt].
+    """(input_ids, attention_mask) laid out as [shared prefix][padding][rest of the prompt]
+    (with `prefix_len` 0: plain left padding).
 
     The prefix sits in the same columns in every row, so one KV cache serves all rows; the
     padding is masked, and transformers derives position ids from the mask (cumsum), so every
@@ -367,15 +361,13 @@ class HFGenerator:
         gen_config: GenerationConfig,
         batch_index: int,
     ) -> list[Completion]:
-        extra = {}
         shared = self._prefix_len(batch_prompts, params.max_new_tokens)
+        input_ids, attention_mask = pad_after_prefix(
+            batch_prompts, shared, self.pad_token_id, self.device
+        )
+        extra = {}
         if shared:
-            input_ids, attention_mask = pad_after_prefix(
-                batch_prompts, shared, self.pad_token_id, self.device
-            )
             extra["past_key_values"] = self._prefix_cache(batch_prompts[0][:shared], len(input_ids))
-        else:
-            input_ids, attention_mask = left_pad(batch_prompts, self.pad_token_id, self.device)
         width = input_ids.shape[1]
         criteria = StoppingCriteriaList()
         if params.stop_strings:

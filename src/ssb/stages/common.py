@@ -56,7 +56,7 @@ def attached_adapter(model: Any, adapter: Path | None) -> Iterator[Any]:
     from peft import PeftModel
 
     if hasattr(model, "peft_config"):
-        raise RuntimeError("the base model already carries a PEFT adapter; cannot evaluate on it")
+        raise RuntimeError("the base model already carries a PEFT adapter; cannot attach another")
     wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     wrapped.eval()
     try:

@@ -56,6 +56,8 @@ from ssb.stats import (
 )
 
 SCORINGS = ("math-verify", "reference")
+# Which per-sample verdict each scoring reads.
+VERDICT_KEYS = {"math-verify": "correct", "reference": "correct_reference"}
 REFERENCE_MAX_NEW_TOKENS = 1024  # MOTIF / SSB harness: greedy, max_tokens=1024
 BOOTSTRAP_RESAMPLES = 2000
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -97,14 +99,15 @@ def available_models(rundir: RunDir) -> dict[str, Path | None]:
 def rival_pairs(names: list[str]) -> list[tuple[str, str]]:
     """Paired comparisons besides "vs base": SSB's student against the GRPO baseline (the
     paper's claim), and each iterated round's student against the round before it."""
+    from ssb.stages.pipeline import round_model_name
+
     pairs = []
     if "student" in names and "grpo" in names:
         pairs.append(("student", "grpo"))
     for name in names:
         match = re.fullmatch(r"round(\d+)", name)
         if match and int(match.group(1)) >= 2:
-            r = int(match.group(1))
-            previous = "student" if r == 2 else f"round{r - 1}"
+            previous = round_model_name(int(match.group(1)) - 1)
             if previous in names:
                 pairs.append((name, previous))
     return pairs
@@ -596,7 +599,7 @@ def write_summary(
             seed = stable_seed(cfg.seed, "paired", bench)
             both = {
                 scoring: paired_comparison(records, base_records, key, greedy, seed)
-                for scoring, key in (("math-verify", "correct"), ("reference", "correct_reference"))
+                for scoring, key in VERDICT_KEYS.items()
             }
             entry = {"vs": "base", "scoring": settings["scoring"], **both[settings["scoring"]]}
             entry.update(both)
@@ -607,7 +610,7 @@ def write_summary(
             if bench not in kept[rival]:
                 continue
             seed = stable_seed(cfg.seed, "paired", bench, model, rival)
-            key = "correct" if settings["scoring"] == "math-verify" else "correct_reference"
+            key = VERDICT_KEYS[settings["scoring"]]
             result = paired_comparison(kept[model][bench], kept[rival][bench], key, greedy, seed)
             head_to_head.append({"model": model, "vs": rival, "benchmark": bench, **result})
     summary = {

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ssb.config import Config
 from ssb.distill.forward import final_hidden_states, output_head, reply_rows, right_pad
 from ssb.distill.losses import dense_targets, topk_targets
-from ssb.distill.store import TargetReader, TargetWriter
+from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
 from ssb.prompts import render_prompt_ids
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import chunks, load_base, log, policy_model
@@ -167,6 +167,11 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     }
 
 
+def teacher_length(pair: dict[str, Any]) -> int:
+    """Tokens the teacher reads for a pair (hinted prompt + reply)."""
+    return len(pair["teacher_prompt_ids"]) + len(pair["reply_ids"])
+
+
 def score_into(
     directory: Path,
     model: Any,
@@ -188,8 +193,7 @@ def score_into(
             )
         done = writer.done_ids()
         todo = [p for p in pairs if p["id"] not in done]
-        # Length-sorted batches waste little compute on padding.
-        todo.sort(key=lambda p: len(p["teacher_prompt_ids"]) + len(p["reply_ids"]))
+        todo.sort(key=teacher_length)  # length-sorted batches waste little compute on padding
         log.info("targets (%s): %d pairs, %d already stored", tcfg.mode, len(pairs), len(done))
         bar = tqdm(total=len(todo), desc="teacher targets", unit="ex", disable=not progress)
         for batch in chunks(todo, tcfg.batch_size):
@@ -210,7 +214,7 @@ def merge_parts(targets_dir: Path, tcfg: Any, meta: dict[str, Any]) -> int:
     with TargetWriter(targets_dir, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size) as main:
         main.drop_damaged_shards()
         for part in sorted(parts.iterdir()):
-            if not (part / "index.json").exists():
+            if not (part / INDEX_NAME).exists():
                 continue
             n, bad = main.absorb(part)
             copied += n
@@ -235,11 +239,11 @@ def _score_distributed(
     if state.is_main_process:
         merge_parts(rundir.targets_dir, tcfg, meta)  # parts a killed run left behind
     state.wait_for_everyone()
-    stored = (rundir.targets_dir / "index.json").exists()
+    stored = (rundir.targets_dir / INDEX_NAME).exists()
     done = set(TargetReader(rundir.targets_dir).ids()) if stored else set()
     todo = [p for p in pairs if p["id"] not in done]
     # Strided over the length order, so every rank gets a similar mix of lengths.
-    todo.sort(key=lambda p: len(p["teacher_prompt_ids"]) + len(p["reply_ids"]))
+    todo.sort(key=teacher_length)
     mine = todo[rank::world]
     log.info("targets: rank %d/%d scores %d of %d pairs", rank, world, len(mine), len(todo))
     score(rundir.targets_dir / PARTS_DIR / f"rank{rank}", mine)
