@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from limits import HANG_GUARD_S
 from pairs_fixture import make_run
 from safetensors.torch import load_file
 
@@ -117,12 +118,14 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     single = str(tmp_path / "single.safetensors")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, str(script), str(TESTS), model_dir, str(rundir.path), single, "4"]
-    subprocess.run(cmd, check=True, env=env, timeout=120)
+    subprocess.run(cmd, check=True, env=env, timeout=HANG_GUARD_S)
 
     ddp = str(tmp_path / "ddp.safetensors")
     launch = two_process_launch(accelerate)
     args = [str(script), str(TESTS), model_dir, str(rundir.path), ddp, "2", str(stage_dir)]
-    proc = subprocess.run(launch + args, env=env, timeout=300, capture_output=True, text=True)
+    proc = subprocess.run(
+        launch + args, env=env, timeout=HANG_GUARD_S, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     info = json.loads(Path(ddp + ".json").read_text())
@@ -182,7 +185,9 @@ def test_targets_two_cpu_processes_match_one(tmp_path, mode):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     launch = two_process_launch(accelerate)
     args = [str(script), str(TESTS), str(cfg.model.name), str(multi), mode]
-    proc = subprocess.run(launch + args, env=env, timeout=300, capture_output=True, text=True)
+    proc = subprocess.run(
+        launch + args, env=env, timeout=HANG_GUARD_S, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 0/2 scores 3 of 5 pairs" in proc.stderr  # both ranks did a share
     assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr

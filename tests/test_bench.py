@@ -98,7 +98,7 @@ def test_quick_bench_structure(tmp_path):
     rows = res["rows"]
     check_rows(rows)
     by_section = {r["section"] for r in rows}
-    assert {"storage", "kd_memory", "generation", "scoring", "stages"} <= by_section
+    assert {"storage", "kd_memory", "generation", "scoring", "cpu", "stages"} <= by_section
 
     # storage: every top-k and hidden form, at both shapes, from real shard files.
     storage = res["sections"]["storage"]
@@ -129,6 +129,22 @@ def test_quick_bench_structure(tmp_path):
     for side in ("sequential", "batched", "decode_sequential", "decode_batched"):
         assert gen[side]["kept_tokens"] > 0 and gen[side]["wall_s"] > 0
     assert res["sections"]["scoring"]["tokens"] > 0
+
+    # cpu: every (ISA, dtype) child ran both generation loops; the float32 ones a train step
+    # both ways; this CPU's ISA and, on an AVX-512 CPU, AVX2 emulated.
+    cpu = res["sections"]["cpu"]
+    assert cpu["runs"] and all("error" not in run for run in cpu["runs"].values()), cpu
+    for name, run in cpu["runs"].items():
+        gen = run["generation"]
+        assert gen["ssb"]["tokens"] > 0 and gen["transformers"]["tokens"] > 0
+        assert run["hardware"]["dtype"] == name.split()[-1]
+        if name.endswith("float32"):
+            assert run["train"]["full"]["seconds"] > 0
+            assert run["train"]["shared_prefix_tokens"] > 0
+            assert run["gemm"]["head_backward_bfloat16_s"] > 0
+        if "emulated" in name:
+            assert run["hardware"]["cpu_capability"] == "AVX2"
+    assert any("shipped before" in r["what"] for r in rows if r["section"] == "cpu")
 
     stages = [r for r in rows if r["section"] == "stages"]
     assert sum(r["value"] for r in stages) == pytest.approx(1.0)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from limits import HANG_GUARD_S
 from pairs_fixture import make_pairs
 from tiny_models import save_tiny_model
 
@@ -102,7 +103,7 @@ def run_subprocess(stage: str, run_dir: Path, sets: list[str]) -> None:
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -119,7 +120,7 @@ def run_and_kill(
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_GUARD_S
         while not trigger.exists():
             if proc.poll() is not None:
                 raise AssertionError(
@@ -169,6 +170,11 @@ def crash_and_resume(stage, tiny, sets, prepare, trigger_of, name):
     run_subprocess(stage, crashed, sets)
     manifest = json.loads((crashed / "manifest.json").read_text())
     assert manifest["stages"][stage]["status"] == "complete"
+    # What the model computed with is recorded with the run.
+    hardware = manifest["hardware"]
+    assert hardware["device"] == "cpu" and hardware["dtype"] == "float32"
+    assert hardware["cpu_capability"] and hardware["torch_threads"] >= 1
+    assert isinstance(hardware["native_bf16"], bool)
     return ref, crashed
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from limits import HANG_GUARD_S
 
 from ssb.rundir import RunDir, read_jsonl
 
@@ -44,7 +45,7 @@ def test_reduced_quickstart_end_to_end(tmp_path):
         "--set",
         "grpo.num_generations=4",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     rd = RunDir(run_dir)
     manifest = json.loads(rd.manifest_path.read_text())
@@ -98,7 +99,7 @@ def test_reduced_quickstart_end_to_end(tmp_path):
         assert (rd.plots_dir / f"{plot}.png").read_bytes()[:8] == PNG_MAGIC
 
     # Running again finds everything done: nothing is regenerated or duplicated.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(read_jsonl(rd.rollouts_path)) == 24
     assert len(read_jsonl(rd.pairs_path)) == len(pairs)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from limits import HANG_GUARD_S
 
 TESTS = Path(__file__).parent
 
@@ -94,7 +95,7 @@ def test_kd_loss_under_fsdp2_matches_unsharded(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", str(script)]
     proc = subprocess.run(
-        [*cmd, str(TESTS), str(out)], env=env, timeout=300, capture_output=True, text=True
+        [*cmd, str(TESTS), str(out)], env=env, timeout=HANG_GUARD_S, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())

@@ -195,7 +195,9 @@ def test_generation_with_and_without_candidate_sampler_agree_in_distribution(tin
         return torch.bincount(torch.tensor(ids), minlength=len(tok)).double() / len(ids)
 
     ours = first_tokens(HFGenerator(model, tok, 400, [eot]))
-    theirs = first_tokens(HFGenerator(model, tok, 400, [eot], sample_from_candidates=False))
+    theirs = first_tokens(
+        HFGenerator(model, tok, 400, [eot], sample_from_candidates=False, loop="transformers")
+    )
     assert (ours > 0).sum() > 2  # a spread distribution, so the comparison means something
     assert (ours - theirs).abs().sum() / 2 < 0.15
 
@@ -577,3 +579,92 @@ def test_importing_ssb_generate_does_not_import_vllm():
     if importlib.util.find_spec("vllm") is None:
         assert "vllm" not in sys.modules
     assert not hasattr(vllm_mod, "LLM")
+
+
+# --------------------------------------------------------------------------- the decode loop
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_own_loop_greedy_equals_transformers_generate(tiny, share_prefix):
+    """The default decode loop (rows leave the batch when they stop) gives token for token what
+    transformers' `model.generate` gives, with stop tokens, stop strings and the length cap."""
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompts = encode(tok, [PREFIX + r for r in RESTS] + TEXTS)
+    for params in (
+        SamplingParams(temperature=0, max_new_tokens=12),
+        SamplingParams(temperature=0, max_new_tokens=12, stop_strings=[" a", "e"]),
+    ):
+        ours = HFGenerator(model, tok, 4, [eot], share_prefix=share_prefix)
+        ref = HFGenerator(model, tok, 4, [eot], share_prefix=share_prefix, loop="transformers")
+        got, want = ours.generate(prompts, params, False), ref.generate(prompts, params, False)
+        assert ids_of(got) == ids_of(want)
+        assert [[c.finish_reason for c in p] for p in got] == [
+            [c.finish_reason for c in p] for p in want
+        ]
+        if params.stop_strings:  # the stop strings did end some rows early
+            assert any(c.finish_reason == "stop" for p in got for c in p)
+
+
+def test_own_loop_samples_do_not_depend_on_the_batch(tiny):
+    """Each row samples with its own seeded generator, so batch size and neighbours do not change
+    a prompt's samples."""
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompts = encode(tok, TEXTS)
+    params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8, n=2, seed=3)
+    big = HFGenerator(model, tok, 10, [eot]).generate(prompts, params, progress=False)
+    small = HFGenerator(model, tok, 3, [eot]).generate(prompts, params, progress=False)
+    alone = [HFGenerator(model, tok, 2, [eot]).generate([p], params, False)[0] for p in prompts]
+    assert ids_of(big) == ids_of(small)
+    # alone, each prompt is prompt 0 of its call: its seeds are those of prompt 0
+    assert ids_of(alone)[0] == ids_of(big)[0]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(10, 0.95), (0, 0.9), (0, 1.0)])
+def test_own_loop_samples_from_transformers_distribution(tiny, top_k, top_p):
+    """The first token's empirical distribution from the default loop matches the exact
+    distribution of transformers' `do_sample` (its own warpers on the model's logits), with top-k
+    candidates or over the whole vocabulary (top_k=0)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompt = encode(tok, [TEXTS[2]])
+    draws = 3000
+    params = SamplingParams(temperature=1.5, top_k=top_k, top_p=top_p, max_new_tokens=1, n=draws)
+    with torch.inference_mode():
+        logits = model(torch.tensor(prompt)).logits[:, -1, :].float()
+    scores = TemperatureLogitsWarper(1.5)(None, logits)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    scores = TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores
+    expected = scores.softmax(-1)[0].double()
+    out = HFGenerator(model, tok, draws, [eot]).generate(prompt, params, progress=False)[0]
+    ids = torch.tensor([c.token_ids[0] if c.token_ids else eot for c in out])
+    counts = torch.bincount(ids, minlength=len(expected)).double() / draws
+    assert torch.all(counts[expected == 0] == 0)  # never outside transformers' support
+    assert (expected > 0).sum() > 5  # a spread distribution, so the comparison means something
+    # total variation; sampling noise alone is ~0.1 for ~100 candidates and 3000 draws
+    assert (counts - expected).abs().sum() / 2 < 0.15
+
+
+def test_candidates_tie_made_by_the_temperature_is_kept():
+    """Two logits that differ before dividing by the temperature but round to the same value
+    after it: both are candidates when they tie with the k-th, as in transformers' order."""
+    from ssb.generate.hf import candidates
+
+    logits = torch.full((1, 30), -4.0)
+    logits[0, 0] = 2.0
+    # a < b, but a/T == b/T in float32: a quotient in a coarser binade than its dividend
+    t = 0.75
+    starts = torch.linspace(1.6, 1.9, 100)
+    neighbours = torch.nextafter(starts, torch.tensor(2.0))
+    i = int(((starts / t) == (neighbours / t)).nonzero()[0])
+    a, b = starts[i], neighbours[i]
+    assert a < b and a / t == b / t
+    logits[0, 5], logits[0, 6:9] = b, a  # b is the 2nd largest; three a's tie with it after /t
+    ids, probs = candidates(logits, t, top_k=2)
+    expected = reference_distribution(logits, t, 2, 1.0)[0]
+    kept = {int(i) for i, p in zip(ids[0], probs[0]) if p > 0}
+    assert kept == set(expected.nonzero().flatten().tolist()) == {0, 5, 6, 7, 8}

@@ -21,8 +21,6 @@ from ssb.models import (
     load_model_and_tokenizer,
     load_tokenizer,
     model_identity,
-    pick_device,
-    pick_dtype,
     resolve_source,
     set_seed,
 )
@@ -172,47 +170,7 @@ def test_cache_root(monkeypatch, tmp_path):
     assert models.cache_root(ModelConfig()) == Path("~/.cache/ssb").expanduser()
 
 
-# --------------------------------------------------------------------------- device, dtype, seed
-
-
-def test_pick_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert pick_device("auto") == torch.device("cpu")
-    assert pick_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        pick_device("cuda")
-    with pytest.raises(ValueError, match="MPS"):
-        pick_device("mps")
-    with pytest.raises(ValueError, match="unknown device"):
-        pick_device("tpu-ish")
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert pick_device("auto") == torch.device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert pick_device("auto") == torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setenv("LOCAL_RANK", "2")  # accelerate launch / torchrun
-    assert pick_device("auto") == torch.device("cuda", 2)
-
-
-def test_pick_dtype(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert pick_dtype("float32", cpu) == torch.float32
-    assert pick_dtype("bfloat16", cpu) == torch.bfloat16
-    assert pick_dtype("float16", cuda) == torch.float16
-    assert pick_dtype(torch.float16, cpu) == torch.float16
-    with pytest.raises(ValueError, match="unknown dtype"):
-        pick_dtype("int8", cpu)
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
-    assert pick_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    assert pick_dtype("auto", cpu) == torch.float32
-    assert pick_dtype("auto", torch.device("mps")) == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert pick_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert pick_dtype("auto", cuda) == torch.float16
+# --------------------------------------------------------------------------- seed
 
 
 def test_set_seed():

@@ -106,3 +106,23 @@ def test_only_rank_zero_writes_the_bookkeeping(tmp_path, monkeypatch):
     before = rd.manifest_path.read_bytes()
     rd.update_manifest(extra=1)
     assert rd.manifest_path.read_bytes() == before
+
+
+def test_a_run_made_before_a_config_key_existed_continues(tmp_path):
+    """A run directory whose config.yaml predates a key (here model.threads) is not refused as
+    "made with a different config": the missing key compares as its default."""
+    import yaml
+
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(preset="quickstart")
+    rd.init(cfg, "rollout")
+    with rd.stage("rollout"):
+        pass
+    old = yaml.safe_load(rd.config_path.read_text())
+    del old["model"]["threads"]
+    rd.config_path.write_text(yaml.safe_dump(old))
+    rd.init(cfg, "bootstrap")  # no error
+    changed = load_config(preset="quickstart", overrides=["model.threads=1"])
+    rd.config_path.write_text(yaml.safe_dump(old))
+    with pytest.raises(RunDirError, match="model"):
+        rd.init(changed, "bootstrap")

@@ -226,6 +226,67 @@ def test_online_equals_stored_targets(tmp_path, template):
     assert (on - off).abs().max() > 1e-3
 
 
+# --------------------------------------------------------------------------- shared prefix
+
+
+@pytest.mark.parametrize("template", ["chatml", "gemma", "none"])
+def test_shared_prefix_forward_is_exact_with_gradients(tmp_path, template):
+    """The student's shared prefix (system prompt / few-shot examples) run once per batch gives
+    the same reply-row hidden states, KD loss and LoRA gradients as the full forward per row."""
+    cfg, rundir, pairs = make_run(tmp_path, template)
+    reader = targets(cfg, rundir, "dense")
+    batch = collate(cfg, reader, pairs[:4])
+    prefix = batch["shared_prefix"]
+    assert prefix >= 16, "the fixture's prompts share their start; the test needs that"
+    assert prefix < min(len(p["student_prompt_ids"]) for p in pairs[:4])
+    model = fresh_student(cfg)
+    perturb_lora(model)
+    lc = cfg.train.loss
+
+    def loss_and_grads(shared):
+        model.zero_grad()
+        shift = batch["shift_labels"][:, shared:]
+        mask = shift != IGNORE
+        hidden = final_hidden_states(
+            model, batch["input_ids"], batch["attention_mask"], shared_prefix=shared
+        )
+        out = chunked_kd_loss(
+            hidden[mask],
+            output_head(model).weight,
+            {"logp": batch["teacher_logp"]},
+            shift[mask],
+            mode="dense",
+            tau=lc.temperature,
+            chunk_size=lc.chunk_size,
+        )
+        (out.loss_sum / out.num_tokens).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return hidden[mask].detach(), float(out.loss_sum.detach() / out.num_tokens), grads
+
+    rows_full, loss_full, grads_full = loss_and_grads(0)
+    rows_shared, loss_shared, grads_shared = loss_and_grads(prefix)
+    assert torch.allclose(rows_shared, rows_full, atol=1e-5, rtol=1e-4)
+    assert loss_shared == pytest.approx(loss_full, rel=1e-5)
+    for name, g in grads_full.items():
+        assert g.abs().max() > 0, name  # every LoRA weight gets a gradient, so this compares
+        assert torch.allclose(grads_shared[name], g, atol=1e-6, rtol=1e-3), name
+
+
+def test_teacher_rows_with_the_shared_prefix_equal_one_pair_at_a_time(tmp_path):
+    """`ssb targets` scores a batch with its shared prefix run once: each pair's rows equal a
+    forward of that pair alone."""
+    from ssb.stages.targets import teacher_rows
+
+    cfg, rundir, pairs = make_run(tmp_path, "none")
+    model = load_base(cfg).model
+    pad = load_base(cfg).tokenizer.pad_token_id
+    together = teacher_rows(model, pairs, pad)
+    for pair, rows in zip(pairs, together):
+        alone = teacher_rows(model, [pair], pad)[0]
+        assert rows.shape == alone.shape == (len(reply_of(pair)), alone.shape[1])
+        assert torch.allclose(rows, alone, atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- normalisation
 
 

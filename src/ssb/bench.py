@@ -29,6 +29,9 @@ Sections (``sections=`` picks a subset):
   second. A decode-bound variant (short prompt, fixed 16 new tokens) shows where batching pays.
 - ``scoring``: teacher scoring (the targets stage's `score_batch`, top-k) one example at a time vs
   length-sorted right-padded batches; scored tokens per second.
+- ``cpu``: the quickstart's hot paths on this CPU and on AVX2 (emulated when this CPU has
+  AVX-512): bf16 vs float32 output-layer GEMMs, rollout tokens/s with transformers' `generate`
+  loop vs ssb's decode loop, and a KD step with and without the shared prefix (`ssb.bench_cpu`).
 - ``stages``: per-stage wall time and share of the total from a run directory's manifest.json
   (``stage_times_from=``).
 - ``gpu``: when CUDA is available, the KD step (tokens/s, MFU) of the reference approach vs ours
@@ -64,9 +67,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ssb.bench_cpu import child_cpu, section_cpu
+
 __all__ = ["SECTIONS", "run_bench"]
 
-SECTIONS = ("storage", "kd_memory", "generation", "scoring", "stages", "gpu")
+SECTIONS = ("storage", "kd_memory", "generation", "scoring", "cpu", "stages", "gpu")
 
 QWEN25_3B = {
     "vocab": 151936,
@@ -141,6 +146,13 @@ def _sizes(quick: bool) -> dict[str, Any]:
                 "rollout_rounds": 1,
             },
             "scoring": {"pairs": 4, "rounds": 1},
+            "cpu": {
+                "gemm": {"vocab": 4096, "hidden": 64, "grad_rows": 8},
+                "gen_problems": 2,
+                "max_new_tokens": 4,
+                "train_pairs": 2,
+                "train_repeats": 1,
+            },
             "gpu": {
                 "shape": {
                     "vocab": 4096,
@@ -190,6 +202,17 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "rollout_rounds": 2,
         },
         "scoring": {"pairs": 4, "rounds": 3},
+        "cpu": {
+            "gemm": {
+                "vocab": GEMMA3_270M["vocab"],
+                "hidden": GEMMA3_270M["hidden"],
+                "grad_rows": 16,
+            },
+            "gen_problems": 8,  # x the quickstart's 4 samples
+            "max_new_tokens": None,  # the quickstart's (48)
+            "train_pairs": 4,  # one quickstart batch
+            "train_repeats": 2,
+        },
         "gpu": {
             "layers": QWEN25_3B["layers"],
             "batch": 4,
@@ -312,12 +335,19 @@ def _prefer_oom_kill() -> None:
 # --------------------------------------------------------------------------- child processes
 
 
-def _run_child(task: str, spec: dict[str, Any], timeout: int = CHILD_TIMEOUT_S) -> dict[str, Any]:
-    """Run `task` in a fresh Python process and return the dict it writes (or an error)."""
+def _run_child(
+    task: str,
+    spec: dict[str, Any],
+    timeout: int = CHILD_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run `task` in a fresh Python process (with `env` added to its environment) and return the
+    dict it writes (or an error)."""
     with tempfile.TemporaryDirectory(prefix="ssb-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(dict(spec, tmp=tmp)))
-        env = dict(os.environ)
+        extra_env = env or {}
+        env = dict(os.environ, **extra_env)
         src = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = (
             src + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else src
@@ -356,6 +386,7 @@ def _child_main(argv: list[str]) -> None:
         "kd_step": _child_kd_step,
         "model_tasks": _child_model_tasks,
         "gpu_generate": _child_gpu_generate,
+        "cpu_isa": child_cpu,
     }
     try:
         result = tasks[task](spec)
@@ -720,7 +751,13 @@ def _generation(model: Any, tokenizer: Any, cfg: Any, sizes: dict[str, Any]) -> 
     # The reference: plain transformers generate, one sample at a time. Ours: batched, shared
     # prefix prefilled once, top-k candidate sampling (see ssb.generate.hf).
     one = HFGenerator(
-        model, tokenizer, 1, rf.stop_token_ids, share_prefix=False, sample_from_candidates=False
+        model,
+        tokenizer,
+        1,
+        rf.stop_token_ids,
+        share_prefix=False,
+        sample_from_candidates=False,
+        loop="transformers",
     )
     many = HFGenerator(model, tokenizer, sizes["batch_size"], rf.stop_token_ids)
     plain = HFGenerator(
@@ -730,6 +767,7 @@ def _generation(model: Any, tokenizer: Any, cfg: Any, sizes: dict[str, Any]) -> 
         rf.stop_token_ids,
         share_prefix=False,
         sample_from_candidates=False,
+        loop="transformers",
     )
     one.generate(prompts[:1], SamplingParams(temperature=0.5, max_new_tokens=2), progress=False)
 
@@ -1678,7 +1716,10 @@ def _markdown(results: dict[str, Any]) -> str:
     lines = [
         "# ssb benchmark results",
         "",
-        f"- {meta['date']}, {meta['machine']}, torch {meta['torch']}, "
+        f"- {meta['date']}, {meta['machine']} ({meta['hardware']['cpu']}, torch ISA "
+        f"{meta['hardware']['cpu_capability']}, native bf16: "
+        f"{'yes' if meta['hardware']['native_bf16'] else 'no'}, "
+        f"{meta['hardware']['torch_threads']} threads), torch {meta['torch']}, "
         f"transformers {meta['transformers']}; quick={meta['quick']}; "
         f"wall time {meta['wall_s']:.0f} s",
         "- Each row compares two numbers measured side by side in this run; absolute times on a "
@@ -1739,6 +1780,8 @@ def _meta(quick: bool) -> dict[str, Any]:
     import torch
     import transformers
 
+    from ssb.hardware import hardware_info
+
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}",
@@ -1746,6 +1789,7 @@ def _meta(quick: bool) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
+        "hardware": hardware_info(),
         "quick": quick,
     }
 
@@ -1840,6 +1884,8 @@ def run_bench(
                     data, rows = _section_generation(model_out["generation"])
                 elif name == "scoring":
                     data, rows = _section_scoring(model_out["scoring"])
+                elif name == "cpu":
+                    data, rows = section_cpu(sizes["cpu"], model, progress, _run_child)
                 elif name == "stages":
                     data, rows = _section_stages(stage_times_from)
                 else:

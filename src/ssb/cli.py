@@ -221,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ssb.distill.store import TargetStoreError
+    from ssb.hardware import DeviceError
     from ssb.models import ModelLoadError
     from ssb.problems import ProblemsError
 
     errors = (ConfigError, RunDirError, ProblemsError, TargetStoreError, ModelLoadError)
+    errors = (*errors, DeviceError)
     return (*errors, ValueError, OSError)
 
 

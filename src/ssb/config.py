@@ -32,6 +32,9 @@ class ModelConfig:
     revision: str | None = None
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # CPU threads for torch; None = the physical cores this process may use (shared among the
+    # processes of a multi-process launch).
+    threads: int | None = None
     trust_remote_code: bool = False
     # Where converted copies (GGUF -> safetensors) are cached; None = ~/.cache/ssb.
     cache_dir: str | None = None
@@ -251,12 +254,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Embedded gemma-3-270m on synthetic one-step arithmetic, sized for 2 CPU cores.
     "quickstart": {
         "name": "quickstart",
-        "model": {"name": "embedded", "dtype": "bfloat16"},
-        "data": {"train": "synthetic", "max_problems": 160, "synthetic": {"difficulty": 1}},
+        # dtype auto: bfloat16 only on CPUs that compute it natively, else float32.
+        "model": {"name": "embedded", "dtype": "auto"},
+        # 128 problems: ~30 pairs with two teacher attempts (39 of 160 measured).
+        "data": {"train": "synthetic", "max_problems": 128, "synthetic": {"difficulty": 1}},
         "prompt": {"format": "fewshot", "num_fewshot": 6},
-        "generation": {"batch_size": 16, "max_new_tokens": 48},
+        # 32 rows per decode step: the 262k-row output layer costs about as much for 32 rows as
+        # for 16 on a CPU (`ssb bench`, section cpu).
+        "generation": {"batch_size": 32, "max_new_tokens": 48},
         "rollout": {"num_samples": 4, "temperature": 0.5},
-        "bootstrap": {"temperature": 0.4},
+        # A second teacher sample when the first is wrong (~2 of 3 first samples are): 18-24
+        # pairs from 160 problems with one attempt, 39 with two.
+        "bootstrap": {"temperature": 0.4, "attempts": 2},
         "targets": {"mode": "hidden", "batch_size": 4},
         "train": {
             "lora": {"r": 16, "alpha": 32},
@@ -285,7 +294,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # order until 256 pairs are kept.
     "paper": {
         "name": "paper",
-        "model": {"name": "Qwen/Qwen2.5-3B-Instruct", "dtype": "bfloat16"},
+        # A GPU preset: without a usable GPU it stops with the reason instead of crawling on CPU.
+        "model": {"name": "Qwen/Qwen2.5-3B-Instruct", "dtype": "bfloat16", "device": "cuda"},
         "data": {"train": "gsm8k", "train_split": "train", "max_problems": None},
         "prompt": {"format": "chat"},
         "generation": {"batch_size": 64, "max_new_tokens": 2048},

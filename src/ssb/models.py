@@ -21,6 +21,7 @@ a half-written cache.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from ssb.config import ModelConfig
+from ssb.hardware import configure_threads, hardware_info, pick_device, pick_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -48,104 +50,12 @@ CONVERSION_MARKER = "ssb_conversion.json"
 CONVERSION_FORMAT = 1  # bump to invalidate old conversion caches
 CACHE_DTYPE = torch.bfloat16
 
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
-
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be found or loaded; the message says what to do."""
 
 
-# --------------------------------------------------------------------------- device, dtype, seed
-
-
-def pick_device(name: str | torch.device | None = "auto") -> torch.device:
-    """Resolve "auto" (cuda, on cuda:$LOCAL_RANK when set; else mps; else cpu); other names are
-    checked against what is available."""
-    if isinstance(name, torch.device):
-        return name
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            # Under `accelerate launch` / torchrun each process takes its own GPU.
-            local_rank = os.environ.get("LOCAL_RANK")
-            if local_rank is not None and local_rank.isdigit():
-                return torch.device("cuda", int(local_rank) % max(torch.cuda.device_count(), 1))
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"model.device: unknown device {name!r} ({exc})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"model.device: {name!r} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"model.device: {name!r} requested but only {torch.cuda.device_count()} "
-                "CUDA device(s) are visible"
-            )
-    if device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError("model.device: 'mps' requested but MPS is not available")
-    return device
-
-
-def pick_dtype(name: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    """Resolve ``model.dtype``.
-
-    "auto": bfloat16 on CUDA with bf16 support (float16 on older GPUs), float32 on MPS; on CPU
-    bfloat16 when the CPU has native bf16 instructions (AVX512-BF16 or AMX), else float32. Measured
-    on a 2-core AMD EPYC (AVX512-BF16), torch 2.13, gemma-3-270m, 32 sampled tokens: bf16 24.7
-    tok/s vs float32 12.0 at batch 1, 114 vs 64 tok/s at batch 16. Without native bf16, bf16
-    matmuls are emulated and slower. Set ``model.dtype=float32`` for exact float32 arithmetic.
-    """
-    if isinstance(name, torch.dtype):
-        return name
-    device = torch.device(device) if isinstance(device, str) else device
-    key = (name or "auto").strip().lower()
-    if key == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float32
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if key not in _DTYPES:
-        raise ValueError(f"model.dtype: unknown dtype {name!r} (auto, bfloat16, float16, float32)")
-    return _DTYPES[key]
-
-
-_CPU_BF16: bool | None = None
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (x86 AVX512-BF16 / AMX-BF16; Linux flags)."""
-    global _CPU_BF16
-    if _CPU_BF16 is None:
-        flags = ""
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    if line.startswith("flags"):
-                        flags = line
-                        break
-        except OSError:
-            pass
-        words = set(flags.split())
-        _CPU_BF16 = bool(words & {"avx512_bf16", "amx_bf16"})
-    return _CPU_BF16
+# --------------------------------------------------------------------------- seed
 
 
 def set_seed(seed: int) -> None:
@@ -489,6 +399,9 @@ def _model_at(
 
     device = pick_device(cfg.device if device is None else device)
     torch_dtype = pick_dtype(cfg.dtype if dtype is None else dtype, device)
+    if device.type == "cpu":
+        configure_threads(cfg.threads)
+    logger.info("hardware: %s", hardware_info(device, torch_dtype))
     if device.type != "cpu":
         kwargs = dict(kwargs, device_map={"": str(device)})  # load straight onto the device
     model = _from_pretrained(AutoModelForCausalLM, location, source, dtype=torch_dtype, **kwargs)
@@ -526,6 +439,16 @@ def remove_contiguous_head_input(model) -> None:
     if handle is not None:
         handle.remove()
         head._ssb_contiguous_hook = None
+
+
+def cache_kwarg(model) -> str:
+    """The name under which the model's forward takes its KV cache: `cache` from transformers
+    5.24 on (`past_key_values` is deprecated there and leaves in 5.40), `past_key_values`
+    before. `model` may be a PEFT wrapper."""
+    get_base = getattr(model, "get_base_model", None)
+    inner = get_base() if callable(get_base) else model
+    params = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ssb.config import Config, config_hash, dump_yaml, to_dict
+from ssb.config import Config, ConfigError, config_from_dict, config_hash, dump_yaml, to_dict
 
 TRACKED_PACKAGES = (
     "ssb",
@@ -321,6 +321,11 @@ class RunDir:
             old = yaml.safe_load(self.config_path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise RunDirError(f"{self.config_path}: invalid YAML ({exc})") from None
+        try:
+            # Keys added to the config since the run was made compare as their defaults.
+            old = to_dict(config_from_dict(old))
+        except (ConfigError, TypeError):
+            pass  # an old key since removed: compare what the file holds
         new = to_dict(cfg)
         done = {s for s, v in self.read_manifest().get("stages", {}).items() if v.get("status")}
         diffs = []

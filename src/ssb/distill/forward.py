@@ -16,6 +16,9 @@ import torch
 
 from ssb.distill.losses import project_logits
 
+# Shorter shared prefixes are not worth a separate forward pass.
+MIN_SHARED_PREFIX = 16
+
 
 @dataclass
 class OutputHead:
@@ -69,7 +72,7 @@ def full_parameter(param: torch.Tensor) -> torch.Tensor:
 
 
 def final_hidden_states(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0
 ) -> torch.Tensor:
     """(B, S, H) hidden states after the final norm: what the lm_head sees.
 
@@ -78,6 +81,12 @@ def final_hidden_states(
     forward made through its own `forward`. The decoder's output is captured with a forward
     hook, and the causal LM is asked for the logits of the last position only
     (`logits_to_keep=1`), so no (B, S, V) logits tensor is built.
+
+    `shared_prefix=n` (every row starts with the same n tokens, e.g. the few-shot examples, and
+    the batch is right-padded): those n tokens run once, at batch 1, and their keys and values
+    serve every row; the result is (B, S - n, H), the positions n..S-1. Exact, gradients
+    included: they flow back through the shared keys and values into the one prefix pass. Only
+    for a single process without activation checkpointing (see `can_share_prefix`).
     """
     core = unwrap_model(model)
     decoder = core.get_decoder()
@@ -92,12 +101,55 @@ def final_hidden_states(
         kwargs["logits_to_keep"] = 1
     handle = decoder.register_forward_hook(grab)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if shared_prefix:
+            from transformers import DynamicCache
+
+            from ssb.models import cache_kwarg
+
+            n, (rows, width) = shared_prefix, input_ids.shape
+            config = getattr(core.config, "get_text_config", lambda: core.config)()
+            cache = DynamicCache(config=config)
+            name = cache_kwarg(core)
+            kwargs.update(use_cache=True, **{name: cache})
+            model(input_ids=input_ids[:1, :n], attention_mask=attention_mask[:1, :n], **kwargs)
+            cache.batch_repeat_interleave(rows)
+            positions = torch.arange(n, width, device=input_ids.device).expand(rows, -1)
+            model(
+                input_ids=input_ids[:, n:],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                **kwargs,
+            )
+        else:
+            model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         handle.remove()
     if not captured:
         raise RuntimeError(f"{type(core).__name__}.forward did not run its decoder")
-    return captured[0]
+    return captured[-1]
+
+
+def shared_prefix_length(sequences: list[list[int]], prompt_lengths: list[int]) -> int:
+    """How many leading tokens every sequence shares, stopping before the first position that
+    predicts a reply token (that row's output is needed); 0 when fewer than MIN_SHARED_PREFIX."""
+    limit = min(prompt_lengths) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX and len(sequences) > 1 else 0
+
+
+def can_share_prefix(model: Any, num_processes: int = 1) -> bool:
+    """Whether `final_hidden_states(..., shared_prefix=n)` may be used: one process (under DDP a
+    second forward before the backward would upset its gradient bookkeeping) and no activation
+    checkpointing (transformers turns the cache off under it)."""
+    core = unwrap_model(model)
+    inner = core.get_base_model() if hasattr(core, "get_base_model") else core
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    return num_processes == 1 and not bool(checkpointing)
 
 
 def _accepts_logits_to_keep(core: Any) -> bool:

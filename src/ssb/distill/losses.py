@@ -438,9 +438,9 @@ def chunked_kd_loss(
         :class:`KDLossOutput` with SUMS over the N rows. Divide by the step's reply-token count
         with :func:`normalise`.
 
-    Each chunk runs under ``torch.utils.checkpoint`` (non-reentrant): the forward keeps no
-    chunk's logits, and the backward recomputes one chunk's logits at a time, so the backward too
-    holds O(chunk_size x V).
+    With more than one chunk, each runs under ``torch.utils.checkpoint`` (non-reentrant): the
+    forward keeps no chunk's logits, and the backward recomputes one chunk's logits at a time, so
+    the backward too holds O(chunk_size x V).
     """
     _validate(
         student_hidden,
@@ -485,10 +485,17 @@ def chunked_kd_loss(
             loss = loss + ce_weight * ce
         return torch.stack([loss.sum(), kd.sum(), ce.sum()])
 
-    use_checkpoint = torch.is_grad_enabled() and (
-        student_hidden.requires_grad
-        or lm_head_weight.requires_grad
-        or (lm_head_bias is not None and lm_head_bias.requires_grad)
+    # One chunk needs no checkpoint: its backward holds that chunk's work either way, and
+    # recomputing it (the teacher's and the student's logits over the whole vocabulary) would
+    # double the cost of a quickstart step's loss.
+    use_checkpoint = (
+        n > chunk_size
+        and torch.is_grad_enabled()
+        and (
+            student_hidden.requires_grad
+            or lm_head_weight.requires_grad
+            or (lm_head_bias is not None and lm_head_bias.requires_grad)
+        )
     )
     totals = student_hidden.new_zeros(3, dtype=torch.float32)
     if n == 0:

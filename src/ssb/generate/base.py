@@ -31,6 +31,10 @@ class SamplingParams:
     n: int = 1  # completions per prompt
     stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
+    # One seed per prompt (e.g. derived from the problem id), so a prompt's samples do not depend
+    # on which call, batch, chunk or rank it lands in. None: derived from `seed` and the prompt's
+    # index in the call.
+    prompt_seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -49,6 +53,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def prompt_seed(self, prompt_index: int) -> int:
+        """The sampling seed of prompt `prompt_index` of a call (every backend uses it)."""
+        if self.prompt_seeds is not None:
+            return int(self.prompt_seeds[prompt_index]) % (2**31 - 1)
+        return (self.seed * 1_000_003 + prompt_index) % (2**31 - 1)
 
 
 @dataclass

@@ -35,15 +35,20 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    Cache,
     DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
 )
+from transformers.cache_utils import DynamicLayer
 
 from ssb.generate.base import Completion, SamplingParams, make_completion
+from ssb.models import cache_kwarg
 
 _SEED_STRIDE = 1_000_003
 # Shorter shared prefixes are not worth a separate forward pass.
@@ -115,15 +120,53 @@ def sliding_window(model) -> int | None:
     return int(window)
 
 
-class CandidateSampler(LogitsProcessor):
-    """Draws the next token from the top-k candidates and returns a one-hot score row (0 for the
-    drawn token, -inf elsewhere) for greedy decoding to pick.
+def candidates(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, probs), each (rows, width): the tokens transformers' `do_sample` could draw with
+    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (in that order) and their
+    probabilities (0 for a padding column). Tie rule included: every token tied with the k-th
+    tempered logit stays a candidate.
 
-    The distribution is exactly transformers' `do_sample` with TemperatureLogitsWarper,
-    TopKLogitsWarper and TopPLogitsWarper in that order, including its tie rule (every token tied
-    with the k-th logit stays a candidate). Only the random draw differs: it is over the
-    candidates, not the whole vocabulary.
+    The top-k runs on the raw logits and only the candidates are divided by the temperature:
+    dividing by a positive number keeps the order, and a tie that the division's rounding
+    creates at the k-th value is caught by the widening check below. So no vocabulary-sized
+    tensor is allocated (each one costs milliseconds on CPU for a 262k vocabulary).
     """
+    if temperature <= 0 or top_k <= 0:
+        raise ValueError("candidates() needs temperature > 0 and top_k > 0")
+    vocab = logits.shape[-1]
+    k = min(int(top_k), vocab)
+    # Low-precision logits often tie with the k-th; 2k candidates hold the ties in practice,
+    # and a count of the ties widens the set when they do not.
+    width = min(2 * k, vocab)
+    raw, ids = logits.topk(width, dim=-1)  # sorted, largest first
+    values = raw.float() / temperature
+    kth = values[:, k - 1 : k]
+    if width < vocab and bool((values[:, -1:] >= kth).any()):
+        width = int((logits.float() / temperature >= kth).sum(dim=-1).max())
+        raw, ids = logits.topk(width, dim=-1)
+        values = raw.float() / temperature
+    values = values.masked_fill(values < kth, float("-inf"))
+    if top_p < 1.0:
+        # TopPLogitsWarper's rule on the candidates in its order: ascending by logit, ties by
+        # token id (its stable sort of the vocabulary), so tied tokens are dropped alike.
+        by_id = ids.argsort(dim=-1)
+        ids, values = ids.gather(1, by_id), values.gather(1, by_id)
+        ascending = values.argsort(dim=-1, stable=True)
+        ids, values = ids.gather(1, ascending), values.gather(1, ascending)
+        cumulative = values.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)
+        remove[:, -1] = False
+        values = values.masked_fill(remove, float("-inf"))
+    return ids, values.softmax(dim=-1)
+
+
+class CandidateSampler(LogitsProcessor):
+    """For transformers' `generate` loop: draws the next token with `candidates` and returns a
+    one-hot score row (0 for the drawn token, -inf elsewhere) for greedy decoding to pick. The
+    distribution is exactly transformers' `do_sample`; only the draw differs: it is over the
+    candidates, not the whole vocabulary."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float = 1.0) -> None:
         if temperature <= 0 or top_k <= 0:
@@ -133,33 +176,17 @@ class CandidateSampler(LogitsProcessor):
         self.top_p = float(top_p)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.temperature
-        vocab = logits.shape[-1]
-        k = min(self.top_k, vocab)
-        # Low-precision logits often tie with the k-th; 2k candidates hold the ties in practice,
-        # and a count of the ties widens the set when they do not.
-        width = min(2 * k, vocab)
-        values, ids = logits.topk(width, dim=-1)  # sorted, largest first
-        kth = values[:, k - 1 : k]
-        if width < vocab and bool((values[:, -1:] >= kth).any()):
-            width = int((logits >= kth).sum(dim=-1).max())
-            values, ids = logits.topk(width, dim=-1)
-        values = values.masked_fill(values < kth, float("-inf"))
-        if self.top_p < 1.0:
-            # TopPLogitsWarper's rule on the candidates in its order: ascending by logit, ties by
-            # token id (its stable sort of the vocabulary), so tied tokens are dropped alike.
-            by_id = ids.argsort(dim=-1)
-            ids, values = ids.gather(1, by_id), values.gather(1, by_id)
-            ascending = values.argsort(dim=-1, stable=True)
-            ids, values = ids.gather(1, ascending), values.gather(1, ascending)
-            cumulative = values.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - self.top_p)
-            remove[:, -1] = False
-            values = values.masked_fill(remove, float("-inf"))
-        choice = torch.multinomial(values.softmax(dim=-1), num_samples=1)
-        chosen = ids.gather(1, choice)
+        ids, probs = candidates(scores, self.temperature, self.top_k, self.top_p)
+        chosen = ids.gather(1, torch.multinomial(probs, num_samples=1))
         one_hot = torch.full_like(scores, float("-inf"))
         return one_hot.scatter_(1, chosen, 0.0)
+
+
+def tail_window(stop_strings: Sequence[str]) -> int:
+    """How many trailing tokens to decode to see whether a stop string just appeared: a stop
+    string of m bytes spans at most m tokens (byte-level tokens may carry a fraction of a
+    character); the slack keeps decode artefacts at the window's start away."""
+    return max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 8
 
 
 class StopOnStrings(StoppingCriteria):
@@ -177,10 +204,7 @@ class StopOnStrings(StoppingCriteria):
         self.tokenizer = tokenizer
         self.stop_strings = list(stop_strings)
         self.prompt_width = prompt_width
-        # A stop string of m characters spans at most ~m tokens (byte-level tokens may carry a
-        # fraction of a character); the slack keeps decode artefacts at the window's start away.
-        longest = max((len(s.encode("utf-8")) for s in self.stop_strings), default=0)
-        self.window = longest + 8
+        self.window = tail_window(self.stop_strings)
         self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
         self.done: torch.Tensor | None = None
 
@@ -220,8 +244,79 @@ def _neutral_generation_config(model):
         target.generation_config = saved
 
 
+class GrowingLayer(DynamicLayer):
+    """A full-attention KV-cache layer with a preallocated buffer: a decode step writes its one
+    new column in place, where transformers' `DynamicLayer` concatenates (copies) the whole
+    cache every step, ~20% of a CPU decode step for gemma-3-270m at 16 rows. The keys and values
+    it returns are views of the buffer's first columns."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _view(self) -> None:
+        k, v = self._buffers
+        self.keys, self.values = k[:, :, : self.length], v[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._buffers is None or end > self._buffers[0].shape[-2]:
+            capacity = max(end, self.capacity)
+            grown = []
+            for old, new in zip(self._buffers or (None, None), (key_states, value_states)):
+                shape = (*new.shape[:2], capacity, new.shape[-1])
+                buffer = new.new_empty(shape)
+                if old is not None:
+                    buffer[:, :, : self.length] = old[:, :, : self.length]
+                grown.append(buffer)
+            self._buffers = (grown[0], grown[1])
+        self._buffers[0][:, :, self.length : end] = key_states
+        self._buffers[1][:, :, self.length : end] = value_states
+        self.length = end
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            k, v = self._buffers
+            self._buffers = (k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
+            self._view()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length:
+            k, v = self._buffers
+            self._buffers = (k[indices], v[indices])
+            self._view()
+
+
+def growing_cache(model, capacity: int) -> Cache:
+    """A cache of `GrowingLayer`s for every layer of `model`: only for sequences shorter than
+    any sliding window (there a sliding layer sees everything, like a full one)."""
+    config = _hf_model(model).config
+    config = getattr(config, "get_text_config", lambda: config)()
+    return Cache(layers=[GrowingLayer(capacity) for _ in range(config.num_hidden_layers)])
+
+
+LOOPS = ("ssb", "transformers")
+
+
+def row_seed(params: SamplingParams, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sampled row: the prompt's seed (`SamplingParams.prompt_seed`) and the
+    sample's index, never the batch it lands in, so batch size and order do not change samples."""
+    return batch_seed(params.prompt_seed(prompt_index), sample_index)
+
+
 class HFGenerator:
-    """Batched `model.generate` on token-id prompts (see the module docstring)."""
+    """Batched generation with transformers models on token-id prompts (see the module
+    docstring). `loop="ssb"` (default) runs its own decode loop; `loop="transformers"` calls
+    `model.generate` (the reference the tests and `ssb bench` compare against)."""
 
     def __init__(
         self,
@@ -232,6 +327,7 @@ class HFGenerator:
         pad_token_id: int | None = None,
         share_prefix: bool = True,
         sample_from_candidates: bool = True,
+        loop: str = "ssb",
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -250,7 +346,11 @@ class HFGenerator:
         self.pad_token_id = int(pad_token_id)
         self.share_prefix = share_prefix
         self.sample_from_candidates = sample_from_candidates
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+        self.loop = loop
         self.window = sliding_window(model)
+        self._cache_kwarg = cache_kwarg(model)
         # The last shared prefix and its KV cache (batch 1): consecutive batches usually share it.
         self._prefix_memo: tuple[tuple[int, ...], DynamicCache] | None = None
 
@@ -302,18 +402,33 @@ class HFGenerator:
                 return 0
         return n
 
+    def _fill_prefix(self, cache: Cache, prefix: list[int], rows: int) -> None:
+        """Put the KV of `prefix` (computed once, memoised) into every row of an empty cache."""
+        memo = self._prefix_memo_cache(prefix)
+        for layer, source in zip(cache.layers, memo.layers):
+            layer.update(
+                source.keys.expand(rows, -1, -1, -1), source.values.expand(rows, -1, -1, -1)
+            )
+
     def _prefix_cache(self, prefix: list[int], rows: int) -> DynamicCache:
-        """A KV cache holding `prefix` for `rows` rows (computed once per distinct prefix)."""
+        """A KV cache holding `prefix` for `rows` rows (for transformers' `generate`)."""
+        cache = copy.deepcopy(self._prefix_memo_cache(prefix))
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def _prefix_memo_cache(self, prefix: list[int]) -> DynamicCache:
+        """The KV cache of `prefix` at batch 1, computed once per distinct prefix (consecutive
+        batches usually share it). Not to be modified."""
         key = tuple(prefix)
         if self._prefix_memo is None or self._prefix_memo[0] != key:
             cache = DynamicCache(config=_hf_model(self.model).config)
             ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
             with torch.inference_mode():
-                self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.model(
+                    input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
+                )
             self._prefix_memo = (key, cache)
-        cache = copy.deepcopy(self._prefix_memo[1])
-        cache.batch_repeat_interleave(rows)
-        return cache
+        return self._prefix_memo[1]
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, progress: bool = True
@@ -322,6 +437,8 @@ class HFGenerator:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if params.prompt_seeds is not None and len(params.prompt_seeds) != len(prompts):
+            raise ValueError(f"{len(params.prompt_seeds)} prompt_seeds for {len(prompts)} prompts")
         # Greedy samples are identical: generate each prompt once and copy.
         samples = 1 if params.greedy else params.n
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable
@@ -333,9 +450,12 @@ class HFGenerator:
         try:
             for batch_index, start in enumerate(range(0, len(rows), self.batch_size)):
                 batch = rows[start : start + self.batch_size]
-                outputs = self._generate_batch(
-                    [prompts[i] for i, _ in batch], params, gen_config, batch_index
-                )
+                batch_prompts = [prompts[i] for i, _ in batch]
+                if self.loop == "ssb":
+                    seeds = [row_seed(params, i, s) for i, s in batch]
+                    outputs = self._decode_batch(batch_prompts, params, seeds)
+                else:
+                    outputs = self._generate_batch(batch_prompts, params, gen_config, batch_index)
                 finished = 0
                 for (i, s), completion in zip(batch, outputs):
                     results[i][s] = completion
@@ -367,7 +487,7 @@ class HFGenerator:
         )
         extra = {}
         if shared:
-            extra["past_key_values"] = self._prefix_cache(batch_prompts[0][:shared], len(input_ids))
+            extra[self._cache_kwarg] = self._prefix_cache(batch_prompts[0][:shared], len(input_ids))
         width = input_ids.shape[1]
         criteria = StoppingCriteriaList()
         if params.stop_strings:
@@ -398,6 +518,109 @@ class HFGenerator:
                 # at the window's edge): drop the padding transformers appended after the stop.
                 while ids and ids[-1] == self.pad_token_id:
                     ids = ids[:-1]
+                completion = make_completion(
+                    ids, self.tokenizer, self.stop_token_ids, (), finish_reason="stop"
+                )
+            completions.append(completion)
+        return completions
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Float32 logits of the last position of each row; the cache is extended in place."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+        )
+        return out.logits[:, -1, :]
+
+    def _next_tokens(
+        self, logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """One token per row: argmax when greedy, else a draw from transformers' `do_sample`
+        distribution with the row's own generator."""
+        if params.greedy:
+            return logits.argmax(dim=-1)
+        if params.top_k > 0:
+            ids, probs = candidates(logits, params.temperature, params.top_k, params.top_p)
+        else:  # no top-k: transformers' own warpers over the whole vocabulary
+            scores = TemperatureLogitsWarper(params.temperature)(None, logits.float())
+            if params.top_p < 1.0:
+                scores = TopPLogitsWarper(params.top_p)(None, scores)
+            ids, probs = None, scores.softmax(dim=-1)
+        picks = torch.cat(
+            [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)]
+        )
+        return picks if ids is None else ids.gather(1, picks[:, None])[:, 0]
+
+    def _decode_batch(
+        self, batch_prompts: list[list[int]], params: SamplingParams, seeds: list[int]
+    ) -> list[Completion]:
+        """Prefill (the shared prefix once), then decode one token per running row per step.
+
+        A row leaves the batch as soon as it stops (its KV cache rows are dropped), so the
+        steps after the short rows finish cost only what the long rows need. Each row samples
+        with its own generator (`row_seed`), so its sample does not depend on its batch.
+        """
+        shared = self._prefix_len(batch_prompts, params.max_new_tokens)
+        input_ids, attention_mask = pad_after_prefix(
+            batch_prompts, shared, self.pad_token_id, self.device
+        )
+        longest = input_ids.shape[1] + params.max_new_tokens
+        if self.window is None or longest < self.window:
+            cache = growing_cache(self.model, longest)
+        else:  # transformers' cache keeps a sliding layer to its window
+            cache = DynamicCache(config=_hf_model(self.model).config)
+        if shared:
+            self._fill_prefix(cache, batch_prompts[0][:shared], len(input_ids))
+        # Positions as transformers' generate derives them from the mask (padding: 1).
+        position_ids = attention_mask.cumsum(-1) - 1
+        position_ids = position_ids.masked_fill(attention_mask == 0, 1)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        stop_ids = torch.tensor(self.stop_token_ids, device=self.device)
+        window = tail_window(params.stop_strings)
+        alive = list(range(len(batch_prompts)))  # batch rows still decoding, in cache order
+        generated: list[list[int]] = [[] for _ in batch_prompts]
+        stopped_by_string = [False] * len(batch_prompts)
+        with torch.inference_mode():
+            logits = self._forward(
+                input_ids[:, shared:], attention_mask, position_ids[:, shared:], cache
+            )
+            next_positions = position_ids[:, -1:] + 1
+            for step in range(params.max_new_tokens):
+                tokens = self._next_tokens(logits, params, [generators[r] for r in alive])
+                done = torch.isin(tokens, stop_ids).tolist()
+                for j, (row, token) in enumerate(zip(alive, tokens.tolist())):
+                    generated[row].append(token)
+                    if not done[j] and params.stop_strings:
+                        tail = self.tokenizer.decode(
+                            generated[row][-window:], skip_special_tokens=True
+                        )
+                        if any(s in tail for s in params.stop_strings):
+                            done[j] = stopped_by_string[row] = True
+                if step == params.max_new_tokens - 1 or all(done):
+                    break
+                if any(done):
+                    keep = torch.tensor([j for j, d in enumerate(done) if not d])
+                    alive = [alive[j] for j in keep.tolist()]
+                    cache.batch_select_indices(keep.to(self.device))
+                    tokens = tokens[keep]
+                    attention_mask = attention_mask[keep]
+                    next_positions = next_positions[keep]
+                ones = attention_mask.new_ones((len(alive), 1))
+                attention_mask = torch.cat([attention_mask, ones], dim=1)
+                logits = self._forward(tokens[:, None], attention_mask, next_positions, cache)
+                next_positions = next_positions + 1
+        completions = []
+        for ids, by_string in zip(generated, stopped_by_string):
+            completion = make_completion(
+                ids, self.tokenizer, self.stop_token_ids, params.stop_strings
+            )
+            if completion.finish_reason == "length" and by_string:
+                # The tail check saw a stop string that the full decode does not (a decode
+                # artefact at the window's edge): the row did stop.
                 completion = make_completion(
                     ids, self.tokenizer, self.stop_token_ids, (), finish_reason="stop"
                 )

@@ -21,7 +21,6 @@ import torch
 from ssb.generate.base import Completion, SamplingParams, make_completion
 
 BACKENDS = ("auto", "hf", "vllm")
-_SEED_STRIDE = 1_000_003
 
 
 def vllm_available() -> bool:
@@ -116,7 +115,7 @@ class VLLMGenerator:
             max_tokens=params.max_new_tokens,
             stop=list(params.stop_strings) or None,
             stop_token_ids=list(self.stop_token_ids),
-            seed=(params.seed * _SEED_STRIDE + prompt_index) % (2**31 - 1),
+            seed=params.prompt_seed(prompt_index),
             skip_special_tokens=True,
         )
 

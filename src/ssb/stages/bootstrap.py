@@ -25,7 +25,15 @@ from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
-from ssb.stages.common import chunks, load_base, log, policy_generator, policy_model, stable_seed
+from ssb.stages.common import (
+    chunks,
+    generation_chunk_size,
+    load_base,
+    log,
+    policy_generator,
+    policy_model,
+    stable_seed,
+)
 
 REJECT_REASONS = (
     "all_correct",
@@ -88,16 +96,16 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
     base = None
     generator = None
     gen_seconds, gen_tokens = 0.0, 0
-    batch_problems = max(1, cfg.generation.batch_size // bcfg.attempts)
-    # Batches by position in rollouts.jsonl (not in the to-do list), so a resumed run gives each
-    # batch the same index, hence the same seed, as an uninterrupted run.
+    # Only about a third of the problems are mixed and need the teacher, so a chunk spans three
+    # generation chunks' worth of problems. Teacher samples are seeded by problem id, so a
+    # resumed run samples what an uninterrupted one would.
+    batch_problems = 3 * generation_chunk_size(cfg, bcfg.attempts)
     batches = [
-        (index, [r for r in batch if r["id"] not in decided])
-        for index, batch in enumerate(chunks(rollouts, batch_problems))
+        [r for r in batch if r["id"] not in decided] for batch in chunks(rollouts, batch_problems)
     ]
     # The model is loaded (and the adapter attached) only if some problem needs the teacher.
     with contextlib.ExitStack() as stack:
-        for index, batch in [(i, b) for i, b in batches if b]:
+        for batch in [b for b in batches if b]:
             if bcfg.target_pairs is not None and kept >= bcfg.target_pairs:
                 break
             decisions: list[dict[str, Any]] = []
@@ -140,7 +148,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                     max_new_tokens=cfg.generation.max_new_tokens,
                     n=bcfg.attempts,
                     stop_strings=base.reply.stop_strings,
-                    seed=stable_seed(cfg.seed, "bootstrap", index, mixed[0][0]["id"]),
+                    prompt_seeds=[stable_seed(cfg.seed, "bootstrap", r["id"]) for r, _, _ in mixed],
                 )
                 start = time.perf_counter()
                 outputs = generator.generate(prompts, params, progress=progress)

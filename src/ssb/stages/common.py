@@ -41,7 +41,19 @@ def load_base(cfg: Config, rundir: RunDir | None = None) -> BaseModel:
     base = _LOADED[key]
     if rundir is not None:
         check_model_identity(rundir, cfg, base.tokenizer)
+        record_hardware(rundir, base.model)
     return base
+
+
+def record_hardware(rundir: RunDir, model: Any) -> None:
+    """manifest.json `hardware`: the device, dtype, CPU (torch's ISA level, native bf16) and
+    threads the run's model computes with, as resolved here (the latest stage's)."""
+    from ssb.hardware import hardware_info
+
+    param = next(model.parameters())
+    info = hardware_info(param.device, param.dtype)
+    if rundir.read_manifest().get("hardware") != info:
+        rundir.update_manifest(hardware=info)
 
 
 @contextlib.contextmanager
@@ -118,6 +130,19 @@ def stable_seed(*parts: Any) -> int:
     (Python's hash() is salted per process)."""
     blob = "\x1f".join(str(p) for p in parts).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & 0x7FFFFFFF
+
+
+def generation_chunk_size(cfg: Config, samples_per_problem: int) -> int:
+    """Problems per generate call (and per crash-safe append) in rollout, bootstrap and eval.
+
+    transformers: four batches of `generation.batch_size` rows, so a kill loses little. vLLM
+    schedules its own batches and runs fastest on one large call: thousands of sequences.
+    Samples are seeded per problem, so the chunk size never changes what is sampled."""
+    from ssb.generate import select_backend
+
+    if select_backend(cfg.generation.backend) == "vllm":
+        return max(1, 4096 // samples_per_problem)
+    return max(1, cfg.generation.batch_size // samples_per_problem) * 4
 
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:

@@ -44,6 +44,7 @@ from ssb.stages.common import (
     context_limit,
     drop_long_prompts,
     drop_unparseable_golds,
+    generation_chunk_size,
     load_base,
     log,
     stable_seed,
@@ -340,24 +341,24 @@ def run_eval(
         if len(set(ids)) != len(ids):
             raise ValueError(f"benchmark {bench!r} has duplicate problem ids")
     n = settings["num_samples"]
-    chunk_size = max(1, cfg.generation.batch_size // n) * 4
+    chunk_size = generation_chunk_size(cfg, n)
     new_records: dict[str, dict[str, int]] = {}
     gen_seconds, gen_tokens = 0.0, 0
     skipped = 0
     base = None
     for name, adapter in chosen.items():
         fp = fingerprint(cfg, settings, adapter)
-        todo: list[tuple[str, int, list[Any]]] = []
+        todo: list[tuple[str, list[Any]]] = []
         for bench, plist in problems.items():
             done = _load_current(records_path(rundir, name, bench), fp)
-            for index, chunk in enumerate(chunks(plist, chunk_size)):
+            for chunk in chunks(plist, chunk_size):
                 left = [p for p in chunk if str(p.id) not in done]
                 if left:
-                    todo.append((bench, index, left))
+                    todo.append((bench, left))
         new_records[name] = {bench: 0 for bench in problems}
         if not todo:
             continue
-        log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, _, c in todo))
+        log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, c in todo))
         if base is None:
             base = load_base(cfg, rundir)
         # hf: LoRA layers injected into the shared base model for this model only; vLLM: the
@@ -374,7 +375,7 @@ def run_eval(
                 base.reply.stop_token_ids,
                 adapter_path=None if backend == "hf" else adapter,
             )
-            for bench, index, chunk in todo:
+            for bench, chunk in todo:
                 prompts = [
                     render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
                     for p in chunk
@@ -396,8 +397,10 @@ def run_eval(
                     max_new_tokens=settings["max_new_tokens"],
                     n=n,
                     stop_strings=base.reply.stop_strings,
-                    # The same seed for every model: paired comparisons share the randomness.
-                    seed=stable_seed(cfg.seed, "eval", bench_slug(bench), index),
+                    # The same seeds for every model: paired comparisons share the randomness.
+                    prompt_seeds=[
+                        stable_seed(cfg.seed, "eval", bench_slug(bench), p.id) for p in chunk
+                    ],
                 )
                 start = time.perf_counter()
                 outputs = generator.generate(prompts, params, progress=progress)

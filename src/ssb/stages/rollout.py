@@ -2,8 +2,8 @@
 
 Writes `rollouts.jsonl`, one record per problem. Problems are processed in fixed chunks (by
 position in the problem list) and each chunk is appended in one write, so a resumed run skips
-finished problems, and a chunk is seeded by its position: an interrupted and resumed run
-reproduces the uninterrupted one.
+finished problems. Each problem's samples are seeded by its id, so an interrupted and resumed
+run reproduces the uninterrupted one, whatever the chunk or batch a problem lands in.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ssb.stages.common import (
     context_limit,
     drop_long_prompts,
     drop_unparseable_golds,
+    generation_chunk_size,
     load_base,
     log,
     policy_generator,
@@ -67,14 +68,10 @@ def run_rollout(
     problems, bad_golds = drop_unparseable_golds(problems, "rollout")
     done = {r["id"] for r in read_jsonl(rundir.rollouts_path)}
     k = cfg.rollout.num_samples
-    # A chunk is about one generation batch of sequences; at least one problem.
-    chunk_size = max(1, cfg.generation.batch_size // k) * 4
-    todo_chunks = [
-        (index, [p for p in chunk if p.id not in done])
-        for index, chunk in enumerate(chunks(problems, chunk_size))
-    ]
-    todo_chunks = [(i, c) for i, c in todo_chunks if c]
-    num_todo = sum(len(c) for _, c in todo_chunks)
+    chunk_size = generation_chunk_size(cfg, k)
+    todo_chunks = [[p for p in chunk if p.id not in done] for chunk in chunks(problems, chunk_size)]
+    todo_chunks = [c for c in todo_chunks if c]
+    num_todo = sum(len(c) for c in todo_chunks)
     log.info(
         "rollout: %d problems, %d already done, %d to sample", len(problems), len(done), num_todo
     )
@@ -87,7 +84,7 @@ def run_rollout(
         limit = context_limit(cfg, base.model)
         with policy_model(cfg, base) as model:
             generator = policy_generator(cfg, base, model)
-            for index, chunk in todo_chunks:
+            for chunk in todo_chunks:
                 prompts = [
                     render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
                     for p in chunk
@@ -105,7 +102,7 @@ def run_rollout(
                     max_new_tokens=cfg.generation.max_new_tokens,
                     n=k,
                     stop_strings=base.reply.stop_strings,
-                    seed=stable_seed(cfg.seed, "rollout", index),
+                    prompt_seeds=[stable_seed(cfg.seed, "rollout", p.id) for p in chunk],
                 )
                 start = time.perf_counter()
                 outputs = generator.generate(prompts, params, progress=progress)

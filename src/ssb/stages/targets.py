@@ -18,7 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ssb.config import Config
-from ssb.distill.forward import final_hidden_states, output_head, reply_rows, right_pad
+from ssb.distill.forward import (
+    final_hidden_states,
+    output_head,
+    reply_rows,
+    right_pad,
+    shared_prefix_length,
+)
 from ssb.distill.losses import dense_targets, topk_targets
 from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
 from ssb.prompts import render_prompt_ids
@@ -88,12 +94,21 @@ def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
 def teacher_rows(model: Any, batch: list[dict[str, Any]], pad_id: int) -> list[torch.Tensor]:
     """Final hidden states (R, H) on the reply positions of each pair, one forward per batch."""
     seqs = [teacher_sequence(p) for p in batch]
-    ids, mask = right_pad([prompt + reply for prompt, reply in seqs], pad_id)
+    full = [prompt + reply for prompt, reply in seqs]
+    ids, mask = right_pad(full, pad_id)
     device = next(model.parameters()).device
-    hidden = final_hidden_states(model, ids.to(device), mask.to(device))
+    # The teacher prompts' shared few-shot prefix runs once per batch (exact; no gradients here,
+    # so this also holds under a multi-process launch).
+    n = shared_prefix_length(full, [len(prompt) for prompt, _ in seqs])
+    hidden = final_hidden_states(model, ids.to(device), mask.to(device), shared_prefix=n)
     return [
-        hidden[i, reply_rows(len(prompt), len(reply))] for i, (prompt, reply) in enumerate(seqs)
+        hidden[i, _shifted(reply_rows(len(prompt), len(reply)), n)]
+        for i, (prompt, reply) in enumerate(seqs)
     ]
+
+
+def _shifted(rows: slice, offset: int) -> slice:
+    return slice(rows.start - offset, rows.stop - offset)
 
 
 # Reply rows whose full-vocabulary logits are built at once (dense/top-k): 256 x 262k float32

@@ -26,10 +26,12 @@ from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, LossConfig
 from ssb.distill.forward import (
+    can_share_prefix,
     final_hidden_states,
     output_head,
     reply_rows,
     right_pad,
+    shared_prefix_length,
     unwrap_model,
 )
 from ssb.distill.losses import chunked_kd_loss, normalise
@@ -90,6 +92,11 @@ class DistillCollator:
             "attention_mask": mask,
             "labels": labels,
             "shift_labels": shift,
+            # Leading tokens every student sequence shares (the few-shot examples or system
+            # prompt): run once per batch when the trainer can (`can_share_prefix`).
+            "shared_prefix": shared_prefix_length(
+                [prompt + reply for prompt, reply in seqs], [len(prompt) for prompt, _ in seqs]
+            ),
         }
         if self.mode == "online":
             tseqs = [teacher_sequence(p) for p in pairs]
@@ -143,10 +150,16 @@ class SSBTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         lc = self.loss_config
-        shift = inputs["shift_labels"]
+        prefix = int(inputs.get("shared_prefix", 0))
+        if prefix and not can_share_prefix(model, self.accelerator.num_processes):
+            prefix = 0
+        # Positions before `prefix` predict no reply token: the hidden states start after it.
+        shift = inputs["shift_labels"][:, prefix:]
         reply_mask = shift != IGNORE
         # Through `model` (the DDP wrapper under `accelerate launch`), so gradients are synced.
-        hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+        hidden = final_hidden_states(
+            model, inputs["input_ids"], inputs["attention_mask"], shared_prefix=prefix
+        )
         student_rows = hidden[reply_mask]
         labels = shift[reply_mask]
         head = output_head(model)
