@@ -518,8 +518,9 @@ def test_make_generator_hf(monkeypatch):
         make_generator(cfg, model, tok, [end_of_turn_token(tok)])
 
 
-def _install_fake_vllm(monkeypatch, tok, calls):
-    """A stand-in `vllm` module: echoes fixed token ids per request, records the arguments."""
+def _install_fake_vllm(monkeypatch, tok, calls, finish_reasons=("stop",)):
+    """A stand-in `vllm` module: echoes fixed token ids per request, records the arguments; the
+    samples of a request get `finish_reasons` in turn."""
 
     class FakeSamplingParams:
         def __init__(self, **kwargs):
@@ -536,9 +537,11 @@ def _install_fake_vllm(monkeypatch, tok, calls):
                 body = tok.encode(" 42\n\nQuestion: more", add_special_tokens=False)
                 samples = [
                     types.SimpleNamespace(
-                        token_ids=body + [tok.eos_token_id], finish_reason="stop", text="x"
+                        token_ids=body + [tok.eos_token_id],
+                        finish_reason=finish_reasons[i % len(finish_reasons)],
+                        text="x",
                     )
-                    for _ in range(sp.kwargs["n"])
+                    for i in range(sp.kwargs["n"])
                 ]
                 outs.append(types.SimpleNamespace(outputs=samples, prompt=prompt))
             return outs
@@ -573,6 +576,61 @@ def test_vllm_generator_with_a_stand_in_module(monkeypatch):
     assert tok.eos_token_id not in results[1][1].token_ids
     greedy = gen._sampling_params(SamplingParams(0.0, top_k=5), 0).kwargs
     assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1
+
+
+def test_vllm_unfinished_samples_keep_their_reason_and_are_never_graded(monkeypatch):
+    """vLLM's abort/error (and an unfinished None) stay as they are, although the text holds a
+    stop string; `require_finished` then stops the chunk before anything is written."""
+    from ssb.generate.base import GenerationAborted, require_finished
+
+    tok = build_tokenizer("none")
+    reasons = ("stop", "length", "abort", "error", None)
+    _install_fake_vllm(monkeypatch, tok, {}, finish_reasons=reasons)
+    gen = VLLMGenerator("/models/x", tok, [tok.eos_token_id])
+    out = gen.generate([[2, 5]], SamplingParams(0.7, n=5, stop_strings=["\n\n"]), False)
+    assert [c.finish_reason for c in out[0]] == ["stop", "stop", "abort", "error", "abort"]
+    require_finished([out[0][:2]], "rollout")  # stop and length: finished
+    with pytest.raises(GenerationAborted, match=r"rollout: .* 3 of 5 samples unfinished"):
+        require_finished(out, "rollout")
+
+
+def test_a_stage_writes_nothing_of_an_aborted_chunk(tmp_path, monkeypatch):
+    """Rollout with an engine that aborts a sample: the stage fails with a clear error and
+    rollouts.jsonl gets no record of that chunk (a rerun retries it)."""
+    from pairs_fixture import tiny_config
+    from tiny_models import save_tiny_model
+
+    from ssb.generate.base import GenerationAborted
+    from ssb.rundir import RunDir, read_jsonl
+    from ssb.stages import rollout
+
+    class AbortingGenerator:
+        def generate(self, prompts, params, progress=True):
+            return [
+                [
+                    Completion(" 1", [5], "abort" if i == 0 and s == 0 else "stop")
+                    for s in range(params.n)
+                ]
+                for i in range(len(prompts))
+            ]
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama", "none")
+    cfg = tiny_config(model_dir, "data.max_problems=3")
+    monkeypatch.setattr(rollout, "policy_generator", lambda *a, **k: AbortingGenerator())
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    with pytest.raises(GenerationAborted, match="1 of 12 samples unfinished"):
+        rollout.run_rollout(cfg, rundir, progress=False)
+    assert read_jsonl(rundir.rollouts_path) == []
+
+
+def test_max_lora_rank_follows_the_served_adapter(tmp_path):
+    from ssb.generate import max_lora_rank
+
+    assert max_lora_rank(None, 16) == 16
+    assert max_lora_rank(None, 20) == 32
+    (tmp_path / "adapter_config.json").write_text('{"r": 64}')
+    assert max_lora_rank(tmp_path, 16) == 64  # the adapter's rank, not train.lora.r
 
 
 def test_importing_ssb_generate_does_not_import_vllm():

@@ -956,7 +956,11 @@ def _build_qwen2(spec: dict[str, Any], device: Any, dtype: Any) -> Any:
     )
     model = get_peft_model(model, lora)
     if spec.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renames gradient_checkpointing_enable (removed in v6).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()
     return model
 

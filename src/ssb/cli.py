@@ -221,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ssb.distill.store import TargetStoreError
+    from ssb.generate.base import GenerationAborted
     from ssb.hardware import DeviceError
     from ssb.models import ModelLoadError
     from ssb.problems import ProblemsError
 
     errors = (ConfigError, RunDirError, ProblemsError, TargetStoreError, ModelLoadError)
-    errors = (*errors, DeviceError)
+    errors = (*errors, DeviceError, GenerationAborted)
     return (*errors, ValueError, OSError)
 
 

@@ -6,6 +6,7 @@ Both implement the `Generator` protocol: token-id prompts in, `n` `Completion`s 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,17 @@ __all__ = [
     "stop_string_cut",
     "trim_completion",
 ]
+
+
+def max_lora_rank(adapter_path: str | Path | None, default_rank: int) -> int:
+    """vLLM's `max_lora_rank` for the adapter actually served (its adapter_config.json `r`; a
+    continued round-1 adapter may differ from `train.lora.r`), rounded up to a size vLLM
+    supports."""
+    rank = default_rank
+    config = Path(adapter_path) / "adapter_config.json" if adapter_path is not None else None
+    if config is not None and config.is_file():
+        rank = int(json.loads(config.read_text()).get("r", rank))
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
 
 
 def make_generator(
@@ -70,7 +82,7 @@ def make_generator(
         trust_remote_code=cfg.model.trust_remote_code,
         max_model_len=cfg.model.max_context,
         adapter_path=adapter_path,
-        max_lora_rank=next((r for r in (8, 16, 32, 64, 128, 256) if r >= cfg.train.lora.r), 256),
+        max_lora_rank=max_lora_rank(adapter_path, cfg.train.lora.r),
         seed=cfg.seed,
         tensor_parallel_size=cfg.generation.tensor_parallel_size,
         gpu_memory_utilization=cfg.generation.gpu_memory_utilization,

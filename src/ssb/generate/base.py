@@ -12,7 +12,9 @@ here) and returns, per prompt and in input order, `n` `Completion`s whose `token
   Conversely, when the stop string spans several tokens, the kept text may end with its first
   part (e.g. ``"15.\\n"`` for the stop string ``"\\n\\n"`` when each newline is its own token);
 - `finish_reason` is "stop" when a stop token or stop string ended the completion, "length" when
-  it ran into `max_new_tokens`.
+  it ran into `max_new_tokens`, and "abort" or "error" when the engine gave up on it (vLLM's own
+  reasons, kept as they are). Such a sample is unfinished: stages never grade or store it
+  (`require_finished` stops the chunk before anything is written, so a rerun retries it).
 """
 
 from __future__ import annotations
@@ -61,11 +63,32 @@ class SamplingParams:
         return (self.seed * 1_000_003 + prompt_index) % (2**31 - 1)
 
 
+# Finish reasons of a sample the engine did not finish (vLLM's names).
+UNFINISHED = ("abort", "error")
+
+
 @dataclass
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+
+
+class GenerationAborted(RuntimeError):
+    """The engine aborted some samples; nothing of the chunk they belong to was written."""
+
+
+def require_finished(outputs: Sequence[Sequence[Completion]], what: str) -> None:
+    """Raise `GenerationAborted` if any completion of a call is unfinished (see `UNFINISHED`), so
+    an aborted sample is never graded as if the model had finished it."""
+    reasons = [c.finish_reason for per_prompt in outputs for c in per_prompt]
+    bad = [r for r in reasons if r in UNFINISHED]
+    if bad:
+        raise GenerationAborted(
+            f"{what}: the generation engine returned {len(bad)} of {len(reasons)} samples "
+            f"unfinished ({', '.join(sorted(set(bad)))}); nothing of this chunk was written, "
+            "run the stage again to retry it"
+        )
 
 
 @runtime_checkable

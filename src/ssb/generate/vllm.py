@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ssb.generate.base import Completion, SamplingParams, make_completion
+from ssb.generate.base import UNFINISHED, Completion, SamplingParams, make_completion
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -143,15 +143,16 @@ class VLLMGenerator:
         for output in outputs:
             per_prompt = []
             for sample in output.outputs:
-                reason = "length" if sample.finish_reason == "length" else "stop"
-                per_prompt.append(
-                    make_completion(
-                        list(sample.token_ids),
-                        self.tokenizer,
-                        trim_ids,
-                        params.stop_strings,
-                        finish_reason=reason,
-                    )
+                completion = make_completion(
+                    list(sample.token_ids),
+                    self.tokenizer,
+                    trim_ids,
+                    params.stop_strings,
+                    finish_reason="stop" if sample.finish_reason == "stop" else None,
                 )
+                if sample.finish_reason in UNFINISHED or sample.finish_reason is None:
+                    # vLLM gave up on it (or never finished it): keep that, whatever the text.
+                    completion.finish_reason = sample.finish_reason or "abort"
+                per_prompt.append(completion)
             results.append(per_prompt)
         return results

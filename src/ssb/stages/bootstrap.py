@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate.base import SamplingParams
+from ssb.generate.base import SamplingParams, require_finished
 from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
@@ -152,6 +152,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                 )
                 start = time.perf_counter()
                 outputs = generator.generate(prompts, params, progress=progress)
+                require_finished(outputs, "bootstrap")
                 gen_seconds += time.perf_counter() - start
                 gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
                 for (record, good, bad), msgs, prompt_ids, outs in zip(

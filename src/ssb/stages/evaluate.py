@@ -314,7 +314,7 @@ def run_eval(
     """Evaluate `models` (default: every available one) on cfg.eval.benchmarks, then rewrite
     eval/summary.json from all records. Returns a compact summary (for the manifest)."""
     from ssb.generate import make_generator, select_backend
-    from ssb.generate.base import SamplingParams
+    from ssb.generate.base import SamplingParams, require_finished
     from ssb.problems import load_eval_problems
     from ssb.prompts import render_prompt_ids, student_messages
 
@@ -404,6 +404,7 @@ def run_eval(
                 )
                 start = time.perf_counter()
                 outputs = generator.generate(prompts, params, progress=progress)
+                require_finished(outputs, f"eval {name} {bench}")
                 gen_seconds += time.perf_counter() - start
                 gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
                 records = [

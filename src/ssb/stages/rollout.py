@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate.base import SamplingParams
+from ssb.generate.base import SamplingParams, require_finished
 from ssb.grading import extract_boxed, grade
 from ssb.problems import Problem, load_train_problems
 from ssb.prompts import render_prompt_ids, student_messages
@@ -106,6 +106,7 @@ def run_rollout(
                 )
                 start = time.perf_counter()
                 outputs = generator.generate(prompts, params, progress=progress)
+                require_finished(outputs, "rollout")
                 gen_seconds += time.perf_counter() - start
                 gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
                 records = [rollout_record(p, outs) for p, outs in zip(chunk, outputs)]
