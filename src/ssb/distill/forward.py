@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from ssb.distill.losses import project_logits
-
-# Shorter shared prefixes are not worth a separate forward pass.
-MIN_SHARED_PREFIX = 16
+from ssb.generate.hf import MIN_SHARED_PREFIX, shared_prefix_length
 
 
 @dataclass
@@ -107,10 +105,8 @@ def final_hidden_states(
             from ssb.models import cache_kwarg
 
             n, (rows, width) = shared_prefix, input_ids.shape
-            config = getattr(core.config, "get_text_config", lambda: core.config)()
-            cache = DynamicCache(config=config)
-            name = cache_kwarg(core)
-            kwargs.update(use_cache=True, **{name: cache})
+            cache = DynamicCache(config=core.config)
+            kwargs.update(use_cache=True, **{cache_kwarg(core): cache})
             model(input_ids=input_ids[:1, :n], attention_mask=attention_mask[:1, :n], **kwargs)
             cache.batch_repeat_interleave(rows)
             positions = torch.arange(n, width, device=input_ids.device).expand(rows, -1)
@@ -129,15 +125,14 @@ def final_hidden_states(
     return captured[-1]
 
 
-def shared_prefix_length(sequences: list[list[int]], prompt_lengths: list[int]) -> int:
-    """How many leading tokens every sequence shares, stopping before the first position that
-    predicts a reply token (that row's output is needed); 0 when fewer than MIN_SHARED_PREFIX."""
-    limit = min(prompt_lengths) - 1
-    first = sequences[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n if n >= MIN_SHARED_PREFIX and len(sequences) > 1 else 0
+def shared_prompt_prefix(sequences: list[list[int]], prompt_lengths: list[int]) -> int:
+    """How many leading tokens every `[prompt || reply]` sequence shares, stopping before the
+    first position that predicts a reply token (that row's output is needed); 0 when fewer than
+    MIN_SHARED_PREFIX."""
+    if len(sequences) < 2:
+        return 0
+    n = shared_prefix_length(sequences, limit=min(prompt_lengths) - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 def can_share_prefix(model: Any, num_processes: int = 1) -> bool:

@@ -74,13 +74,13 @@ def left_pad(
     return pad_after_prefix(prompts, 0, pad_token_id, device)
 
 
-def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of `prompts`, leaving every prompt at least one token
-    after it (generation needs one uncached input token per row)."""
-    shortest = min(len(p) for p in prompts)
+def shared_prefix_length(prompts: Sequence[Sequence[int]], limit: int | None = None) -> int:
+    """Length of the longest common prefix of `prompts`, at most `limit`, and leaving every
+    prompt at least one token after it (generation needs one uncached input token per row)."""
+    limit = min(len(p) for p in prompts) - 1 if limit is None else limit
     first = prompts[0]
     n = 0
-    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+    while n < limit and all(p[n] == first[n] for p in prompts):
         n += 1
     return n
 
@@ -517,22 +517,27 @@ class HFGenerator:
         done = criteria[0].done.tolist() if params.stop_strings else [False] * len(generated)
         completions = []
         for ids, row_done in zip(generated, done):
-            completion = make_completion(
-                ids, self.tokenizer, self.stop_token_ids, params.stop_strings
-            )
-            if completion.finish_reason == "length" and row_done:
-                # Stopped by the tail check although the full decode disagrees (a decode artefact
-                # at the window's edge): drop the padding transformers appended after the stop.
+            if row_done:  # drop the padding transformers appended after the row stopped
                 while ids and ids[-1] == self.pad_token_id:
                     ids = ids[:-1]
-                completion = make_completion(
-                    ids, self.tokenizer, self.stop_token_ids, (), finish_reason="stop"
-                )
-            completions.append(completion)
+            completions.append(self._completion(ids, row_done, params))
         return completions
 
+    def _completion(
+        self, ids: list[int], stopped_by_string: bool, params: SamplingParams
+    ) -> Completion:
+        """The trimmed completion of one row's generated ids."""
+        completion = make_completion(ids, self.tokenizer, self.stop_token_ids, params.stop_strings)
+        if completion.finish_reason == "length" and stopped_by_string:
+            # The tail check saw a stop string that the full decode does not (a decode artefact
+            # at the window's edge): the row did stop.
+            completion = make_completion(
+                ids, self.tokenizer, self.stop_token_ids, (), finish_reason="stop"
+            )
+        return completion
+
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        """Float32 logits of the last position of each row; the cache is extended in place."""
+        """Logits of the last position of each row; the cache is extended in place."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -620,16 +625,7 @@ class HFGenerator:
                 attention_mask = torch.cat([attention_mask, ones], dim=1)
                 logits = self._forward(tokens[:, None], attention_mask, next_positions, cache)
                 next_positions = next_positions + 1
-        completions = []
-        for ids, by_string in zip(generated, stopped_by_string):
-            completion = make_completion(
-                ids, self.tokenizer, self.stop_token_ids, params.stop_strings
-            )
-            if completion.finish_reason == "length" and by_string:
-                # The tail check saw a stop string that the full decode does not (a decode
-                # artefact at the window's edge): the row did stop.
-                completion = make_completion(
-                    ids, self.tokenizer, self.stop_token_ids, (), finish_reason="stop"
-                )
-            completions.append(completion)
-        return completions
+        return [
+            self._completion(ids, by_string, params)
+            for ids, by_string in zip(generated, stopped_by_string)
+        ]

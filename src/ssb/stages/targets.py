@@ -23,7 +23,7 @@ from ssb.distill.forward import (
     output_head,
     reply_rows,
     right_pad,
-    shared_prefix_length,
+    shared_prompt_prefix,
 )
 from ssb.distill.losses import dense_targets, topk_targets
 from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
@@ -99,16 +99,12 @@ def teacher_rows(model: Any, batch: list[dict[str, Any]], pad_id: int) -> list[t
     device = next(model.parameters()).device
     # The teacher prompts' shared few-shot prefix runs once per batch (exact; no gradients here,
     # so this also holds under a multi-process launch).
-    n = shared_prefix_length(full, [len(prompt) for prompt, _ in seqs])
+    n = shared_prompt_prefix(full, [len(prompt) for prompt, _ in seqs])
     hidden = final_hidden_states(model, ids.to(device), mask.to(device), shared_prefix=n)
+    # The hidden states start at position n: as if each prompt were n tokens shorter.
     return [
-        hidden[i, _shifted(reply_rows(len(prompt), len(reply)), n)]
-        for i, (prompt, reply) in enumerate(seqs)
+        hidden[i, reply_rows(len(prompt) - n, len(reply))] for i, (prompt, reply) in enumerate(seqs)
     ]
-
-
-def _shifted(rows: slice, offset: int) -> slice:
-    return slice(rows.start - offset, rows.stop - offset)
 
 
 # Reply rows whose full-vocabulary logits are built at once (dense/top-k): 256 x 262k float32

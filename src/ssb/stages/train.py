@@ -31,7 +31,7 @@ from ssb.distill.forward import (
     output_head,
     reply_rows,
     right_pad,
-    shared_prefix_length,
+    shared_prompt_prefix,
     unwrap_model,
 )
 from ssb.distill.losses import chunked_kd_loss, normalise
@@ -79,7 +79,8 @@ class DistillCollator:
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
         seqs = [student_sequence(p) for p in pairs]
-        ids, mask = right_pad([prompt + reply for prompt, reply in seqs], self.pad_id)
+        full = [prompt + reply for prompt, reply in seqs]
+        ids, mask = right_pad(full, self.pad_id)
         shift = torch.stack(
             [shifted_reply_labels(len(prompt), reply, ids.shape[1]) for prompt, reply in seqs]
         )
@@ -94,9 +95,7 @@ class DistillCollator:
             "shift_labels": shift,
             # Leading tokens every student sequence shares (the few-shot examples or system
             # prompt): run once per batch when the trainer can (`can_share_prefix`).
-            "shared_prefix": shared_prefix_length(
-                [prompt + reply for prompt, reply in seqs], [len(prompt) for prompt, _ in seqs]
-            ),
+            "shared_prefix": shared_prompt_prefix(full, [len(prompt) for prompt, _ in seqs]),
         }
         if self.mode == "online":
             tseqs = [teacher_sequence(p) for p in pairs]
