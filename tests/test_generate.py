@@ -726,3 +726,17 @@ def test_candidates_tie_made_by_the_temperature_is_kept():
     expected = reference_distribution(logits, t, 2, 1.0)[0]
     kept = {int(i) for i, p in zip(ids[0], probs[0]) if p > 0}
     assert kept == set(expected.nonzero().flatten().tolist()) == {0, 5, 6, 7, 8}
+
+
+def test_generation_chunk_size_follows_the_backend(monkeypatch):
+    """transformers: four batches of rows per call (a kill loses little); vLLM: one large call of
+    ~4096 sequences, which it schedules itself."""
+    from ssb.config import load_config
+    from ssb.stages import common
+
+    cfg = load_config(preset="quickstart")  # 32 rows per batch
+    assert common.generation_chunk_size(cfg, 4) == 32  # 8 problems x 4 samples, 4 batches
+    assert common.generation_chunk_size(cfg, 1) == 128
+    monkeypatch.setattr("ssb.generate.select_backend", lambda name: "vllm")
+    assert common.generation_chunk_size(cfg, 4) == 1024
+    assert common.generation_chunk_size(cfg, 8192) == 1
