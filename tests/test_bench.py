@@ -205,3 +205,16 @@ def test_gpu_code_path_runs_on_cpu():
     assert data["generation"]["batched_tokens_per_s"] > 0, data["generation"].get("error")
     assert len(rows) == 3
     check_rows(rows)
+
+
+def test_peak_flops_reads_the_whole_gpu_name():
+    from ssb.bench import _peak_flops
+
+    assert _peak_flops("NVIDIA H100 NVL") == 835e12  # not the SXM part's 989
+    assert _peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert _peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert _peak_flops("NVIDIA H200") == 989e12
+    assert _peak_flops("NVIDIA GH200 480GB") == 989e12
+    assert _peak_flops("NVIDIA A10G") == 70e12 and _peak_flops("NVIDIA A10") == 125e12
+    assert _peak_flops("NVIDIA L40S") == 362e12 and _peak_flops("NVIDIA L4") == 121e12
+    assert _peak_flops("Tesla T4") is None

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import types
 
 import pytest
 import torch
+from fake_vllm import FakeVLLM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import build_tiny_model, build_tokenizer, end_of_turn_token
@@ -518,54 +518,19 @@ def test_make_generator_hf(monkeypatch):
         make_generator(cfg, model, tok, [end_of_turn_token(tok)])
 
 
-def _install_fake_vllm(monkeypatch, tok, calls, finish_reasons=("stop",)):
-    """A stand-in `vllm` module: echoes fixed token ids per request, records the arguments; the
-    samples of a request get `finish_reasons` in turn."""
-
-    class FakeSamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            calls["llm"] = kwargs
-
-        def generate(self, inputs, sampling, **kwargs):
-            calls["generate"] = (inputs, sampling, kwargs)
-            outs = []
-            for prompt, sp in zip(inputs, sampling):
-                body = tok.encode(" 42\n\nQuestion: more", add_special_tokens=False)
-                samples = [
-                    types.SimpleNamespace(
-                        token_ids=body + [tok.eos_token_id],
-                        finish_reason=finish_reasons[i % len(finish_reasons)],
-                        text="x",
-                    )
-                    for i in range(sp.kwargs["n"])
-                ]
-                outs.append(types.SimpleNamespace(outputs=samples, prompt=prompt))
-            return outs
-
-    vllm = types.ModuleType("vllm")
-    vllm.LLM = FakeLLM
-    vllm.SamplingParams = FakeSamplingParams
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
-    vllm.inputs = inputs
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-
-
 def test_vllm_generator_with_a_stand_in_module(monkeypatch):
     tok = build_tokenizer("none")
-    calls: dict = {}
-    _install_fake_vllm(monkeypatch, tok, calls)
+    fake = FakeVLLM(tok)
+    fake.install(monkeypatch, gpu=False)
     gen = VLLMGenerator("/models/x", tok, [tok.eos_token_id], tensor_parallel_size=2)
-    assert calls["llm"]["model"] == "/models/x" and calls["llm"]["tensor_parallel_size"] == 2
+    llm_kwargs = fake.llm_kwargs[0]
+    assert llm_kwargs["model"] == "/models/x" and llm_kwargs["tensor_parallel_size"] == 2
+    assert "enable_lora" not in llm_kwargs  # no adapter served: no LoRA machinery
     prompts = [[2, 5, 6], [2, 7]]
     params = SamplingParams(0.7, top_p=0.9, top_k=0, max_new_tokens=9, n=2, stop_strings=["\n\n"])
     results = gen.generate(prompts, params, progress=False)
-    inputs, sampling, kwargs = calls["generate"]
+    inputs, sampling, kwargs = fake.generate_calls[0]
+    assert "lora_request" not in kwargs
     assert [i["prompt_token_ids"] for i in inputs] == prompts
     sp = sampling[0].kwargs
     assert sp["n"] == 2 and sp["max_tokens"] == 9 and sp["top_k"] == -1 and sp["top_p"] == 0.9
@@ -585,7 +550,7 @@ def test_vllm_unfinished_samples_keep_their_reason_and_are_never_graded(monkeypa
 
     tok = build_tokenizer("none")
     reasons = ("stop", "length", "abort", "error", None)
-    _install_fake_vllm(monkeypatch, tok, {}, finish_reasons=reasons)
+    FakeVLLM(tok, finish_reasons=reasons).install(monkeypatch, gpu=False)
     gen = VLLMGenerator("/models/x", tok, [tok.eos_token_id])
     out = gen.generate([[2, 5]], SamplingParams(0.7, n=5, stop_strings=["\n\n"]), False)
     assert [c.finish_reason for c in out[0]] == ["stop", "stop", "abort", "error", "abort"]
@@ -616,7 +581,7 @@ def test_a_stage_writes_nothing_of_an_aborted_chunk(tmp_path, monkeypatch):
 
     model_dir = save_tiny_model(tmp_path / "model", "llama", "none")
     cfg = tiny_config(model_dir, "data.max_problems=3")
-    monkeypatch.setattr(rollout, "policy_generator", lambda *a, **k: AbortingGenerator())
+    monkeypatch.setattr("ssb.stages.engine.make_generator", lambda *a, **k: AbortingGenerator())
     rundir = RunDir(tmp_path / "run")
     rundir.path.mkdir()
     with pytest.raises(GenerationAborted, match="1 of 12 samples unfinished"):
@@ -627,10 +592,14 @@ def test_a_stage_writes_nothing_of_an_aborted_chunk(tmp_path, monkeypatch):
 def test_max_lora_rank_follows_the_served_adapter(tmp_path):
     from ssb.generate import max_lora_rank
 
-    assert max_lora_rank(None, 16) == 16
-    assert max_lora_rank(None, 20) == 32
-    (tmp_path / "adapter_config.json").write_text('{"r": 64}')
-    assert max_lora_rank(tmp_path, 16) == 64  # the adapter's rank, not train.lora.r
+    assert max_lora_rank([], 16) == 16
+    assert max_lora_rank([], 20) == 32
+    for name, r in (("a", 64), ("b", 8)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(f'{{"r": {r}}}')
+    # the largest rank served, not train.lora.r
+    assert max_lora_rank([tmp_path / "a", tmp_path / "b"], 16) == 64
+    assert max_lora_rank([tmp_path / "b"], 16) == 8
 
 
 def test_importing_ssb_generate_does_not_import_vllm():

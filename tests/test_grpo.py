@@ -95,6 +95,33 @@ def test_grpo_config_checks(tiny):
     assert (paper.max_steps, paper.max_completion_length) == (2000, 1024)
 
 
+def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
+    tiny, tmp_path, monkeypatch
+):
+    """On a GPU with vLLM: TRL's colocated engine (asleep while the optimizer runs), with the
+    stop ids and strings under the names vLLM's SamplingParams takes (TRL hands them over as
+    they are), and checkpointing on in the paper preset. The engine itself runs only on a GPU."""
+    import torch
+
+    from ssb.rundir import RunDir
+
+    cfg = make_cfg(tiny["chatml"], "grpo.vllm_gpu_memory_utilization=0.25")
+    rundir = RunDir(tmp_path / "run")
+    cpu = torch.device("cpu")
+    plain = grpo.grpo_arguments(cfg, rundir, cpu, [7, 9], ["\n\n"], progress=False)
+    assert not plain.use_vllm
+    assert plain.generation_kwargs == {"eos_token_id": [7, 9], "stop_strings": ["\n\n"]}
+
+    monkeypatch.setattr("ssb.generate.select_backend", lambda name: "vllm")
+    args = grpo.grpo_arguments(cfg, rundir, cpu, [7, 9], ["\n\n"], progress=False)
+    assert args.use_vllm and args.vllm_mode == "colocate" and args.vllm_enable_sleep_mode
+    assert args.vllm_gpu_memory_utilization == 0.25
+    assert args.generation_kwargs == {"stop_token_ids": [7, 9], "stop": ["\n\n"]}
+    assert load_config(preset="paper").train.gradient_checkpointing
+    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
+        grpo.check_grpo_config(make_cfg(tiny["none"], "grpo.vllm_gpu_memory_utilization=1.5"))
+
+
 # --------------------------------------------------------------------------- end to end
 
 

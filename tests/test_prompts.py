@@ -96,7 +96,7 @@ def test_rollout_training_and_eval_prompts_are_token_identical(
     tmp_path, monkeypatch, template, arch
 ):
     """The same problem must reach the model as the same tokens in rollouts, training and eval."""
-    import ssb.generate as gen_mod
+    import ssb.stages.engine as gen_mod  # where stages get their generators
     from ssb.stages.bootstrap import run_bootstrap
     from ssb.stages.evaluate import run_eval
     from ssb.stages.rollout import run_rollout

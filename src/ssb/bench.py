@@ -99,11 +99,16 @@ MEMORY_HEADROOM = 0.8
 REF_BYTES_PER_ELEMENT = 21.5
 
 # Peak dense bf16 tensor-core FLOP/s by device name (first match wins), for MFU.
+# Dense bf16 tensor-core peak per GPU. Keys are matched as whole words against
+# torch.cuda.get_device_name(), most specific first ("H100 NVL" before "H100"; "GH200" is not
+# "H200"; "A10G" is not "A10").
 PEAK_BF16_FLOPS = [
+    ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
+    ("H200 NVL", 835e12),
+    ("GH200", 989e12),
     ("H100", 989e12),
     ("H200", 989e12),
-    ("GH200", 989e12),
     ("B200", 2250e12),
     ("A100", 312e12),
     ("L40S", 362e12),
@@ -1221,8 +1226,9 @@ def _child_gpu_generate(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named `device_name` (None for one not in the table)."""
     for key, flops in PEAK_BF16_FLOPS:
-        if key in device_name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
             return flops
     return None
 
@@ -1261,11 +1267,14 @@ def _gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str,
         name = ours.get("device_name", device)
         data["device_name"] = name
         tokens = spec["batch"] * spec["seq"]
-        # Model FLOPs of a LoRA step with a frozen base: forward 2P + input-gradient backward 2P
-        # per token (LoRA weight gradients and attention scores ignored; recomputation from
-        # checkpointing not counted), P = non-embedding parameters + the V x H output layer.
+        # FLOPs the hardware executes in a LoRA step with a frozen base, per token: forward 2P,
+        # the forward again under activation checkpointing (recomputation) 2P, input-gradient
+        # backward 2P (LoRA weight gradients and attention scores ignored), with P = non-embedding
+        # parameters + the V x H output layer. So "MFU" here counts recomputation (an HFU).
         params = ours["params_non_embedding"] + spec["vocab"] * spec["hidden"]
-        flops = 4 * params * tokens
+        passes = 6 if spec["gradient_checkpointing"] else 4
+        flops = passes * params * tokens
+        data["flops_per_token"] = f"{passes}P (P = {params:.3g})"
         peak = _peak_flops(name) if device == "cuda" else None
         for side in (ref, ours):
             side["tokens_per_s"] = tokens / side["step_s"]

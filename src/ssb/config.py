@@ -202,6 +202,10 @@ class GrpoConfig:
     # Added to the 1/0 correctness reward when the completion has a \boxed{} answer.
     format_reward_weight: float = 0.0
     save_steps: int = 50
+    # When generation.backend resolves to vllm, GRPO generates with a vLLM engine colocated with
+    # the trainer (TRL's use_vllm, colocate mode, asleep while the optimizer runs) that may take
+    # this share of the GPU's memory.
+    vllm_gpu_memory_utilization: float = 0.3
 
 
 @dataclass
@@ -308,6 +312,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "learning_rate": 2e-4,
             "batch_size": 4,
             "epochs": 3,
+            # Also GRPO's: 8 x ~1,150-token completions per step do not fit 80 GB without it.
+            "gradient_checkpointing": True,
         },
         "eval": {"benchmarks": ["math500", "aime24"], "max_problems": None},
         # MOTIF's vanilla_grpo.py (the source of the paper's GRPO row), but with SSB's LoRA

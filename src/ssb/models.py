@@ -456,6 +456,14 @@ def load_tokenizer(cfg: ModelConfig):
     return _tokenizer_at(*_load_location(cfg))
 
 
+def load_model_config(cfg: ModelConfig):
+    """The transformers config of `cfg.name` (no weights)."""
+    from transformers import AutoConfig
+
+    source, location, kwargs = _load_location(cfg)
+    return _from_pretrained(AutoConfig, location, source, **kwargs)
+
+
 def load_model(
     cfg: ModelConfig,
     *,

@@ -7,7 +7,7 @@ Both implement the `Generator` protocol: token-id prompts in, `n` `Completion`s 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ssb.config import Config
@@ -36,14 +36,16 @@ __all__ = [
 ]
 
 
-def max_lora_rank(adapter_path: str | Path | None, default_rank: int) -> int:
-    """vLLM's `max_lora_rank` for the adapter actually served (its adapter_config.json `r`; a
-    continued round-1 adapter may differ from `train.lora.r`), rounded up to a size vLLM
-    supports."""
-    rank = default_rank
-    config = Path(adapter_path) / "adapter_config.json" if adapter_path is not None else None
-    if config is not None and config.is_file():
-        rank = int(json.loads(config.read_text()).get("r", rank))
+def max_lora_rank(adapter_paths: Iterable[str | Path], default_rank: int) -> int:
+    """vLLM's `max_lora_rank` for the adapters actually served: the largest `r` in their
+    adapter_config.json (a continued round-1 adapter may differ from `train.lora.r`, which is the
+    fallback), rounded up to a size vLLM supports."""
+    ranks = []
+    for path in adapter_paths:
+        config = Path(path) / "adapter_config.json"
+        if config.is_file():
+            ranks.append(int(json.loads(config.read_text()).get("r", default_rank)))
+    rank = max(ranks, default=default_rank)
     return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
 
 
@@ -53,36 +55,39 @@ def make_generator(
     tokenizer,
     stop_token_ids: Sequence[int],
     *,
-    adapter_path: str | Path | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
 ) -> Generator:
     """The generator `cfg.generation.backend` selects.
 
-    hf: batched `model.generate` on `model` (a transformers model, or a PEFT model for the
-    student). vllm: vLLM loads the weights itself from `ssb.models.model_location(cfg.model)`, so
-    `model` may be None; a LoRA student is served from `adapter_path` (a saved PEFT adapter).
+    hf: batched generation on `model` (a transformers model, or a PEFT model with a LoRA
+    attached). vllm: one engine that loads the weights itself from
+    `ssb.models.model_location(cfg.model)` (`model` is not used) and serves every saved adapter in
+    `adapters` (name -> PEFT adapter directory) as a LoRA; `VLLMGenerator.serving(name)` picks
+    one. `ssb.stages.engine` decides which model is on the GPU when.
     """
     backend = select_backend(cfg.generation.backend)
     if backend == "hf":
         if model is None:
             raise ValueError("the hf generation backend needs a loaded model")
+        if adapters:
+            raise ValueError("the hf generation backend generates with the model it is given")
         return HFGenerator(model, tokenizer, cfg.generation.batch_size, stop_token_ids)
-    if adapter_path is None and model is not None and hasattr(model, "peft_config"):
-        raise ValueError(
-            "the vLLM backend serves LoRA students from a saved adapter: pass adapter_path= "
-            "(the run's adapter/ directory), or use generation.backend=hf"
-        )
+    from ssb.hardware import dtype_name, pick_dtype
     from ssb.models import model_location
 
+    adapters = dict(adapters or {})
     return VLLMGenerator(
         model_location(cfg.model),
         tokenizer,
         stop_token_ids,
-        dtype=cfg.model.dtype,
+        # The dtype transformers would use on this GPU, so both backends compute alike (vLLM's
+        # own "auto" would follow the checkpoint's dtype, e.g. float32).
+        dtype=dtype_name(pick_dtype(cfg.model.dtype, "cuda")),
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
         max_model_len=cfg.model.max_context,
-        adapter_path=adapter_path,
-        max_lora_rank=max_lora_rank(adapter_path, cfg.train.lora.r),
+        adapters=adapters,
+        max_lora_rank=max_lora_rank(adapters.values(), cfg.train.lora.r),
         seed=cfg.seed,
         tensor_parallel_size=cfg.generation.tensor_parallel_size,
         gpu_memory_utilization=cfg.generation.gpu_memory_utilization,

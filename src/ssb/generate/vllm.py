@@ -1,8 +1,9 @@
 """Generation with vLLM (optional extra ``ssb[vllm]``; GPU only). vLLM is imported lazily.
 
 vLLM loads the model from disk itself (a hub id or a directory; `ssb.models.model_location`
-gives the converted directory for ``embedded`` and GGUF sources). A LoRA student is served with
-``enable_lora`` and a `LoRARequest` for the saved adapter directory.
+gives the converted directory for ``embedded`` and GGUF sources). One engine serves the base and
+any number of saved LoRA adapters: each adapter gets its own `LoRARequest`, the base none, so a
+stage that evaluates several models starts one engine (`ssb.stages.engine` owns its lifetime).
 
 Completions follow the same trimming rule as the transformers backend
 (`ssb.generate.base.trim_completion`): vLLM's own token ids may include the stop token or the
@@ -11,8 +12,9 @@ tokens of a stop string, so they are trimmed again here.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,8 @@ def select_backend(name: str) -> str:
 
 
 class VLLMGenerator:
-    """`Generator` on top of ``vllm.LLM``."""
+    """`Generator` on top of ``vllm.LLM``: the base model, plus the LoRA adapters in `adapters`
+    (name -> saved PEFT adapter directory), each served as its own `LoRARequest`."""
 
     def __init__(
         self,
@@ -69,7 +72,7 @@ class VLLMGenerator:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
-        adapter_path: str | Path | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
         max_lora_rank: int = 64,
         seed: int = 0,
         llm_kwargs: dict[str, Any] | None = None,
@@ -94,14 +97,32 @@ class VLLMGenerator:
         )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        self.lora_request = None
-        if adapter_path is not None:
+        self.lora_requests: dict[str, Any] = {}
+        if adapters:
             from vllm.lora.request import LoRARequest
 
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
-            self.lora_request = LoRARequest("ssb-student", 1, str(adapter_path))
+            # Every adapter may be resident at once (a stage alternates between them).
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=len(adapters))
+            self.lora_requests = {
+                name: LoRARequest(name, i, str(path))
+                for i, (name, path) in enumerate(adapters.items(), start=1)
+            }
         kwargs.update(llm_kwargs or {})
         self.llm = LLM(**kwargs)
+
+    def serving(self, adapter: str | None) -> _Served:
+        """A `Generator` for the base (`adapter` None) or one of the served adapters."""
+        if adapter is not None and adapter not in self.lora_requests:
+            raise KeyError(f"the vLLM engine does not serve an adapter named {adapter!r}")
+        return _Served(self, adapter)
+
+    def shutdown(self) -> None:
+        """Stop the engine and its worker processes now (not whenever the garbage collector gets
+        to it), so the next engine or the next stage's model finds the GPU memory free."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        shutdown_llm(llm)
 
     def _sampling_params(self, params: SamplingParams, prompt_index: int):
         from vllm import SamplingParams as VSamplingParams
@@ -120,8 +141,15 @@ class VLLMGenerator:
         )
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, progress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        progress: bool = True,
+        adapter: str | None = None,
     ) -> list[list[Completion]]:
+        """Completions of the base model, or of the served adapter named `adapter`."""
+        if self.llm is None:
+            raise RuntimeError("this vLLM engine has been shut down")
         if not prompts:
             return []
         try:
@@ -132,8 +160,8 @@ class VLLMGenerator:
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
         kwargs: dict[str, Any] = {"use_tqdm": progress}
-        if self.lora_request is not None:
-            kwargs["lora_request"] = self.lora_request
+        if adapter is not None:
+            kwargs["lora_request"] = self.lora_requests[adapter]
         outputs = self.llm.generate(inputs, sampling, **kwargs)
         # vLLM also stops at the model's eos (ignore_eos=False), so trim at it as well.
         trim_ids = list(self.stop_token_ids)
@@ -156,3 +184,38 @@ class VLLMGenerator:
                 per_prompt.append(completion)
             results.append(per_prompt)
         return results
+
+
+class _Served:
+    """One model of a `VLLMGenerator`: the base or one adapter."""
+
+    def __init__(self, engine: VLLMGenerator, adapter: str | None) -> None:
+        self.engine, self.adapter = engine, adapter
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, progress: bool = True
+    ) -> list[list[Completion]]:
+        return self.engine.generate(prompts, params, progress, adapter=self.adapter)
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop a ``vllm.LLM`` and free its GPU memory now.
+
+    vLLM 0.33 has no ``LLM.shutdown()``. Its engine client's ``shutdown()`` stops the engine-core
+    process (the default, multiprocess mode) or the in-process core. Then, as vLLM's own tests do
+    between engines, ``cleanup_dist_env_and_memory()`` destroys vLLM's parallel state, collects
+    garbage and empties the CUDA cache; it also destroys torch.distributed's default group, so
+    when a launcher (accelerate, torchrun) owns that group only vLLM's own groups are destroyed.
+    """
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if callable(getattr(engine_core, "shutdown", None)):
+        engine_core.shutdown()
+    del llm, engine_core
+    from vllm.distributed import parallel_state
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parallel_state.destroy_model_parallel()
+        gc.collect()
+        torch.cuda.empty_cache()
+    else:
+        parallel_state.cleanup_dist_env_and_memory()

@@ -25,15 +25,8 @@ from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
-from ssb.stages.common import (
-    chunks,
-    generation_chunk_size,
-    load_base,
-    log,
-    policy_generator,
-    policy_model,
-    stable_seed,
-)
+from ssb.stages.common import chunks, generation_chunk_size, log, stable_seed
+from ssb.stages.engine import generation_engine
 
 REJECT_REASONS = (
     "all_correct",
@@ -93,7 +86,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
     todo = [r for r in rollouts if r["id"] not in decided]
     log.info("bootstrap: %d rolled-out problems, %d to decide", len(rollouts), len(todo))
 
-    base = None
+    engine = None
     generator = None
     gen_seconds, gen_tokens = 0.0, 0
     # Only about a third of the problems are mixed and need the teacher, so a chunk spans three
@@ -103,7 +96,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
     batches = [
         [r for r in batch if r["id"] not in decided] for batch in chunks(rollouts, batch_problems)
     ]
-    # The model is loaded (and the adapter attached) only if some problem needs the teacher.
+    # The engine starts (and loads the model) only if some problem needs the teacher.
     with contextlib.ExitStack() as stack:
         for batch in [b for b in batches if b]:
             if bcfg.target_pairs is not None and kept >= bcfg.target_pairs:
@@ -124,11 +117,12 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                     decisions.append({"id": record["id"], "status": status})
             pairs = []
             if mixed:
-                if base is None:
-                    base = load_base(cfg, rundir)
-                    model = stack.enter_context(policy_model(cfg, base))
-                    generator = policy_generator(cfg, base, model)
-                chat = uses_chat_template(base.tokenizer, cfg.prompt)
+                if engine is None:
+                    engine = stack.enter_context(
+                        generation_engine(cfg, rundir, {"policy": cfg.model.adapter})
+                    )
+                    generator = stack.enter_context(engine.serving("policy"))
+                chat = uses_chat_template(engine.tokenizer, cfg.prompt)
                 t_msgs = [
                     teacher_messages(
                         _problem(r),
@@ -140,14 +134,14 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                     )
                     for r, good, bad in mixed
                 ]
-                prompts = [render_prompt_ids(base.tokenizer, m, cfg.prompt) for m in t_msgs]
+                prompts = [render_prompt_ids(engine.tokenizer, m, cfg.prompt) for m in t_msgs]
                 params = SamplingParams(
                     temperature=bcfg.temperature,
                     top_p=bcfg.top_p,
                     top_k=bcfg.top_k,
                     max_new_tokens=cfg.generation.max_new_tokens,
                     n=bcfg.attempts,
-                    stop_strings=base.reply.stop_strings,
+                    stop_strings=engine.reply.stop_strings,
                     prompt_seeds=[stable_seed(cfg.seed, "bootstrap", r["id"]) for r, _, _ in mixed],
                 )
                 start = time.perf_counter()
@@ -191,12 +185,12 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                             "student_messages": s_msgs,
                             "teacher_messages": msgs,
                             "student_prompt_ids": render_prompt_ids(
-                                base.tokenizer, s_msgs, cfg.prompt
+                                engine.tokenizer, s_msgs, cfg.prompt
                             ),
                             "teacher_prompt_ids": prompt_ids,
                             "reply": reply.text,
                             "reply_ids": reply.token_ids,
-                            "end_token_id": base.reply.end_token_id,
+                            "end_token_id": engine.reply.end_token_id,
                             "teacher_answer": extract_boxed(reply.text),
                             "correct_rollout": good["text"],
                             "correct_answer": good["answer"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ssb.config import Config, to_dict
 from ssb.prompts import ReplyFormat, reply_format
@@ -28,30 +31,63 @@ class BaseModel:
 _LOADED: dict[str, BaseModel] = {}
 
 
+def _base_key(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg.model), sort_keys=True) + json.dumps(to_dict(cfg.prompt))
+
+
 def load_base(cfg: Config, rundir: RunDir | None = None) -> BaseModel:
     """Load the frozen base model and tokenizer once per process (stages of `ssb run` share it)."""
     from ssb.models import load_model_and_tokenizer
 
-    key = json.dumps(to_dict(cfg.model), sort_keys=True) + json.dumps(to_dict(cfg.prompt))
+    key = _base_key(cfg)
     if key not in _LOADED:
+        release_accelerator()  # keep one model in memory at a time
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         model.eval()
-        _LOADED.clear()  # keep one model in memory at a time
         _LOADED[key] = BaseModel(model, tokenizer, reply_format(tokenizer, cfg.prompt))
     base = _LOADED[key]
     if rundir is not None:
         check_model_identity(rundir, cfg, base.tokenizer)
-        record_hardware(rundir, base.model)
+        param = next(base.model.parameters())
+        record_hardware(rundir, param.device, param.dtype)
     return base
 
 
-def record_hardware(rundir: RunDir, model: Any) -> None:
+def load_base_tokenizer(cfg: Config, rundir: RunDir | None = None) -> tuple[Any, ReplyFormat]:
+    """The base model's tokenizer and reply format without its weights (a stage whose vLLM engine
+    loads the weights itself)."""
+    from ssb.hardware import pick_dtype
+    from ssb.models import load_tokenizer
+
+    loaded = _LOADED.get(_base_key(cfg))
+    tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(cfg.model)
+    if rundir is not None:
+        check_model_identity(rundir, cfg, tokenizer)
+        device = torch.device("cuda")
+        record_hardware(rundir, device, pick_dtype(cfg.model.dtype, device))
+    return tokenizer, reply_format(tokenizer, cfg.prompt)
+
+
+def release_accelerator(why: str = "") -> None:
+    """Drop the shared base model and give CUDA's cached blocks back to the device: a vLLM engine
+    sizes itself from the memory free when it starts, and a new model should not sit next to
+    the old one."""
+    _LOADED.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        log.info(
+            "GPU memory %s: %.1f of %.1f GiB free", why or "released", free / 2**30, total / 2**30
+        )
+
+
+def record_hardware(rundir: RunDir, device: torch.device, dtype: torch.dtype) -> None:
     """manifest.json `hardware`: the device, dtype, CPU (torch's ISA level, native bf16) and
     threads the run's model computes with, as resolved here (the latest stage's)."""
     from ssb.hardware import hardware_info
 
-    param = next(model.parameters())
-    info = hardware_info(param.device, param.dtype)
+    info = hardware_info(device, dtype)
     if rundir.read_manifest().get("hardware") != info:
         rundir.update_manifest(hardware=info)
 
@@ -91,16 +127,6 @@ def policy_model(cfg: Config, base: BaseModel) -> Iterator[Any]:
         log.info("model: base + adapter %s (frozen)", adapter)
     with attached_adapter(base.model, Path(adapter) if adapter else None) as model:
         yield model
-
-
-def policy_generator(cfg: Config, base: BaseModel, model: Any) -> Any:
-    """The generator for `policy_model`'s model (a vLLM engine serves `model.adapter` itself, as
-    a LoRA)."""
-    from ssb.generate import make_generator
-
-    return make_generator(
-        cfg, model, base.tokenizer, base.reply.stop_token_ids, adapter_path=cfg.model.adapter
-    )
 
 
 def check_model_identity(rundir: RunDir, cfg: Config, tokenizer: Any) -> None:
@@ -149,12 +175,13 @@ def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def context_limit(cfg: Config, model: Any) -> int | None:
+def context_limit(cfg: Config, model_config: Any) -> int | None:
     """The most tokens (prompt + generated) a sequence may have: `model.max_context` when set,
-    else the model's own `max_position_embeddings` (None when neither is known)."""
+    else the model config's `max_position_embeddings` (None when neither is known)."""
     if cfg.model.max_context:
         return int(cfg.model.max_context)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    limit = getattr(text_config, "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 

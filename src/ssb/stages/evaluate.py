@@ -39,16 +39,14 @@ from ssb.rundir import (
     read_jsonl,
 )
 from ssb.stages.common import (
-    attached_adapter,
     chunks,
-    context_limit,
     drop_long_prompts,
     drop_unparseable_golds,
     generation_chunk_size,
-    load_base,
     log,
     stable_seed,
 )
+from ssb.stages.engine import generation_engine
 from ssb.stats import (
     bootstrap_mean_interval,
     mcnemar_exact,
@@ -313,13 +311,11 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate `models` (default: every available one) on cfg.eval.benchmarks, then rewrite
     eval/summary.json from all records. Returns a compact summary (for the manifest)."""
-    from ssb.generate import make_generator, select_backend
     from ssb.generate.base import SamplingParams, require_finished
     from ssb.problems import load_eval_problems
     from ssb.prompts import render_prompt_ids, student_messages
 
     settings = eval_settings(cfg)
-    backend = select_backend(cfg.generation.backend)
     if cfg.eval.scoring == "reference" and cfg.eval.num_samples > 1:
         log.warning("eval: scoring=reference is greedy pass@1; eval.num_samples is ignored")
     slugs = [bench_slug(b) for b in cfg.eval.benchmarks]
@@ -342,83 +338,78 @@ def run_eval(
             raise ValueError(f"benchmark {bench!r} has duplicate problem ids")
     n = settings["num_samples"]
     chunk_size = generation_chunk_size(cfg, n)
-    new_records: dict[str, dict[str, int]] = {}
+    new_records: dict[str, dict[str, int]] = {name: {b: 0 for b in problems} for name in chosen}
     gen_seconds, gen_tokens = 0.0, 0
     skipped = 0
-    base = None
+    todo: dict[str, list[tuple[str, list[Any]]]] = {}
+    fingerprints = {}
     for name, adapter in chosen.items():
-        fp = fingerprint(cfg, settings, adapter)
-        todo: list[tuple[str, list[Any]]] = []
+        fingerprints[name] = fp = fingerprint(cfg, settings, adapter)
         for bench, plist in problems.items():
             done = _load_current(records_path(rundir, name, bench), fp)
             for chunk in chunks(plist, chunk_size):
                 left = [p for p in chunk if str(p.id) not in done]
                 if left:
-                    todo.append((bench, left))
-        new_records[name] = {bench: 0 for bench in problems}
-        if not todo:
-            continue
-        log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, c in todo))
-        if base is None:
-            base = load_base(cfg, rundir)
-        # hf: LoRA layers injected into the shared base model for this model only; vLLM: the
-        # engine serves the saved adapter itself (a LoRARequest), the base stays untouched.
-        if backend == "hf":
-            context = attached_adapter(base.model, adapter)
-        else:
-            context = contextlib.nullcontext(base.model)
-        with context as model:
-            generator = make_generator(
-                cfg,
-                model,
-                base.tokenizer,
-                base.reply.stop_token_ids,
-                adapter_path=None if backend == "hf" else adapter,
+                    todo.setdefault(name, []).append((bench, left))
+    # One engine serves every model that has problems left (on vLLM: the base without a LoRA
+    # request, each adapter as its own); see ssb.stages.engine.
+    with contextlib.ExitStack() as stack:
+        engine = None
+        if todo:
+            engine = stack.enter_context(
+                generation_engine(cfg, rundir, {name: chosen[name] for name in todo})
             )
-            for bench, chunk in todo:
-                prompts = [
-                    render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
-                    for p in chunk
-                ]
-                chunk, prompts, n_long = drop_long_prompts(
-                    chunk,
-                    prompts,
-                    settings["max_new_tokens"],
-                    context_limit(cfg, base.model),
-                    f"eval {name} {bench}",
-                )
-                skipped += n_long
-                if not chunk:
-                    continue
-                params = SamplingParams(
-                    temperature=settings["temperature"],
-                    top_p=settings["top_p"],
-                    top_k=0,
-                    max_new_tokens=settings["max_new_tokens"],
-                    n=n,
-                    stop_strings=base.reply.stop_strings,
-                    # The same seeds for every model: paired comparisons share the randomness.
-                    prompt_seeds=[
-                        stable_seed(cfg.seed, "eval", bench_slug(bench), p.id) for p in chunk
-                    ],
-                )
-                start = time.perf_counter()
-                outputs = generator.generate(prompts, params, progress=progress)
-                require_finished(outputs, f"eval {name} {bench}")
-                gen_seconds += time.perf_counter() - start
-                gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
-                records = [
-                    eval_record(
-                        p,
-                        base.tokenizer.decode(ids),
-                        outs,
-                        bench,
-                        settings["scoring"],
-                        fp,
+        for name, model_todo in todo.items():
+            log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, c in model_todo))
+            with engine.serving(name) as generator:
+                for bench, chunk in model_todo:
+                    prompts = [
+                        render_prompt_ids(
+                            engine.tokenizer, student_messages(p, cfg.prompt), cfg.prompt
+                        )
+                        for p in chunk
+                    ]
+                    chunk, prompts, n_long = drop_long_prompts(
+                        chunk,
+                        prompts,
+                        settings["max_new_tokens"],
+                        engine.context_limit,
+                        f"eval {name} {bench}",
                     )
-                    for p, ids, outs in zip(chunk, prompts, outputs)
-                ]
-                new_records[name][bench] += append_jsonl(records_path(rundir, name, bench), records)
+                    skipped += n_long
+                    if not chunk:
+                        continue
+                    params = SamplingParams(
+                        temperature=settings["temperature"],
+                        top_p=settings["top_p"],
+                        top_k=0,
+                        max_new_tokens=settings["max_new_tokens"],
+                        n=n,
+                        stop_strings=engine.reply.stop_strings,
+                        # The same seeds for every model: paired comparisons share the randomness.
+                        prompt_seeds=[
+                            stable_seed(cfg.seed, "eval", bench_slug(bench), p.id) for p in chunk
+                        ],
+                    )
+                    start = time.perf_counter()
+                    outputs = generator.generate(prompts, params, progress=progress)
+                    require_finished(outputs, f"eval {name} {bench}")
+                    gen_seconds += time.perf_counter() - start
+                    gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+                    records = [
+                        eval_record(
+                            p,
+                            engine.tokenizer.decode(ids),
+                            outs,
+                            bench,
+                            settings["scoring"],
+                            fingerprints[name],
+                        )
+                        for p, ids, outs in zip(chunk, prompts, outputs)
+                    ]
+                    new_records[name][bench] += append_jsonl(
+                        records_path(rundir, name, bench), records
+                    )
     summary = write_summary(cfg, rundir, problems, models=chosen)
     out: dict[str, Any] = {
         "models": list(chosen),

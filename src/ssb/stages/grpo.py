@@ -282,6 +282,18 @@ def check_grpo_config(cfg: Config) -> None:
         )
     if not 0 <= g.warmup_ratio < 1:
         raise ConfigError(f"grpo.warmup_ratio: must be in [0, 1), got {g.warmup_ratio}")
+    if not 0 < g.vllm_gpu_memory_utilization < 1:
+        raise ConfigError(
+            "grpo.vllm_gpu_memory_utilization: must be in (0, 1), got "
+            f"{g.vllm_gpu_memory_utilization}"
+        )
+
+
+def use_grpo_vllm(cfg: Config) -> bool:
+    """GRPO generates with a colocated vLLM engine when generation.backend resolves to vllm."""
+    from ssb.generate import select_backend
+
+    return select_backend(cfg.generation.backend) == "vllm"
 
 
 def grpo_arguments(
@@ -307,9 +319,23 @@ def grpo_arguments(
     # activation_checkpointing; either way it follows train.gradient_checkpointing, as in SSB.
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else None
     kwargs[ckpt or "gradient_checkpointing"] = cfg.train.gradient_checkpointing
-    generation_kwargs: dict[str, Any] = {"eos_token_id": stop_token_ids}
-    if stop_strings:
-        generation_kwargs["stop_strings"] = list(stop_strings)
+    if use_grpo_vllm(cfg):
+        # TRL passes generation_kwargs to vLLM's SamplingParams there, to `generate` otherwise.
+        generation_kwargs: dict[str, Any] = {"stop_token_ids": list(stop_token_ids)}
+        if stop_strings:
+            generation_kwargs["stop"] = list(stop_strings)
+        kwargs.update(
+            use_vllm=True,
+            vllm_mode="colocate",
+            vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+            vllm_tensor_parallel_size=cfg.generation.tensor_parallel_size,
+            # The engine's weights and KV cache leave the GPU while the optimizer runs.
+            vllm_enable_sleep_mode=True,
+        )
+    else:
+        generation_kwargs = {"eos_token_id": stop_token_ids}
+        if stop_strings:
+            generation_kwargs["stop_strings"] = list(stop_strings)
     kwargs.update(
         output_dir=str(grpo_checkpoints_dir(rundir)),
         # TRL counts completions: each device's batch holds batch_size prompt groups.
@@ -408,7 +434,10 @@ def make_grpo_trainer(
 
 def grpo_fingerprint(cfg: Config) -> dict[str, Any]:
     """What GRPO checkpoints depend on (save_steps and max_steps may change between runs)."""
-    grpo = {k: v for k, v in to_dict(cfg.grpo).items() if k not in ("save_steps", "max_steps")}
+    # How often it saves, how long it runs and how much memory its engine takes change nothing
+    # of what a step learns.
+    ignored = ("save_steps", "max_steps", "vllm_gpu_memory_utilization")
+    grpo = {k: v for k, v in to_dict(cfg.grpo).items() if k not in ignored}
     return json.loads(
         json.dumps(
             {
@@ -493,6 +522,8 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
             summary["resumed_from"] = checkpoint.name
         return summary
     finally:
+        if trainer is not None:
+            _stop_colocated_vllm(trainer)
         if trainer is not None and hasattr(trainer.model, "peft_config"):
             _unload(trainer.model, hooks_before)
         model.generation_config = saved_generation_config
@@ -500,6 +531,21 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
         if saved_use_cache is not None:
             model.config.use_cache = saved_use_cache
         model.train(was_training)
+
+
+def _stop_colocated_vllm(trainer: Any) -> None:
+    """Free the GPU memory of TRL's colocated vLLM engine when GRPO ends, so the next stage's
+    engine can start. TRL runs it inside this process (vLLM's external_launcher), where stopping
+    it also destroys the process group vLLM set up; with several processes that group is the
+    launcher's, so there the engine is left asleep (weights and KV cache already freed)."""
+    generation = getattr(trainer, "vllm_generation", None)
+    llm = getattr(generation, "llm", None)
+    if llm is None or trainer.accelerator.num_processes > 1:
+        return
+    from ssb.generate.vllm import shutdown_llm
+
+    generation.llm = None
+    shutdown_llm(llm)
 
 
 def _unload(peft_model: Any, hooks_before: set[int]) -> None:

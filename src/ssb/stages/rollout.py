@@ -20,16 +20,13 @@ from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import (
     chunks,
-    context_limit,
     drop_long_prompts,
     drop_unparseable_golds,
     generation_chunk_size,
-    load_base,
     log,
-    policy_generator,
-    policy_model,
     stable_seed,
 )
+from ssb.stages.engine import generation_engine
 
 
 def rollout_record(problem: Problem, completions: list[Any]) -> dict[str, Any]:
@@ -80,17 +77,17 @@ def run_rollout(
     gen_tokens = 0
     skipped = 0
     if todo_chunks:
-        base = load_base(cfg, rundir)
-        limit = context_limit(cfg, base.model)
-        with policy_model(cfg, base) as model:
-            generator = policy_generator(cfg, base, model)
+        with (
+            generation_engine(cfg, rundir, {"policy": cfg.model.adapter}) as engine,
+            engine.serving("policy") as generator,
+        ):
             for chunk in todo_chunks:
                 prompts = [
-                    render_prompt_ids(base.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
+                    render_prompt_ids(engine.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
                     for p in chunk
                 ]
                 chunk, prompts, n_long = drop_long_prompts(
-                    chunk, prompts, cfg.generation.max_new_tokens, limit, "rollout"
+                    chunk, prompts, cfg.generation.max_new_tokens, engine.context_limit, "rollout"
                 )
                 skipped += n_long
                 if not chunk:
@@ -101,7 +98,7 @@ def run_rollout(
                     top_k=cfg.rollout.top_k,
                     max_new_tokens=cfg.generation.max_new_tokens,
                     n=k,
-                    stop_strings=base.reply.stop_strings,
+                    stop_strings=engine.reply.stop_strings,
                     prompt_seeds=[stable_seed(cfg.seed, "rollout", p.id) for p in chunk],
                 )
                 start = time.perf_counter()

@@ -1,0 +1,164 @@
+"""Who holds the GPU while a stage generates (ssb.stages.engine), proven on a stand-in vLLM
+(tests/fake_vllm.py) that records every engine event in order. The real engine's memory and
+its LoRA outputs are checked by benchmarks/gpu_check.sh on a GPU."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+from fake_vllm import FakeVLLM
+from pairs_fixture import tiny_config
+from tiny_models import build_tokenizer, save_tiny_model
+
+from ssb.generate import SamplingParams, VLLMGenerator
+from ssb.generate.base import GenerationAborted
+from ssb.rundir import RunDir, read_jsonl
+from ssb.stages import common
+
+
+@pytest.fixture
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("engine") / "model", "qwen2", "chatml")
+
+
+def _adapter(model_dir, path, r):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    get_peft_model(model, lora).save_pretrained(path)
+    return path
+
+
+def test_one_engine_serves_the_base_and_every_adapter(monkeypatch, tmp_path, tiny_dir):
+    tok = build_tokenizer("chatml")
+    fake = FakeVLLM(tok)
+    fake.install(monkeypatch, gpu=False)
+    adapters = {
+        "student": _adapter(tiny_dir, tmp_path / "a", 4),
+        "grpo": _adapter(tiny_dir, tmp_path / "b", 16),
+    }
+    gen = VLLMGenerator(tiny_dir, tok, [tok.eos_token_id], adapters=adapters, max_lora_rank=16)
+    kwargs = fake.llm_kwargs[0]
+    assert kwargs["enable_lora"] and kwargs["max_loras"] == 2 and kwargs["max_lora_rank"] == 16
+    params = SamplingParams(0.0, max_new_tokens=4)
+    for name in (None, "student", "grpo"):
+        gen.serving(name).generate([[2, 5]], params, progress=False)
+    requests = [call[2].get("lora_request") for call in fake.generate_calls]
+    assert requests[0] is None  # the base: no LoRA request
+    assert [(r.lora_name, r.lora_int_id, r.lora_path) for r in requests[1:]] == [
+        ("student", 1, str(adapters["student"])),
+        ("grpo", 2, str(adapters["grpo"])),
+    ]
+    with pytest.raises(KeyError, match="does not serve an adapter named 'other'"):
+        gen.serving("other")
+    gen.shutdown()
+    gen.shutdown()  # idempotent
+    assert fake.events[-2:] == [("shutdown",), ("cleanup",)]
+    assert [e for e in fake.events if e[0] == "shutdown"] == [("shutdown",)]
+    with pytest.raises(RuntimeError, match="shut down"):
+        gen.generate([[2, 5]], params, progress=False)
+
+
+def _bench(tmp_path):
+    path = tmp_path / "mini.jsonl"
+    rows = [("q1", "What is 2 + 3?", "5"), ("q2", "What is 7 - 4?", "3")]
+    path.write_text(
+        "".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in rows)
+    )
+    return path
+
+
+def test_eval_drops_the_transformers_model_then_starts_one_engine_for_all_models(
+    monkeypatch, tmp_path, tiny_dir
+):
+    """The order `ssb run` needs on a GPU: the model an earlier stage (train) left loaded is
+    gone and CUDA's cache emptied before the engine starts; one engine evaluates base, student
+    and GRPO; it is shut down, and the cache emptied again, when eval ends."""
+    from ssb.stages.evaluate import records_path, run_eval
+
+    bench = _bench(tmp_path)
+    cfg = tiny_config(tiny_dir, f"eval.benchmarks=[{bench}]", "generation.max_new_tokens=6")
+    cfg.model.device, cfg.model.dtype = "auto", "auto"  # on the GPU: bf16
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    _adapter(tiny_dir, rundir.path / "adapter", 4)
+    _adapter(tiny_dir, rundir.path / "grpo" / "adapter", 4)
+
+    alive = weakref.ref(common.load_base(cfg).model)  # what a previous stage left behind
+    assert alive() is not None
+    fake = FakeVLLM(build_tokenizer("chatml"))
+    starts = []
+    fake.on_start = lambda kwargs: starts.append(
+        {"transformers model alive": alive() is not None, "cached": bool(common._LOADED)}
+    )
+    fake.install(monkeypatch)
+    gc.collect()
+
+    out = run_eval(cfg, rundir, progress=False)
+
+    assert starts == [{"transformers model alive": False, "cached": False}]
+    names = [e[0] for e in fake.events]
+    assert names.count("start") == 1
+    start = names.index("start")
+    assert "empty_cache" in names[:start]  # released before the engine starts
+    assert [e for e in fake.events if e[0] == "generate"] == [
+        ("generate", None, 2),
+        ("generate", "student", 2),
+        ("generate", "grpo", 2),
+    ]
+    assert names[-3:] == ["shutdown", "cleanup", "empty_cache"]
+    kwargs = fake.llm_kwargs[0]
+    assert kwargs["model"] == str(tiny_dir) and kwargs["dtype"] == "bfloat16"
+    assert kwargs["max_loras"] == 2 and kwargs["max_lora_rank"] == 8
+    assert out["models"] == ["base", "student", "grpo"]
+    for name in out["models"]:
+        assert len(read_jsonl(records_path(rundir, name, str(bench)))) == 2
+    assert json.loads(rundir.manifest_path.read_text())["hardware"]["gpu"] == "Fake GPU"
+
+    # Everything evaluated: a rerun starts no engine at all.
+    fake.events.clear()
+    run_eval(cfg, rundir, progress=False)
+    assert not any(e[0] == "start" for e in fake.events)
+
+
+def test_rollout_on_vllm_never_loads_transformers_weights(monkeypatch, tmp_path, tiny_dir):
+    from ssb.stages.rollout import run_rollout
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a vLLM stage loaded transformers weights")
+
+    monkeypatch.setattr("ssb.models.load_model_and_tokenizer", no_weights)
+    cfg = tiny_config(tiny_dir, "data.max_problems=3", "generation.max_new_tokens=6")
+    cfg.model.adapter = str(_adapter(tiny_dir, tmp_path / "round1", 4))
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    fake = FakeVLLM(build_tokenizer("chatml"))
+    fake.install(monkeypatch)
+    common._LOADED.clear()
+
+    summary = run_rollout(cfg, rundir, progress=False)
+
+    assert summary["problems"] == 3 and summary["samples"] == 3 * cfg.rollout.num_samples
+    # The previous round's student is served as a LoRA; one call of all problems.
+    assert [e for e in fake.events if e[0] == "generate"] == [("generate", "policy", 3)]
+    assert [e[0] for e in fake.events][-3:] == ["shutdown", "cleanup", "empty_cache"]
+
+
+def test_an_engine_is_shut_down_when_its_stage_fails(monkeypatch, tmp_path, tiny_dir):
+    from ssb.stages.rollout import run_rollout
+
+    cfg = tiny_config(tiny_dir, "data.max_problems=2", "generation.max_new_tokens=6")
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    fake = FakeVLLM(build_tokenizer("chatml"), finish_reasons=("stop", "abort"))
+    fake.install(monkeypatch)
+    with pytest.raises(GenerationAborted):
+        run_rollout(cfg, rundir, progress=False)
+    assert read_jsonl(rundir.rollouts_path) == []
+    assert [e[0] for e in fake.events][-3:] == ["shutdown", "cleanup", "empty_cache"]
