@@ -145,6 +145,7 @@ def test_rollout_on_vllm_never_loads_transformers_weights(monkeypatch, tmp_path,
     summary = run_rollout(cfg, rundir, progress=False)
 
     assert summary["problems"] == 3 and summary["samples"] == 3 * cfg.rollout.num_samples
+    assert summary["finish_reasons"] == {"stop": 3 * cfg.rollout.num_samples}
     # The previous round's student is served as a LoRA; one call of all problems.
     assert [e for e in fake.events if e[0] == "generate"] == [("generate", "policy", 3)]
     assert [e[0] for e in fake.events][-3:] == ["shutdown", "cleanup", "empty_cache"]

@@ -19,6 +19,7 @@ from tiny_models import save_tiny_model
 from trl import GRPOTrainer
 
 from ssb.config import ConfigError, load_config
+from ssb.models import checkpointing_enabled
 from ssb.problems import load_train_problems
 from ssb.prompts import render_prompt_ids, reply_format, student_messages
 from ssb.rundir import RunDir, read_jsonl
@@ -202,7 +203,7 @@ def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
     assert not hasattr(base.model, "peft_config")
     assert not base.model.training
     assert not base.model.get_input_embeddings()._forward_hooks
-    assert not getattr(base.model, "is_activation_checkpointing", False)
+    assert not checkpointing_enabled(base.model)
     after = base.model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -277,3 +277,30 @@ def test_lm_head_gets_a_contiguous_input(saved):
     assert seen == [True, False, True]
     torch.testing.assert_close(with_hook, without)
     assert len(head._forward_pre_hooks) == 1
+
+
+def test_the_transformers_under_test_is_the_one_expected():
+    """`make test-compat` runs the fast tests on the transformers that the vllm extra resolves to
+    (put first on PYTHONPATH); this fails if the overlay did not take effect."""
+    import transformers
+
+    expected = os.environ.get("SSB_EXPECT_TRANSFORMERS")
+    if expected is None:
+        pytest.skip("SSB_EXPECT_TRANSFORMERS is set only by `make test-compat`")
+    assert transformers.__version__ == expected
+
+
+def test_cache_kwarg_is_one_the_model_reads():
+    """Incremental decoding through `cache_kwarg` gives the full forward's logits. transformers
+    5.24 takes `cache=`; 5.20.2 (vLLM's) silently ignores it in **kwargs, which would decode
+    without a cache (wrong logits)."""
+    tok = build_tokenizer("chatml")
+    model = build_tiny_model("qwen2", tok)
+    ids = torch.tensor([[5, 9, 11, 4, 7, 12]])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values  # renamed in 5.24
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{models.cache_kwarg(model): cache})
+    assert cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(step.logits[0, -1], full, rtol=1e-4, atol=1e-5)

@@ -20,6 +20,7 @@ from peft import get_peft_model
 from ssb.distill.forward import final_hidden_states, output_head
 from ssb.distill.losses import chunked_kd_loss
 from ssb.distill.store import TargetReader, TargetStoreError
+from ssb.models import checkpointing_enabled
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import read_jsonl
@@ -463,7 +464,7 @@ def test_checkpointing_and_warmup_options(tmp_path):
     assert lr[0] < lr[1]  # warming up
     base = load_base(cfg).model
     assert not base.get_input_embeddings()._forward_hooks
-    assert not base.is_activation_checkpointing and not base.training
+    assert not checkpointing_enabled(base) and not base.training
 
 
 def test_fresh_start_drops_an_old_log(tmp_path):

@@ -451,6 +451,35 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+# transformers 5.23 renamed gradient checkpointing to activation checkpointing (the old names warn
+# and leave in v6); the transformers vLLM 0.33 installs (5.20) has only the old ones. These three
+# are the only place ssb names either.
+def checkpointing_enabled(model) -> bool:
+    """Whether activation (gradient) checkpointing is on for `model`."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
+
+
+def enable_checkpointing(model, kwargs: dict[str, Any] | None = None) -> None:
+    """Turn activation checkpointing on (`kwargs` for torch.utils.checkpoint)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(kwargs)
+
+
+def disable_checkpointing(model) -> None:
+    """Turn activation checkpointing off (nothing when it is off)."""
+    if not checkpointing_enabled(model):
+        return
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer of `cfg.name` (a pad token is set to eos when the tokenizer has none)."""
     return _tokenizer_at(*_load_location(cfg))

@@ -16,6 +16,7 @@ import torch
 
 from ssb.distill.losses import project_logits
 from ssb.generate.hf import MIN_SHARED_PREFIX, shared_prefix_length
+from ssb.models import cache_kwarg, checkpointing_enabled
 
 
 @dataclass
@@ -102,8 +103,6 @@ def final_hidden_states(
         if shared_prefix:
             from transformers import DynamicCache
 
-            from ssb.models import cache_kwarg
-
             n, (rows, width) = shared_prefix, input_ids.shape
             cache = DynamicCache(config=core.config)
             kwargs.update(use_cache=True, **{cache_kwarg(core): cache})
@@ -141,10 +140,7 @@ def can_share_prefix(model: Any, num_processes: int = 1) -> bool:
     checkpointing (transformers turns the cache off under it)."""
     core = unwrap_model(model)
     inner = core.get_base_model() if hasattr(core, "get_base_model") else core
-    checkpointing = getattr(inner, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    return num_processes == 1 and not bool(checkpointing)
+    return num_processes == 1 and not checkpointing_enabled(inner)
 
 
 def _accepts_logits_to_keep(core: Any) -> bool:

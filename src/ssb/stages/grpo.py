@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from ssb.config import Config, ConfigError, to_dict
+from ssb.models import disable_checkpointing
 from ssb.rundir import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from ssb.stages.common import load_base, log
 
@@ -558,10 +559,7 @@ def _unload(peft_model: Any, hooks_before: set[int]) -> None:
     for name in ("_require_grads_hook", "_require_grads_hooks"):
         if name in base.__dict__:
             delattr(base, name)
-    if getattr(base, "is_activation_checkpointing", False):  # transformers >= 5
-        base.activation_checkpointing_disable()
-    elif not hasattr(base, "is_activation_checkpointing") and base.is_gradient_checkpointing:
-        base.gradient_checkpointing_disable()
+    disable_checkpointing(base)
 
 
 def _step(checkpoint: Path) -> int:

@@ -9,6 +9,7 @@ run reproduces the uninterrupted one, whatever the chunk or batch a problem land
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -130,5 +131,7 @@ def summarize_rollouts(rundir: RunDir) -> dict[str, Any]:
         "all_wrong": sum(r["num_correct"] == 0 for r in records),
         "mixed": sum(0 < r["num_correct"] < len(r["samples"]) for r in records),
         "truncated_samples": sum(s["finish_reason"] == "length" for s in samples),
+        # stop / length (aborted samples are never written: `require_finished`)
+        "finish_reasons": dict(sorted(Counter(s["finish_reason"] for s in samples).items())),
         "generated_tokens": sum(len(s["token_ids"]) for s in samples),
     }

@@ -36,6 +36,7 @@ from ssb.distill.forward import (
 )
 from ssb.distill.losses import chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
+from ssb.models import disable_checkpointing
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import load_base, log
 from ssb.stages.targets import (
@@ -503,19 +504,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _restore_base(
-    model: Any,
-    gradient_checkpointing: bool = False,
-    was_training: bool = False,
-    hooks_before: set[int] | None = None,
+    model: Any, was_training: bool = False, hooks_before: set[int] | None = None
 ) -> None:
     """Give the shared base model (cached by `load_base` for later stages) back as it was: LoRA
     layers removed (not merged), no hooks left on its input embeddings (peft and Trainer add an
     input-requires-grad hook around checkpointing), checkpointing off, the original train/eval
     mode. `hooks_before`: the embeddings' forward-hook ids before the adapter was attached (all
-    others are removed); without it, the input-requires-grad hooks are found by name.
-    `gradient_checkpointing` is accepted for callers of the earlier signature (checkpointing is
-    switched off whenever it is on)."""
-    del gradient_checkpointing
+    others are removed); without it, the input-requires-grad hooks are found by name."""
     base = model.unload()
     hooks = base.get_input_embeddings()._forward_hooks
     for key, hook in list(hooks.items()):
@@ -529,11 +524,7 @@ def _restore_base(
     handle = getattr(base, "_require_grads_hook", None)
     if handle is not None and getattr(handle, "id", None) not in hooks:
         del base._require_grads_hook  # its hook is gone: later enable/disable calls start clean
-    if hasattr(base, "is_activation_checkpointing"):  # transformers >= 5
-        if base.is_activation_checkpointing:
-            base.activation_checkpointing_disable()
-    elif getattr(base, "is_gradient_checkpointing", False):
-        base.gradient_checkpointing_disable()
+    disable_checkpointing(base)
     base.train(was_training)
 
 
