@@ -189,6 +189,17 @@ class RunDir:
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
+    def rank_part(self, final: Path, rank: int) -> Path:
+        """Where rank `rank` of a multi-process launch appends the records meant for `final` (a
+        file of this run) before rank 0 merges them (`ssb.stages.ranks`)."""
+        return self.path / "parts" / f"rank{rank}" / Path(final).relative_to(self.path)
+
+    def rank_parts(self, final: Path) -> list[Path]:
+        """Every rank's part of `final` that exists, by rank."""
+        relative = Path(final).relative_to(self.path)
+        parts = (self.path / "parts").glob(f"rank*/{relative}")
+        return sorted(parts, key=lambda p: int(p.relative_to(self.path).parts[1][4:]))
+
     @property
     def rollouts_path(self) -> Path:
         return self.path / "rollouts.jsonl"

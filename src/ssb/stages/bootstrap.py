@@ -27,6 +27,7 @@ from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, u
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import chunks, generation_chunk_size, log, stable_seed
 from ssb.stages.engine import generation_engine
+from ssb.stages.ranks import launched_ranks, merge_parts
 
 REJECT_REASONS = (
     "all_correct",
@@ -80,6 +81,11 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
     rollouts = read_jsonl(rundir.rollouts_path)
     if not rollouts:
         raise FileNotFoundError(f"no rollouts in {rundir.rollouts_path}: run `ssb rollout` first")
+    ranks = launched_ranks()
+    order = [r["id"] for r in rollouts]
+    if ranks.main:  # what a killed multi-process launch left behind
+        _merge_rank_parts(rundir, order, bcfg.target_pairs)
+    ranks.barrier()
     decided = {r["id"] for r in read_jsonl(rundir.bootstrap_log_path)}
     decided |= {r["id"] for r in read_jsonl(rundir.pairs_path)}
     kept = len(read_jsonl(rundir.pairs_path))
@@ -103,7 +109,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                 break
             decisions: list[dict[str, Any]] = []
             mixed = []
-            for record in batch:
+            for record in ranks.mine(batch):
                 if bcfg.teacher_context == "gold":
                     if not record.get("solution"):
                         raise ValueError(
@@ -201,13 +207,36 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                     decisions.append({"id": problem.id, "status": "kept"})
             # Pairs first: a crash between the two appends leaves the id in pairs.jsonl, which
             # also counts as decided, so nothing is redone or duplicated.
-            append_jsonl(rundir.pairs_path, pairs)
-            append_jsonl(rundir.bootstrap_log_path, decisions)
+            append_jsonl(ranks.output(rundir, rundir.pairs_path), pairs)
+            append_jsonl(ranks.output(rundir, rundir.bootstrap_log_path), decisions)
             kept += len(pairs)
+            if ranks.world > 1:  # every rank sees the same count, so all stop at one batch
+                ranks.barrier()
+                if ranks.main:
+                    _merge_rank_parts(rundir, order, bcfg.target_pairs)
+                ranks.barrier()
+                kept = len(read_jsonl(rundir.pairs_path))
     summary = funnel(rundir)
     if gen_seconds > 0:
         summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
     return summary
+
+
+def _merge_rank_parts(rundir: RunDir, order: list[str], target_pairs: int | None) -> None:
+    """Merge the ranks' pairs and decisions (`ssb.stages.ranks`). With `target_pairs`, only the
+    first pairs in rollout order up to the target are kept, as one process would keep them; the
+    others (and their "kept" decisions) are dropped, so those problems stay undecided."""
+    limit = None
+    if target_pairs is not None:
+        limit = max(0, target_pairs - len(read_jsonl(rundir.pairs_path)))
+    merge_parts(rundir, rundir.pairs_path, order, limit=limit)
+    pair_ids = {p["id"] for p in read_jsonl(rundir.pairs_path)}
+    merge_parts(
+        rundir,
+        rundir.bootstrap_log_path,
+        order,
+        keep=lambda d: d["status"] != "kept" or d["id"] in pair_ids,
+    )
 
 
 def funnel(rundir: RunDir) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from ssb.stages.common import (
     load_base_tokenizer,
     release_accelerator,
 )
+from ssb.stages.ranks import gpus_for_this_rank
 
 log = logging.getLogger("ssb")
 
@@ -96,6 +97,7 @@ def generation_engine(
     tokenizer, reply = load_base_tokenizer(cfg, rundir)
     limit = context_limit(cfg, load_model_config(cfg.model))
     release_accelerator("before the vLLM engine starts")
+    gpus_for_this_rank(cfg.generation.tensor_parallel_size)
     lora = {name: path for name, path in served.items() if path is not None}
     log.info(
         "vLLM: starting one engine for %s (%d LoRA adapter%s)",

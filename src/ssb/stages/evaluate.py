@@ -47,6 +47,7 @@ from ssb.stages.common import (
     stable_seed,
 )
 from ssb.stages.engine import generation_engine
+from ssb.stages.ranks import launched_ranks, merge_parts
 from ssb.stats import (
     bootstrap_mean_interval,
     mcnemar_exact,
@@ -342,12 +343,23 @@ def run_eval(
     gen_seconds, gen_tokens = 0.0, 0
     skipped = 0
     todo: dict[str, list[tuple[str, list[Any]]]] = {}
-    fingerprints = {}
-    for name, adapter in chosen.items():
-        fingerprints[name] = fp = fingerprint(cfg, settings, adapter)
+    fingerprints = {name: fingerprint(cfg, settings, a) for name, a in chosen.items()}
+    ranks = launched_ranks()
+    if ranks.main:  # merge what a killed multi-process launch left; set stale records aside
+        for name in chosen:
+            for bench, plist in problems.items():
+                path = records_path(rundir, name, bench)
+                merge_parts(rundir, path, [p.id for p in plist])
+                _load_current(path, fingerprints[name])
+    ranks.barrier()
+    for name in chosen:
         for bench, plist in problems.items():
-            done = _load_current(records_path(rundir, name, bench), fp)
-            for chunk in chunks(plist, chunk_size):
+            done = {
+                str(r["id"])
+                for r in read_jsonl(records_path(rundir, name, bench))
+                if r.get("fingerprint") == fingerprints[name]
+            }
+            for chunk in chunks(ranks.mine(plist), chunk_size):
                 left = [p for p in chunk if str(p.id) not in done]
                 if left:
                     todo.setdefault(name, []).append((bench, left))
@@ -408,9 +420,17 @@ def run_eval(
                         for p, ids, outs in zip(chunk, prompts, outputs)
                     ]
                     new_records[name][bench] += append_jsonl(
-                        records_path(rundir, name, bench), records
+                        ranks.output(rundir, records_path(rundir, name, bench)), records
                     )
-    summary = write_summary(cfg, rundir, problems, models=chosen)
+    ranks.barrier()
+    if ranks.main:
+        for name in chosen:
+            for bench, plist in problems.items():
+                merge_parts(rundir, records_path(rundir, name, bench), [p.id for p in plist])
+        summary = write_summary(cfg, rundir, problems, models=chosen)
+    ranks.barrier()
+    if not ranks.main:
+        summary = json.loads(summary_path(rundir).read_text())
     out: dict[str, Any] = {
         "models": list(chosen),
         "benchmarks": list(problems),

@@ -28,6 +28,7 @@ from ssb.stages.common import (
     stable_seed,
 )
 from ssb.stages.engine import generation_engine
+from ssb.stages.ranks import launched_ranks, merge_parts
 
 
 def rollout_record(problem: Problem, completions: list[Any]) -> dict[str, Any]:
@@ -64,15 +65,26 @@ def run_rollout(
     if problems is None:
         problems = load_train_problems(cfg)
     problems, bad_golds = drop_unparseable_golds(problems, "rollout")
+    ranks = launched_ranks()
+    if ranks.main:  # what a killed multi-process launch left behind
+        merge_parts(rundir, rundir.rollouts_path, [p.id for p in problems])
+    ranks.barrier()
     done = {r["id"] for r in read_jsonl(rundir.rollouts_path)}
     k = cfg.rollout.num_samples
     chunk_size = generation_chunk_size(cfg, k)
-    todo_chunks = [[p for p in chunk if p.id not in done] for chunk in chunks(problems, chunk_size)]
+    todo_chunks = [
+        [p for p in chunk if p.id not in done] for chunk in chunks(ranks.mine(problems), chunk_size)
+    ]
     todo_chunks = [c for c in todo_chunks if c]
     num_todo = sum(len(c) for c in todo_chunks)
     log.info(
-        "rollout: %d problems, %d already done, %d to sample", len(problems), len(done), num_todo
+        "rollout: %d problems, %d already done, %d to sample%s",
+        len(problems),
+        len(done),
+        num_todo,
+        f" on rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "",
     )
+    out_path = ranks.output(rundir, rundir.rollouts_path)
     written = 0
     gen_seconds = 0.0
     gen_tokens = 0
@@ -108,9 +120,13 @@ def run_rollout(
                 gen_seconds += time.perf_counter() - start
                 gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
                 records = [rollout_record(p, outs) for p, outs in zip(chunk, outputs)]
-                written += append_jsonl(rundir.rollouts_path, records)
+                written += append_jsonl(out_path, records)
                 if on_chunk is not None:
                     on_chunk(written, num_todo)
+    ranks.barrier()
+    if ranks.main:
+        merge_parts(rundir, rundir.rollouts_path, [p.id for p in problems])
+    ranks.barrier()
     summary = summarize_rollouts(rundir)
     summary["skipped_long_prompts"] = skipped
     summary["skipped_unparseable_gold"] = len(bad_golds)
