@@ -499,11 +499,20 @@ def validate(cfg: Config) -> Config:
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k != "field_map":
+        if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def lookup(d: Any, dotted: str) -> Any:
+    """`d["a"]["b"]` for "a.b" in nested dicts; None where a key is missing."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

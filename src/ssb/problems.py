@@ -740,7 +740,9 @@ def _pick(rng: random.Random, lo: int, hi: int) -> int:
     return rng.randint(lo, hi) if hi >= lo else lo
 
 
-def _step(rng: random.Random, x: int, limit: int, ops: tuple[str, ...]) -> tuple[str, int] | None:
+def _arithmetic_step(
+    rng: random.Random, x: int, limit: int, ops: tuple[str, ...]
+) -> tuple[str, int] | None:
     """A random feasible operation on x keeping everything within [0, limit]."""
     feasible = []
     if "+" in ops and x < limit:
@@ -794,7 +796,7 @@ def _story_have(rng: random.Random, n_steps: int, limit: int) -> _Story | None:
         s_parts.append(f"{name} starts with {x} {item}.")
         remaining = n_steps
     for i in range(remaining):
-        step = _step(rng, x, limit, ("+", "-", "*"))
+        step = _arithmetic_step(rng, x, limit, ("+", "-", "*"))
         if step is None:
             return None
         op, b = step
@@ -828,7 +830,7 @@ def _story_compare(rng: random.Random, n_steps: int, limit: int) -> _Story | Non
     steps: list[tuple[str, int, int, int]] = []
     prev = first
     for person, _ in people[1:]:
-        step = _step(rng, x, limit, ("+", "-", "*"))
+        step = _arithmetic_step(rng, x, limit, ("+", "-", "*"))
         if step is None:
             return None
         op, b = step

@@ -169,11 +169,6 @@ def teacher_messages(
     return messages
 
 
-def render_prompt_text(tokenizer: Any, messages: list[Message], cfg: PromptConfig) -> str:
-    """The prompt as text (for logs and records); the ids come from `render_prompt_ids`."""
-    return tokenizer.decode(render_prompt_ids(tokenizer, messages, cfg))
-
-
 def render_prompt_ids(tokenizer: Any, messages: list[Message], cfg: PromptConfig) -> list[int]:
     """THE prompt renderer: messages -> token ids ending where the model's reply begins."""
     if uses_chat_template(tokenizer, cfg):

@@ -26,10 +26,8 @@ from typing import Any
 
 import yaml
 
-from ssb.config import Config, to_dict
+from ssb.config import Config, lookup, to_dict
 from ssb.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
-
-PLOT_NAMES = ("training.png", "accuracy.png", "funnel.png")
 
 FUNNEL_REASONS = {
     "all_correct": "all rollouts correct (too easy)",
@@ -118,14 +116,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def _get(d: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -151,7 +141,7 @@ def funnel_counts(rundir: RunDir) -> dict[str, Any] | None:
         pairs = read_jsonl(rundir.pairs_path)
         problems = len(rollouts) if rollouts else None
         if problems is None:
-            problems = _get(rundir.read_manifest(), "stages.rollout.problems")
+            problems = lookup(rundir.read_manifest(), "stages.rollout.problems")
         return {
             "source": "bootstrap.jsonl",
             "problems": problems,
@@ -160,7 +150,7 @@ def funnel_counts(rundir: RunDir) -> dict[str, Any] | None:
             "kept": len(pairs) if rundir.pairs_path.exists() else counts["kept"],
             "rejected": {reason: counts[reason] for reason in FUNNEL_REASONS},
         }
-    stage = _get(rundir.read_manifest(), "stages.bootstrap")
+    stage = lookup(rundir.read_manifest(), "stages.bootstrap")
     if isinstance(stage, dict) and "kept" in stage:
         rejected = stage.get("rejected") or {}
         return {
@@ -283,8 +273,8 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> bool:
                 label="reference harness" if j == 0 else None,
             )
     ax.set_xticks(range(len(benches)), benches)
-    metric = _get(summary, "settings.metric") or "accuracy"
-    scoring = _get(summary, "settings.scoring") or ""
+    metric = lookup(summary, "settings.metric") or "accuracy"
+    scoring = lookup(summary, "settings.scoring") or ""
     ax.set_ylabel(f"{metric} (%), 95% interval")
     ax.set_title(f"accuracy by benchmark ({scoring})" if scoring else "accuracy by benchmark")
     ax.set_ylim(0, 100)
@@ -362,9 +352,9 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
     name = config.get("name") or manifest.get("name") or rundir.path.name
     lines = [f"# ssb run report: {name}", ""]
     lines.append(f"Run directory: `{rundir.path}`")
-    model = _get(config, "model.name")
+    model = lookup(config, "model.name")
     if model is not None:
-        dtype = _get(config, "model.dtype")
+        dtype = lookup(config, "model.dtype")
         lines.append(f"Model: `{model}`" + (f" (dtype {dtype})" if dtype else ""))
     if manifest.get("model") is not None:
         lines.append(f"Model record: `{json.dumps(manifest['model'], sort_keys=True)}`")
@@ -374,7 +364,7 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
 
     if config:
         rows = [
-            [label, fmt_num(_get(config, key))] for key, label in HIGHLIGHTS if _has(config, key)
+            [label, fmt_num(lookup(config, key))] for key, label in HIGHLIGHTS if _has(config, key)
         ]
         if rows:
             lines += ["## Configuration highlights", ""]
@@ -511,7 +501,7 @@ def _eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
     for model, benches in comparisons.items():
         for bench, c in benches.items():
             label = f"{model} vs {c.get('vs', 'base')}"
-            crows.append([*_paired_cells(label, bench, c), pp(_get(c, "reference.diff"))])
+            crows.append([*_paired_cells(label, bench, c), pp(lookup(c, "reference.diff"))])
     if crows:
         lines += [
             "### Paired comparison with base (same problems)",

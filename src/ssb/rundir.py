@@ -25,7 +25,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ssb.config import Config, ConfigError, config_from_dict, config_hash, dump_yaml, to_dict
+from ssb.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_hash,
+    dump_yaml,
+    lookup,
+    to_dict,
+)
 
 TRACKED_PACKAGES = (
     "ssb",
@@ -344,7 +352,7 @@ class RunDir:
             if stage not in done:
                 continue
             for key in keys:
-                if _get(old, key) != _get(new, key):
+                if lookup(old, key) != lookup(new, key):
                     diffs.append(f"{key} (used by finished stage '{stage}')")
         if diffs:
             raise RunDirError(
@@ -352,12 +360,3 @@ class RunDir:
                 + ", ".join(diffs)
                 + ". Use a new --run-dir, or --force to proceed anyway."
             )
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    node: Any = d
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node

@@ -375,7 +375,8 @@ def grpo_arguments(
     return GRPOConfig(**kwargs)
 
 
-def _union(*id_lists: Any) -> list[int]:
+def unique_token_ids(*id_lists: Any) -> list[int]:
+    """The ids of `id_lists` (ints, lists of ints or None), each once, in order."""
     out: list[int] = []
     for ids in id_lists:
         if ids is None:
@@ -402,7 +403,7 @@ def make_grpo_trainer(
     from ssb.stages.train import JsonlLogCallback, lora_config
 
     records = prompt_records(cfg, tokenizer)
-    stop_ids = _union(
+    stop_ids = unique_token_ids(
         tokenizer.eos_token_id, model.generation_config.eos_token_id, reply.stop_token_ids
     )
     device = next(model.parameters()).device
@@ -507,7 +508,11 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
         if trainer.is_world_process_zero():
             if checkpoint is not None:
                 log.info("grpo: resuming from %s", checkpoint)
-                kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= _step(checkpoint)]
+                kept = [
+                    r
+                    for r in read_jsonl(log_path)
+                    if r.get("step", 0) <= checkpoint_step(checkpoint)
+                ]
                 atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
             elif log_path.exists():
                 log_path.unlink()
@@ -562,7 +567,7 @@ def _unload(peft_model: Any, hooks_before: set[int]) -> None:
     disable_checkpointing(base)
 
 
-def _step(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 

@@ -25,8 +25,6 @@ from ssb.problems import load_train_problems
 from ssb.rundir import RunDir
 from ssb.stages.common import log
 
-StageFn = Callable[[Config, RunDir], dict[str, Any]]
-
 
 def _run(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     start = time.time()
