@@ -193,7 +193,7 @@ def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
         assert any(" " in tok.decode(ids, skip_special_tokens=True) for ids in completions)
 
     # One log record per step, with the reward (and KL when beta > 0).
-    log = read_jsonl(grpo.grpo_log_path(rundir))
+    log = read_jsonl(rundir.grpo_log_path)
     assert [r["step"] for r in log] == list(range(1, steps + 1))
     for r in log:
         assert {"loss", "reward", "reward_std", "rewards/correctness/mean"} <= set(r)
@@ -209,7 +209,7 @@ def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
     # The adapter holds LoRA weights only, trained away from peft's zero init, and loads.
-    adapter = grpo.grpo_adapter_dir(rundir)
+    adapter = rundir.grpo_adapter_dir
     weights = load_file(adapter / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)

@@ -136,13 +136,13 @@ def test_rollout_bootstrap_and_eval_split_over_two_processes(launch, tmp_path):
 
     proc = launch("eval", two.path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    from ssb.stages.evaluate import records_path, summary_path
+    from ssb.stages.evaluate import records_path
 
     path = records_path(one, "base", "synthetic").relative_to(one.path)
     assert read_jsonl(two.path / path) == read_jsonl(one.path / path)
     assert (
-        json.loads(summary_path(two).read_text())["results"]
-        == json.loads(summary_path(one).read_text())["results"]
+        json.loads(two.eval_summary_path.read_text())["results"]
+        == json.loads(one.eval_summary_path.read_text())["results"]
     )
 
     # Bootstrap: every mixed problem decided exactly once, as one process decides it.

@@ -416,7 +416,7 @@ def test_funnel_counts_a_pair_whose_decision_line_was_lost(tmp_path):
     """bootstrap appends pairs.jsonl first, then bootstrap.jsonl: a kill in between must not
     make the kept pair vanish from the funnel (or be redone)."""
     from ssb.rundir import RunDir, append_jsonl
-    from ssb.stages.bootstrap import funnel
+    from ssb.funnel import funnel
 
     rd = RunDir(tmp_path)
     append_jsonl(rd.rollouts_path, [{"id": "a"}, {"id": "b"}, {"id": "c"}])

@@ -16,7 +16,7 @@ from ssb.report import write_report
 from ssb.rundir import RunDir, append_jsonl, atomic_write_json
 from ssb.stages.common import load_base, policy_model
 from ssb.stages.evaluate import rival_pairs
-from ssb.stages.pipeline import round_config, round_dir, round_model_name
+from ssb.stages.pipeline import round_config
 from ssb.stages.train import student_model
 
 
@@ -50,7 +50,7 @@ def test_round_config_skips_what_earlier_rounds_scanned(tmp_path):
     rundir.update_manifest(problems_scanned=7)
     with pytest.raises(ValueError, match="round 2 has not finished"):
         round_config(cfg, rundir, 3)
-    round_dir(rundir, 2).update_manifest(problems_scanned=5)
+    rundir.round(2).update_manifest(problems_scanned=5)
     third = round_config(cfg, rundir, 3)
     assert third.data.skip_problems == 2 + 7 + 5
     assert third.model.adapter == str((tmp_path / "run" / "round2" / "adapter").resolve())
@@ -60,8 +60,8 @@ def test_round_config_skips_what_earlier_rounds_scanned(tmp_path):
     assert round_config(slower, rundir, 2).train.learning_rate == 1e-5
     assert round_config(slower, rundir, 1).train.learning_rate == slower.train.learning_rate
     assert round_config(cfg, rundir, 1) is cfg
-    assert round_dir(rundir, 1) is rundir
-    assert [round_model_name(r) for r in (1, 2, 3)] == ["student", "round2", "round3"]
+    assert rundir.round(1) is rundir
+    assert [RunDir.round_model_name(r) for r in (1, 2, 3)] == ["student", "round2", "round3"]
 
 
 def test_rival_pairs():
@@ -143,7 +143,7 @@ def test_report_shows_each_round(tmp_path):
     rundir = RunDir(tmp_path / "run")
     rounds = {1: (40, 6), 2: (40, 9)}
     for r, (scanned, kept) in rounds.items():
-        sub = round_dir(rundir, r)
+        sub = rundir.round(r)
         sub.update_manifest(problems_scanned=scanned)
         append_jsonl(sub.pairs_path, [{"id": f"r{r}p{i}"} for i in range(kept)])
         decisions = [{"id": f"r{r}p{i}", "status": "kept"} for i in range(kept)]

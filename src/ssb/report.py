@@ -20,22 +20,14 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ssb.config import Config, lookup, to_dict
+from ssb.funnel import REJECT_REASONS, funnel
 from ssb.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
-
-FUNNEL_REASONS = {
-    "all_correct": "all rollouts correct (too easy)",
-    "all_wrong": "all rollouts wrong (too hard)",
-    "no_boxed_wrong": "wrong rollouts without a boxed answer",
-    "teacher_wrong": "teacher's answer wrong",
-    "teacher_truncated": "teacher hit the token limit",
-}
 
 # Training-log keys, first present wins (the trainer's own names, TRL's, and aliases).
 STEP_KEYS = ("step", "global_step")
@@ -134,22 +126,11 @@ def funnel_counts(rundir: RunDir) -> dict[str, Any] | None:
 
     From rollouts.jsonl / bootstrap.jsonl / pairs.jsonl when bootstrap.jsonl exists, else from
     manifest.json stages.bootstrap (the stage's own summary); None when neither exists."""
-    decisions = read_jsonl(rundir.bootstrap_log_path)
-    if decisions:
-        counts = Counter(d.get("status") for d in decisions)
-        rollouts = read_jsonl(rundir.rollouts_path)
-        pairs = read_jsonl(rundir.pairs_path)
-        problems = len(rollouts) if rollouts else None
-        if problems is None:
-            problems = lookup(rundir.read_manifest(), "stages.rollout.problems")
-        return {
-            "source": "bootstrap.jsonl",
-            "problems": problems,
-            "decided": len(decisions),
-            "mixed": sum(counts[s] for s in ("kept", "teacher_wrong", "teacher_truncated")),
-            "kept": len(pairs) if rundir.pairs_path.exists() else counts["kept"],
-            "rejected": {reason: counts[reason] for reason in FUNNEL_REASONS},
-        }
+    if read_jsonl(rundir.bootstrap_log_path):
+        counts = funnel(rundir)
+        if not counts["problems"]:  # rollouts.jsonl removed: the rollout stage's summary
+            counts["problems"] = lookup(rundir.read_manifest(), "stages.rollout.problems")
+        return {"source": "bootstrap.jsonl", **counts}
     stage = lookup(rundir.read_manifest(), "stages.bootstrap")
     if isinstance(stage, dict) and "kept" in stage:
         rejected = stage.get("rejected") or {}
@@ -159,7 +140,7 @@ def funnel_counts(rundir: RunDir) -> dict[str, Any] | None:
             "decided": stage.get("decided"),
             "mixed": stage.get("mixed"),
             "kept": stage.get("kept"),
-            "rejected": {reason: rejected.get(reason, 0) for reason in FUNNEL_REASONS},
+            "rejected": {reason: rejected.get(reason, 0) for reason in REJECT_REASONS},
         }
     return None
 
@@ -293,7 +274,7 @@ def plot_funnel(funnel: dict[str, Any], path: Path) -> bool:
     stages = [(k, v) for k, v in stages if v is not None]
     if not stages:
         return False
-    reasons = [(FUNNEL_REASONS[k], funnel["rejected"].get(k, 0)) for k in FUNNEL_REASONS]
+    reasons = [(REJECT_REASONS[k], funnel["rejected"].get(k, 0)) for k in REJECT_REASONS]
     fig = _figure(9.5, 3.2)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.4])
     labels = [k for k, _ in stages][::-1]
@@ -334,7 +315,7 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
         rundir = RunDir(rundir)
     config = _load_config(rundir, cfg)
     manifest = rundir.read_manifest()
-    summary = _read_json(rundir.eval_dir / "summary.json")
+    summary = _read_json(rundir.eval_summary_path)
     funnel = funnel_counts(rundir)
     train_log = read_jsonl(rundir.train_log_path)
     series = training_series(train_log)
@@ -409,10 +390,10 @@ def _funnel_section(funnel: dict[str, Any] | None, plot: bool) -> list[str]:
     if funnel.get("decided") is not None:
         rows.append(["decided by bootstrap", fmt_num(funnel["decided"])])
     for key in ("all_correct", "all_wrong", "no_boxed_wrong"):
-        rows.append([f"- {FUNNEL_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
+        rows.append([f"- {REJECT_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
     rows.append(["mixed (sent to the hinted teacher)", fmt_num(funnel.get("mixed"))])
     for key in ("teacher_wrong", "teacher_truncated"):
-        rows.append([f"- {FUNNEL_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
+        rows.append([f"- {REJECT_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
     rows.append(["kept pairs", fmt_num(funnel.get("kept"))])
     problems, decided = funnel.get("problems"), funnel.get("decided")
     if isinstance(problems, int) and isinstance(decided, int) and problems > decided:
@@ -560,12 +541,11 @@ def _paired_cells(label: str, bench: str, c: dict[str, Any]) -> list[str]:
 def _rounds_section(rundir: RunDir, summary: dict[str, Any]) -> list[str]:
     """Iterated SSB: per round, the problems it scanned, its pair yield, its training loss and
     its student's accuracy (from the run's evaluation)."""
-    from ssb.stages.pipeline import round_dir, round_model_name
 
     rounds = []
     r = 1
-    while r == 1 or round_dir(rundir, r).path.is_dir():
-        rounds.append((r, round_dir(rundir, r)))
+    while r == 1 or rundir.round(r).path.is_dir():
+        rounds.append((r, rundir.round(r)))
         r += 1
     if len(rounds) < 2:
         return []
@@ -594,7 +574,7 @@ def _rounds_section(rundir: RunDir, summary: dict[str, Any]) -> list[str]:
             pct(kept / scanned) if scanned and kept is not None else "n/a",
             f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "n/a",
         ]
-        model = round_model_name(r)
+        model = RunDir.round_model_name(r)
         for bench in benches:
             acc = (results.get(model) or {}).get(bench, {}).get("accuracy")
             row.append(pct(acc) if acc is not None else "not evaluated")

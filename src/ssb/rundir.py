@@ -242,6 +242,53 @@ class RunDir:
         return self.path / "eval"
 
     @property
+    def eval_summary_path(self) -> Path:
+        return self.eval_dir / "summary.json"
+
+    def eval_records_path(self, model: str, bench_slug: str) -> Path:
+        """One model's records on one benchmark (`ssb.stages.evaluate.bench_slug` names it)."""
+        return self.eval_dir / f"{model}-{bench_slug}.jsonl"
+
+    # The GRPO baseline keeps its own adapter, log and checkpoints under grpo/.
+    @property
+    def grpo_dir(self) -> Path:
+        return self.path / "grpo"
+
+    @property
+    def grpo_adapter_dir(self) -> Path:
+        return self.grpo_dir / "adapter"
+
+    @property
+    def grpo_log_path(self) -> Path:
+        return self.grpo_dir / "train_log.jsonl"
+
+    @property
+    def grpo_checkpoints_dir(self) -> Path:
+        return self.grpo_dir / "checkpoints"
+
+    def round(self, index: int) -> RunDir:
+        """Iterated SSB: round 1 is this run directory itself, round r >= 2 is `round<r>/`."""
+        return self if index == 1 else RunDir(self.path / f"round{index}", force=self.force)
+
+    @staticmethod
+    def round_model_name(index: int) -> str:
+        """The name evaluation gives round r's student ("student" for round 1, whose adapter is
+        adapter/; "round<r>" for the others, whose adapter is round<r>/adapter/)."""
+        return "student" if index == 1 else f"round{index}"
+
+    def trained_adapters(self) -> dict[str, Path]:
+        """name -> adapter directory of every model trained in this run: "student" (adapter/)
+        and "<name>" for any direct sub-directory holding `<name>/adapter/` (grpo, round2, ...)."""
+        from ssb.models import has_adapter
+
+        found = {"student": self.adapter_dir} if has_adapter(self.adapter_dir) else {}
+        if self.path.is_dir():
+            for sub in sorted(self.path.iterdir()):
+                if sub.is_dir() and sub.name not in found and has_adapter(sub / "adapter"):
+                    found[sub.name] = sub / "adapter"
+        return found
+
+    @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
 

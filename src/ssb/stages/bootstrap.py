@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Any
 
 from ssb.config import Config
+from ssb.funnel import funnel
 from ssb.generate.base import SamplingParams, require_finished
 from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
@@ -28,14 +29,6 @@ from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import chunks, generation_chunk_size, log, stable_seed
 from ssb.stages.engine import generation_engine
 from ssb.stages.ranks import launched_ranks, merge_parts
-
-REJECT_REASONS = (
-    "all_correct",
-    "all_wrong",
-    "no_boxed_wrong",
-    "teacher_wrong",
-    "teacher_truncated",
-)
 
 
 def select_rollouts(record: dict[str, Any], seed: int) -> tuple[str, dict | None, dict | None]:
@@ -237,21 +230,3 @@ def _merge_rank_parts(rundir: RunDir, order: list[str], target_pairs: int | None
         order,
         keep=lambda d: d["status"] != "kept" or d["id"] in pair_ids,
     )
-
-
-def funnel(rundir: RunDir) -> dict[str, Any]:
-    """problems -> mixed -> kept, with the reason for every problem that was not kept."""
-    decisions = read_jsonl(rundir.bootstrap_log_path)
-    pair_ids = [p["id"] for p in read_jsonl(rundir.pairs_path)]
-    counts = Counter(d["status"] for d in decisions)
-    # A pair whose "kept" line was lost (killed between the two appends) still counts as kept.
-    logged = {d["id"] for d in decisions}
-    counts["kept"] += sum(1 for i in pair_ids if i not in logged)
-    out: dict[str, Any] = {
-        "problems": len(read_jsonl(rundir.rollouts_path)),
-        "decided": sum(counts.values()),
-        "mixed": sum(counts[s] for s in ("kept", "teacher_wrong", "teacher_truncated")),
-        "kept": len(pair_ids),
-    }
-    out["rejected"] = {reason: counts[reason] for reason in REJECT_REASONS}
-    return out

@@ -74,19 +74,12 @@ def available_models(rundir: RunDir) -> dict[str, Path | None]:
     (remembered in eval/summary.json) whose adapter still exists.
     """
     models: dict[str, Path | None] = {"base": None}
-    if has_adapter(rundir.adapter_dir):
-        models["student"] = rundir.adapter_dir
-    if rundir.path.is_dir():
-        for sub in sorted(rundir.path.iterdir()):
-            name = sub.name
-            if name in models or name in ("checkpoints", "eval", "plots", "targets"):
-                continue
-            if sub.is_dir() and has_adapter(sub / "adapter") and _NAME_RE.match(name):
-                models[name] = sub / "adapter"
-    summary_path = rundir.eval_dir / "summary.json"
-    if summary_path.exists():
+    models.update(
+        (name, path) for name, path in rundir.trained_adapters().items() if _NAME_RE.match(name)
+    )
+    if rundir.eval_summary_path.exists():
         try:
-            old = json.loads(summary_path.read_text()).get("models", {})
+            old = json.loads(rundir.eval_summary_path.read_text()).get("models", {})
         except json.JSONDecodeError:
             old = {}
         for name, info in old.items():
@@ -99,7 +92,6 @@ def available_models(rundir: RunDir) -> dict[str, Path | None]:
 def rival_pairs(names: list[str]) -> list[tuple[str, str]]:
     """Paired comparisons besides "vs base": SSB's student against the GRPO baseline (the
     paper's claim), and each iterated round's student against the round before it."""
-    from ssb.stages.pipeline import round_model_name
 
     pairs = []
     if "student" in names and "grpo" in names:
@@ -107,7 +99,7 @@ def rival_pairs(names: list[str]) -> list[tuple[str, str]]:
     for name in names:
         match = re.fullmatch(r"round(\d+)", name)
         if match and int(match.group(1)) >= 2:
-            previous = round_model_name(int(match.group(1)) - 1)
+            previous = RunDir.round_model_name(int(match.group(1)) - 1)
             if previous in names:
                 pairs.append((name, previous))
     return pairs
@@ -214,11 +206,7 @@ def bench_slug(benchmark: str) -> str:
 
 
 def records_path(rundir: RunDir, model: str, benchmark: str) -> Path:
-    return rundir.eval_dir / f"{model}-{bench_slug(benchmark)}.jsonl"
-
-
-def summary_path(rundir: RunDir) -> Path:
-    return rundir.eval_dir / "summary.json"
+    return rundir.eval_records_path(model, bench_slug(benchmark))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -430,7 +418,7 @@ def run_eval(
         summary = write_summary(cfg, rundir, problems, models=chosen)
     ranks.barrier()
     if not ranks.main:
-        summary = json.loads(summary_path(rundir).read_text())
+        summary = json.loads(rundir.eval_summary_path.read_text())
     out: dict[str, Any] = {
         "models": list(chosen),
         "benchmarks": list(problems),
@@ -639,5 +627,5 @@ def write_summary(
         "comparisons": comparisons,
         "head_to_head": head_to_head,
     }
-    atomic_write_json(summary_path(rundir), summary)
+    atomic_write_json(rundir.eval_summary_path, summary)
     return summary

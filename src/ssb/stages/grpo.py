@@ -53,27 +53,7 @@ from ssb.models import disable_checkpointing
 from ssb.rundir import RunDir, atomic_write_json, atomic_write_text, read_jsonl
 from ssb.stages.common import load_base, log
 
-GRPO_DIR = "grpo"
 FINGERPRINT_NAME = "ssb_grpo.json"
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def grpo_dir(rundir: RunDir) -> Path:
-    return rundir.path / GRPO_DIR
-
-
-def grpo_adapter_dir(rundir: RunDir) -> Path:
-    return grpo_dir(rundir) / "adapter"
-
-
-def grpo_log_path(rundir: RunDir) -> Path:
-    return grpo_dir(rundir) / "train_log.jsonl"
-
-
-def grpo_checkpoints_dir(rundir: RunDir) -> Path:
-    return grpo_dir(rundir) / "checkpoints"
 
 
 # --------------------------------------------------------------------------- rewards
@@ -338,7 +318,7 @@ def grpo_arguments(
         if stop_strings:
             generation_kwargs["stop_strings"] = list(stop_strings)
     kwargs.update(
-        output_dir=str(grpo_checkpoints_dir(rundir)),
+        output_dir=str(rundir.grpo_checkpoints_dir),
         # TRL counts completions: each device's batch holds batch_size prompt groups.
         per_device_train_batch_size=g.batch_size * g.num_generations,
         gradient_accumulation_steps=1,
@@ -421,7 +401,7 @@ def make_grpo_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[JsonlLogCallback(grpo_log_path(rundir))],
+        callbacks=[JsonlLogCallback(rundir.grpo_log_path)],
         expected_prompt_ids={prompt_key(r["prompt"]): r["prompt_ids"] for r in records},
         stop_token_ids=stop_ids,
         stop_strings=reply.stop_strings,
@@ -458,14 +438,14 @@ def grpo_fingerprint(cfg: Config) -> dict[str, Any]:
 def last_grpo_checkpoint(rundir: RunDir) -> Path | None:
     found = [
         p
-        for p in grpo_checkpoints_dir(rundir).glob("checkpoint-*")
+        for p in rundir.grpo_checkpoints_dir.glob("checkpoint-*")
         if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
     ]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _check_resumable(cfg: Config, rundir: RunDir, checkpoint: Path | None) -> None:
-    path = grpo_checkpoints_dir(rundir) / FINGERPRINT_NAME
+    path = rundir.grpo_checkpoints_dir / FINGERPRINT_NAME
     if checkpoint is None or not path.exists():
         return
     from ssb.config import _flatten
@@ -474,7 +454,7 @@ def _check_resumable(cfg: Config, rundir: RunDir, checkpoint: Path | None) -> No
     if old != new:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise ValueError(
-            f"{grpo_checkpoints_dir(rundir)} holds checkpoints of a GRPO run with different "
+            f"{rundir.grpo_checkpoints_dir} holds checkpoints of a GRPO run with different "
             f"settings ({', '.join(changed)}); delete that directory to start over, or restore "
             "the config to resume"
         )
@@ -492,7 +472,7 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
         raise RuntimeError("the base model already carries a PEFT adapter")
     checkpoint = last_grpo_checkpoint(rundir)
     _check_resumable(cfg, rundir, checkpoint)
-    log_path = grpo_log_path(rundir)
+    log_path = rundir.grpo_log_path
 
     # TRL writes the pad id into the model's configs, Trainer turns `use_cache` off, and TRL wraps
     # the model in LoRA layers in place; all of it is undone below, so later stages get the base
@@ -516,14 +496,12 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
                 atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
             elif log_path.exists():
                 log_path.unlink()
-            atomic_write_json(
-                grpo_checkpoints_dir(rundir) / FINGERPRINT_NAME, grpo_fingerprint(cfg)
-            )
+            atomic_write_json(rundir.grpo_checkpoints_dir / FINGERPRINT_NAME, grpo_fingerprint(cfg))
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if trainer.is_world_process_zero():
-            _save_adapter_atomically(trainer.model, grpo_adapter_dir(rundir))
+            _save_adapter_atomically(trainer.model, rundir.grpo_adapter_dir)
         trainer.accelerator.wait_for_everyone()
-        summary = _summary(trainer, result, read_jsonl(log_path), grpo_adapter_dir(rundir))
+        summary = _summary(trainer, result, read_jsonl(log_path), rundir.grpo_adapter_dir)
         if checkpoint is not None:
             summary["resumed_from"] = checkpoint.name
         return summary

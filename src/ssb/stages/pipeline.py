@@ -37,7 +37,8 @@ def _run(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[st
 def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     """Rollout + bootstrap; scans problems block by block when a pair target is set. Records
     how many training problems were scanned (`problems_scanned` in the manifest)."""
-    from ssb.stages.bootstrap import funnel, run_bootstrap
+    from ssb.funnel import funnel
+    from ssb.stages.bootstrap import run_bootstrap
     from ssb.stages.rollout import run_rollout
 
     problems = load_train_problems(cfg)
@@ -72,18 +73,6 @@ def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
     return out
 
 
-def round_dir(rundir: RunDir, round_index: int) -> RunDir:
-    """Round 1 is the run directory itself; round r >= 2 is `<run>/round<r>/`."""
-    if round_index == 1:
-        return rundir
-    return RunDir(rundir.path / f"round{round_index}", force=rundir.force)
-
-
-def round_model_name(round_index: int) -> str:
-    """The name evaluation gives round r's student ("student" for round 1, as in a plain run)."""
-    return "student" if round_index == 1 else f"round{round_index}"
-
-
 def round_config(cfg: Config, rundir: RunDir, round_index: int) -> Config:
     """Round r's config: round r-1's adapter on the base, and the training problems after those
     rounds 1 .. r-1 scanned. Needs those rounds finished."""
@@ -91,11 +80,11 @@ def round_config(cfg: Config, rundir: RunDir, round_index: int) -> Config:
         return cfg
     skip = cfg.data.skip_problems
     for earlier in range(1, round_index):
-        scanned = round_dir(rundir, earlier).read_manifest().get("problems_scanned")
+        scanned = rundir.round(earlier).read_manifest().get("problems_scanned")
         if scanned is None:
             raise ValueError(f"round {earlier} has not finished generating pairs")
         skip += int(scanned)
-    previous = round_dir(rundir, round_index - 1)
+    previous = rundir.round(round_index - 1)
     lr = cfg.train.learning_rate if cfg.round_learning_rate is None else cfg.round_learning_rate
     return dataclasses.replace(
         cfg,
@@ -110,7 +99,7 @@ def round_config(cfg: Config, rundir: RunDir, round_index: int) -> Config:
 
 def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     """Pairs, teacher targets and the trained student of one round (each step resumable)."""
-    from ssb.stages.bootstrap import funnel
+    from ssb.funnel import funnel
     from ssb.stages.targets import run_targets
     from ssb.stages.train import run_train
 
@@ -132,7 +121,7 @@ def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
 
     out = train_round(cfg, rundir, progress)
     for r in range(2, cfg.rounds + 1):
-        sub = round_dir(rundir, r)
+        sub = rundir.round(r)
         sub_cfg = round_config(cfg, rundir, r)
         log.info(
             "round %d/%d in %s (model: base + %s)", r, cfg.rounds, sub.path, sub_cfg.model.adapter
