@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-import ssb.problems as problems_mod
+import ssb.problems.sources as sources_mod
+import ssb.problems.synthetic as synthetic_mod
 from ssb.config import Config, SyntheticConfig
 from ssb.grading import extract_boxed, grade
 from ssb.problems import (
@@ -269,7 +270,7 @@ def test_hf_unreachable_gives_a_clear_error(monkeypatch):
     with pytest.raises(ProblemsError, match=r"could not load hf:nobody/no-such-dataset"):
         load_problems("hf:nobody/no-such-dataset", "test")
     # A benchmark with no local data directory falls back to its hub copy...
-    monkeypatch.setattr(problems_mod, "resolve_data_dir", lambda data_dir: None)
+    monkeypatch.setattr(sources_mod, "resolve_data_dir", lambda data_dir: None)
     with pytest.raises(ProblemsError, match=r"could not load hf:openai/gsm8k.*data_dir"):
         load_problems("gsm8k", "test")
     # ...and one without a hub copy says a local copy is needed.
@@ -310,7 +311,7 @@ def test_hf_rows_are_converted(monkeypatch):
         ("hf:me/mine:cfg-validation-1", "What is 1+1?", "2")
     ]
     assert calls[-1] == ("me/mine", "cfg", "validation")
-    monkeypatch.setattr(problems_mod, "resolve_data_dir", lambda data_dir: None)
+    monkeypatch.setattr(sources_mod, "resolve_data_dir", lambda data_dir: None)
     assert load_problems("aime24")[0].id == "aime24-60"  # no local copy: the hub
 
 
@@ -339,7 +340,7 @@ def _check_arithmetic(p: Problem, limit: int, steps: int) -> None:
         assert [op, a, b, result] == meta
         assert 0 <= min(a, b, result) and max(a, b, result) <= limit
         # Every operand is stated in the question (multipliers 2..5 may be words: "twice").
-        assert str(b) in p.question or problems_mod._MULTIPLE_WORDS.get(b, "?") in p.question
+        assert str(b) in p.question or synthetic_mod._MULTIPLE_WORDS.get(b, "?") in p.question
     # Steps chain: each step starts from the previous result (the first may be a product).
     for prev, nxt in zip(p.metadata["steps"], p.metadata["steps"][1:]):
         assert nxt[1] == prev[3]
@@ -391,9 +392,9 @@ def test_synthetic_raises_when_impossible(monkeypatch):
     # A template that only ever produces one question cannot fill a large split.
     def one_story(rng, n_steps, limit):
         step = ("+", 1, 1, 2)
-        return problems_mod._Story("Q?", "1 + 1 = 2. \\boxed{2}", 2, [step], "one")
+        return synthetic_mod._Story("Q?", "1 + 1 = 2. \\boxed{2}", 2, [step], "one")
 
-    monkeypatch.setattr(problems_mod, "_TEMPLATES", (one_story,))
+    monkeypatch.setattr(synthetic_mod, "_TEMPLATES", (one_story,))
     with pytest.raises(ProblemsError, match="could only generate"):
         synthetic_problems("train", 5, difficulty=1, seed=0)
 
