@@ -415,8 +415,8 @@ def test_corrupt_manifest_and_jsonl_are_named(tmp_path):
 def test_funnel_counts_a_pair_whose_decision_line_was_lost(tmp_path):
     """bootstrap appends pairs.jsonl first, then bootstrap.jsonl: a kill in between must not
     make the kept pair vanish from the funnel (or be redone)."""
-    from ssb.rundir import RunDir, append_jsonl
     from ssb.funnel import funnel
+    from ssb.rundir import RunDir, append_jsonl
 
     rd = RunDir(tmp_path)
     append_jsonl(rd.rollouts_path, [{"id": "a"}, {"id": "b"}, {"id": "c"}])
