@@ -42,12 +42,12 @@ test-compat: $(COMPAT_DIR)/.installed
 		-m "not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks/*.py
 
 format: install
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests benchmarks/*.py
+	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 bench: install
 	$(VENV)/bin/ssb bench --out bench --stage-times-from $(RUN_DIR)

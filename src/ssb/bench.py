@@ -35,8 +35,10 @@ Sections (``sections=`` picks a subset):
 - ``stages``: per-stage wall time and share of the total from a run directory's manifest.json
   (``stage_times_from=``).
 - ``gpu``: when CUDA is available, the KD step (tokens/s, MFU) of the reference approach vs ours
-  on a random-init Qwen2.5-3B-shaped model with LoRA r=32, and generation tokens/s. UNTESTED: no
-  GPU was available when it was written.
+  on a random-init Qwen2.5-3B-shaped model with LoRA r=32, and generation tokens/s: transformers
+  at batch 1 and batch N, and vLLM (`VLLMGenerator`, as the stages use it) on the same N prompts
+  (skipped, saying why, without vLLM). UNTESTED: no GPU was available when it was written;
+  ``benchmarks/gpu_check.sh`` runs it.
 
 Model-based work (``storage``'s error measurement, ``generation``, ``scoring``) runs in one child
 process that loads the model once; each ``kd_memory`` / ``gpu`` variant runs in its own child
@@ -391,6 +393,7 @@ def _child_main(argv: list[str]) -> None:
         "kd_step": _child_kd_step,
         "model_tasks": _child_model_tasks,
         "gpu_generate": _child_gpu_generate,
+        "gpu_generate_vllm": _child_gpu_generate_vllm,
         "cpu_isa": child_cpu,
     }
     try:
@@ -1225,6 +1228,116 @@ def _child_gpu_generate(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _byte_tokenizer(vocab_size: int) -> Any:
+    """A byte-level tokenizer of exactly `vocab_size` ids for a random model: id 0 is
+    ``<|endoftext|>`` (eos and pad), then the 256 byte symbols (every string encodes, one token
+    per byte), then filler tokens that nothing encodes to but that decode to their own text, so
+    every id the model can emit is in the vocabulary (vLLM refuses prompt ids outside it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<fill{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def _config_only_model_dir(spec: dict[str, Any], path: Path) -> Path:
+    """A model directory with `_build_qwen2`'s config and `_byte_tokenizer`, but no weights:
+    vLLM's ``load_format="dummy"`` fills them with random values (nothing to write or read)."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=spec["vocab"],
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"],
+        max_position_embeddings=max(4096, spec.get("seq", 0) * 2),
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    config.architectures = ["Qwen2ForCausalLM"]  # what vLLM picks its model class by
+    config.save_pretrained(path)
+    _byte_tokenizer(spec["vocab"]).save_pretrained(path)
+    return path
+
+
+def _child_gpu_generate_vllm(spec: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's generation tokens/s (`ssb.generate.VLLMGenerator`, as the stages drive it) on the
+    Qwen2.5-3B shape with vLLM's dummy (random) weights, on the prompts of `_child_gpu_generate`'s
+    batched run (same seed, count and length), sampled like it. ssb's `SamplingParams` have no
+    minimum length, so tokens/s counts the tokens actually generated (a row that samples the
+    end token stops early; ``finish_reasons`` says how many did). Returns ``skipped`` without
+    vLLM or CUDA; the model directory is written first either way, so the CPU form runs that."""
+    import torch
+
+    from ssb.generate import SamplingParams
+    from ssb.generate.vllm import vllm_available
+
+    model_dir = _config_only_model_dir(spec, Path(spec["tmp"]) / "model")
+    if not vllm_available():
+        return {"skipped": "vLLM is not installed (pip install 'ssb[vllm]')"}
+    if not torch.cuda.is_available():
+        return {"skipped": "vLLM generation needs a CUDA device"}
+    from transformers import AutoTokenizer
+
+    from ssb.generate import VLLMGenerator
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    gen = torch.Generator().manual_seed(0)
+    prompt_len, new = spec.get("prompt_len", 256), spec["gen_tokens"]
+    prompts = torch.randint(1, spec["vocab"], (spec["gen_prompts"], prompt_len), generator=gen)
+    prompts = prompts.tolist()
+    start = time.perf_counter()
+    engine = VLLMGenerator(
+        model_dir,
+        tokenizer,
+        [tokenizer.eos_token_id],
+        dtype="bfloat16",
+        max_model_len=prompt_len + new,
+        seed=0,
+        llm_kwargs={"load_format": "dummy"},
+    )
+    start_s = time.perf_counter() - start
+    try:
+        params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=new, seed=0)
+        engine.generate(
+            [prompts[0][:16]], dataclasses.replace(params, max_new_tokens=4), progress=False
+        )
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, params, progress=False)
+        wall = time.perf_counter() - start
+    finally:
+        engine.shutdown()
+    tokens = sum(len(c.token_ids) for per_prompt in outputs for c in per_prompt)
+    reasons: dict[str, int] = {}
+    for per_prompt in outputs:
+        for c in per_prompt:
+            reasons[c.finish_reason] = reasons.get(c.finish_reason, 0) + 1
+    return {
+        "device_name": torch.cuda.get_device_name(),
+        "tokens_per_s": tokens / wall,
+        "tokens": tokens,
+        "max_tokens": spec["gen_prompts"] * new,
+        "finish_reasons": reasons,
+        "wall_s": wall,
+        "engine_start_s": start_s,
+        "batch": spec["gen_prompts"],
+        "new_tokens": new,
+    }
+
+
 def _peak_flops(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU named `device_name` (None for one not in the table)."""
     for key, flops in PEAK_BF16_FLOPS:
@@ -1330,6 +1443,21 @@ def _gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str,
                 "ours/baseline",
                 unit="tok/s",
                 goal=(">=", 4.0),
+            )
+        )
+    _log(progress, "gpu: generation, vLLM")
+    vgen = _run_child("gpu_generate_vllm", g_spec)
+    data["generation_vllm"] = vgen
+    if "tokens_per_s" in vgen and "batched_tokens_per_s" in gen:
+        rows.append(
+            _row(
+                "gpu",
+                f"generation tokens/s, vLLM / transformers batch {gen['batch']}",
+                gen["batched_tokens_per_s"],
+                vgen["tokens_per_s"],
+                "ours/baseline",
+                unit="tok/s",
+                goal=(">=", 1.0),
             )
         )
     return data, rows
@@ -1786,6 +1914,9 @@ def _markdown(results: dict[str, Any]) -> str:
     gpu = results["sections"].get("gpu")
     if isinstance(gpu, dict) and gpu.get("untested_on_gpu"):
         lines.append("- `gpu`: written without GPU access; only its CPU form was ever run.")
+        vgen = gpu.get("generation_vllm", {})
+        if "skipped" in vgen or "error" in vgen:
+            lines.append(f"  - vLLM generation: {vgen.get('skipped') or vgen.get('error')}")
     return "\n".join(lines) + "\n"
 
 
