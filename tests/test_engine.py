@@ -163,3 +163,57 @@ def test_an_engine_is_shut_down_when_its_stage_fails(monkeypatch, tmp_path, tiny
         run_rollout(cfg, rundir, progress=False)
     assert read_jsonl(rundir.rollouts_path) == []
     assert [e[0] for e in fake.events][-3:] == ["shutdown", "cleanup", "empty_cache"]
+
+
+def test_a_teacher_prompt_past_the_context_is_a_decision_not_a_failure(tmp_path, tiny_dir):
+    """The hinted prompt holds two rollouts and may not fit `model.max_context` although the
+    plain prompt does: that problem is decided as teacher_prompt_too_long (counted in the funnel),
+    the rest go on."""
+    from ssb.funnel import funnel
+    from ssb.rundir import append_jsonl
+    from ssb.stages.bootstrap import run_bootstrap
+
+    cfg = tiny_config(tiny_dir, "data.max_problems=2", "generation.max_new_tokens=4")
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    long_text = "1 + 1 = 2. " * 200 + "\\boxed{5}"
+    records = []
+    for i, (gold, text) in enumerate([("5", "\\boxed{5}"), ("5", long_text)]):
+        samples = [
+            {
+                "text": text,
+                "token_ids": [],
+                "finish_reason": "stop",
+                "answer": "5",
+                "correct": True,
+            },
+            {
+                "text": "\\boxed{0}",
+                "token_ids": [],
+                "finish_reason": "stop",
+                "answer": "0",
+                "correct": False,
+            },
+        ]
+        records.append(
+            {
+                "id": f"p{i}",
+                "question": "What is 2 + 3?",
+                "gold": gold,
+                "source": "test",
+                "solution": None,
+                "samples": samples,
+                "num_correct": 1,
+            }
+        )
+    append_jsonl(rundir.rollouts_path, records)
+    cfg.model.max_context = 600  # the short hinted prompt fits, the one with the long rollout not
+
+    summary = run_bootstrap(cfg, rundir, progress=False)
+
+    statuses = {d["id"]: d["status"] for d in read_jsonl(rundir.bootstrap_log_path)}
+    assert statuses["p1"] == "teacher_prompt_too_long"
+    assert statuses["p0"] in ("kept", "teacher_wrong", "teacher_truncated")
+    assert summary["skipped_long_prompts"] == 1
+    assert funnel(rundir)["rejected"]["teacher_prompt_too_long"] == 1
+    assert funnel(rundir)["mixed"] == 2

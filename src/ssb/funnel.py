@@ -16,9 +16,10 @@ REJECT_REASONS = {
     "no_boxed_wrong": "wrong rollouts without a boxed answer",
     "teacher_wrong": "teacher's answer wrong",
     "teacher_truncated": "teacher hit the token limit",
+    "teacher_prompt_too_long": "hinted prompt too long for the context",
 }
 # Statuses of problems that had a correct and a wrong rollout (they reached the teacher).
-MIXED_STATUSES = ("kept", "teacher_wrong", "teacher_truncated")
+MIXED_STATUSES = ("kept", "teacher_wrong", "teacher_truncated", "teacher_prompt_too_long")
 
 
 def funnel(rundir: RunDir) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ssb.config import Config, lookup, to_dict
-from ssb.funnel import REJECT_REASONS, funnel
+from ssb.funnel import MIXED_STATUSES, REJECT_REASONS, funnel
 from ssb.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
 
 # Training-log keys, first present wins (the trainer's own names, TRL's, and aliases).
@@ -389,10 +389,10 @@ def _funnel_section(funnel: dict[str, Any] | None, plot: bool) -> list[str]:
         rows.append(["problems rolled out", fmt_num(funnel["problems"])])
     if funnel.get("decided") is not None:
         rows.append(["decided by bootstrap", fmt_num(funnel["decided"])])
-    for key in ("all_correct", "all_wrong", "no_boxed_wrong"):
+    for key in (k for k in REJECT_REASONS if k not in MIXED_STATUSES):
         rows.append([f"- {REJECT_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
     rows.append(["mixed (sent to the hinted teacher)", fmt_num(funnel.get("mixed"))])
-    for key in ("teacher_wrong", "teacher_truncated"):
+    for key in (k for k in REJECT_REASONS if k in MIXED_STATUSES):
         rows.append([f"- {REJECT_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
     rows.append(["kept pairs", fmt_num(funnel.get("kept"))])
     problems, decided = funnel.get("problems"), funnel.get("decided")

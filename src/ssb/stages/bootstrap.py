@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import random
-import time
 from collections import Counter
 from typing import Any
 
 from ssb.config import Config
 from ssb.funnel import funnel
-from ssb.generate.base import SamplingParams, require_finished
+from ssb.generate.base import SamplingParams
 from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import chunks, generation_chunk_size, log, stable_seed
-from ssb.stages.engine import generation_engine
+from ssb.stages.engine import GenerationStats, generate_chunk, generation_engine
 from ssb.stages.ranks import launched_ranks, merge_parts
 
 
@@ -87,7 +86,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
 
     engine = None
     generator = None
-    gen_seconds, gen_tokens = 0.0, 0
+    stats = GenerationStats()
     # Only about a third of the problems are mixed and need the teacher, so a chunk spans three
     # generation chunks' worth of problems. Teacher samples are seeded by problem id, so a
     # resumed run samples what an uninterrupted one would.
@@ -143,11 +142,15 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                     stop_strings=engine.reply.stop_strings,
                     prompt_seeds=[stable_seed(cfg.seed, "bootstrap", r["id"]) for r, _, _ in mixed],
                 )
-                start = time.perf_counter()
-                outputs = generator.generate(prompts, params, progress=progress)
-                require_finished(outputs, "bootstrap")
-                gen_seconds += time.perf_counter() - start
-                gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+                ids = [r["id"] for r, _, _ in mixed]
+                kept_at, outputs = generate_chunk(
+                    engine, generator, ids, prompts, params, "bootstrap", stats, progress
+                )
+                for i in sorted(set(range(len(mixed))) - set(kept_at)):
+                    decisions.append({"id": ids[i], "status": "teacher_prompt_too_long"})
+                mixed = [mixed[i] for i in kept_at]
+                t_msgs = [t_msgs[i] for i in kept_at]
+                prompts = [prompts[i] for i in kept_at]
                 for (record, good, bad), msgs, prompt_ids, outs in zip(
                     mixed, t_msgs, prompts, outputs
                 ):
@@ -210,8 +213,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                 ranks.barrier()
                 kept = len(read_jsonl(rundir.pairs_path))
     summary = funnel(rundir)
-    if gen_seconds > 0:
-        summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
+    summary.update(stats.summary())
     return summary
 
 

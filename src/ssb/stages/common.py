@@ -190,32 +190,26 @@ def fits_context(prompt_ids: list[int], max_new_tokens: int, limit: int | None) 
     return limit is None or len(prompt_ids) + max_new_tokens <= limit
 
 
-def drop_long_prompts(
-    problems: list[Any],
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    limit: int | None,
-    stage: str,
-) -> tuple[list[Any], list[list[int]], int]:
-    """Skip problems whose prompt does not leave room for `max_new_tokens` within `limit` (a
-    model fed past its context gives garbage or fails); each skip is logged. Returns the kept
-    problems, their prompts, and the number skipped."""
-    kept, kept_prompts = [], []
-    for problem, ids in zip(problems, prompts):
-        if fits_context(ids, max_new_tokens, limit):
-            kept.append(problem)
-            kept_prompts.append(ids)
+def fitting_prompts(
+    ids: list[str], prompts: list[list[int]], max_new_tokens: int, limit: int | None, stage: str
+) -> list[int]:
+    """Positions of the prompts that leave room for `max_new_tokens` within `limit` (a model fed
+    past its context gives garbage, vLLM refuses it); each skipped problem is logged by id."""
+    kept = []
+    for i, (pid, prompt) in enumerate(zip(ids, prompts)):
+        if fits_context(prompt, max_new_tokens, limit):
+            kept.append(i)
         else:
             log.warning(
                 "%s: skipping problem %s: prompt of %d tokens + %d new tokens exceeds the "
                 "context of %s tokens (model.max_context)",
                 stage,
-                getattr(problem, "id", "?"),
-                len(ids),
+                pid,
+                len(prompt),
                 max_new_tokens,
                 limit,
             )
-    return kept, kept_prompts, len(problems) - len(kept)
+    return kept
 
 
 def drop_unparseable_golds(problems: list[Any], stage: str) -> tuple[list[Any], list[str]]:

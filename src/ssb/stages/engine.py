@@ -23,14 +23,17 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate import Generator, VLLMGenerator, make_generator, select_backend
+from ssb.generate import Generator, SamplingParams, VLLMGenerator, make_generator, select_backend
+from ssb.generate.base import Completion, require_finished
 from ssb.models import has_adapter, load_model_config
 from ssb.prompts import ReplyFormat
 from ssb.rundir import RunDir
@@ -38,6 +41,7 @@ from ssb.stages.common import (
     BaseModel,
     attached_adapter,
     context_limit,
+    fitting_prompts,
     load_base,
     load_base_tokenizer,
     release_accelerator,
@@ -111,3 +115,46 @@ def generation_engine(
     finally:
         vllm.shutdown()
         release_accelerator("after the vLLM engine stopped")
+
+
+@dataclass
+class GenerationStats:
+    """What a stage's generation cost: tokens, seconds, prompts skipped as too long."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped_long_prompts: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"skipped_long_prompts": self.skipped_long_prompts}
+        if self.seconds > 0:
+            out["tokens_per_second"] = round(self.tokens / self.seconds, 2)
+        return out
+
+
+def generate_chunk(
+    engine: GenerationEngine,
+    generator: Generator,
+    ids: list[str],
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stage: str,
+    stats: GenerationStats,
+    progress: bool = True,
+) -> tuple[list[int], list[list[Completion]]]:
+    """One chunk of a generating stage: the prompts that fit the context (the others are logged
+    and counted), generated in one call with their own seeds (`params.prompt_seeds`, one per
+    prompt), every sample finished (else `GenerationAborted`, and the caller writes nothing).
+    Returns the positions of the prompts generated for and their completions."""
+    kept = fitting_prompts(ids, prompts, params.max_new_tokens, engine.context_limit, stage)
+    stats.skipped_long_prompts += len(prompts) - len(kept)
+    if not kept:
+        return [], []
+    if params.prompt_seeds is not None:
+        params = dataclasses.replace(params, prompt_seeds=[params.prompt_seeds[i] for i in kept])
+    start = time.perf_counter()
+    outputs = generator.generate([prompts[i] for i in kept], params, progress=progress)
+    require_finished(outputs, stage)
+    stats.seconds += time.perf_counter() - start
+    stats.tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+    return kept, outputs

@@ -40,13 +40,12 @@ from ssb.rundir import (
 )
 from ssb.stages.common import (
     chunks,
-    drop_long_prompts,
     drop_unparseable_golds,
     generation_chunk_size,
     log,
     stable_seed,
 )
-from ssb.stages.engine import generation_engine
+from ssb.stages.engine import GenerationStats, generate_chunk, generation_engine
 from ssb.stages.ranks import launched_ranks, merge_parts
 from ssb.stats import (
     bootstrap_mean_interval,
@@ -300,7 +299,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate `models` (default: every available one) on cfg.eval.benchmarks, then rewrite
     eval/summary.json from all records. Returns a compact summary (for the manifest)."""
-    from ssb.generate.base import SamplingParams, require_finished
+    from ssb.generate.base import SamplingParams
     from ssb.problems import load_eval_problems
     from ssb.prompts import render_prompt_ids, student_messages
 
@@ -328,8 +327,7 @@ def run_eval(
     n = settings["num_samples"]
     chunk_size = generation_chunk_size(cfg, n)
     new_records: dict[str, dict[str, int]] = {name: {b: 0 for b in problems} for name in chosen}
-    gen_seconds, gen_tokens = 0.0, 0
-    skipped = 0
+    stats = GenerationStats()
     todo: dict[str, list[tuple[str, list[Any]]]] = {}
     fingerprints = {name: fingerprint(cfg, settings, a) for name, a in chosen.items()}
     ranks = launched_ranks()
@@ -369,16 +367,6 @@ def run_eval(
                         )
                         for p in chunk
                     ]
-                    chunk, prompts, n_long = drop_long_prompts(
-                        chunk,
-                        prompts,
-                        settings["max_new_tokens"],
-                        engine.context_limit,
-                        f"eval {name} {bench}",
-                    )
-                    skipped += n_long
-                    if not chunk:
-                        continue
                     params = SamplingParams(
                         temperature=settings["temperature"],
                         top_p=settings["top_p"],
@@ -391,21 +379,26 @@ def run_eval(
                             stable_seed(cfg.seed, "eval", bench_slug(bench), p.id) for p in chunk
                         ],
                     )
-                    start = time.perf_counter()
-                    outputs = generator.generate(prompts, params, progress=progress)
-                    require_finished(outputs, f"eval {name} {bench}")
-                    gen_seconds += time.perf_counter() - start
-                    gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+                    kept, outputs = generate_chunk(
+                        engine,
+                        generator,
+                        [str(p.id) for p in chunk],
+                        prompts,
+                        params,
+                        f"eval {name} {bench}",
+                        stats,
+                        progress,
+                    )
                     records = [
                         eval_record(
-                            p,
-                            engine.tokenizer.decode(ids),
+                            chunk[i],
+                            engine.tokenizer.decode(prompts[i]),
                             outs,
                             bench,
                             settings["scoring"],
                             fingerprints[name],
                         )
-                        for p, ids, outs in zip(chunk, prompts, outputs)
+                        for i, outs in zip(kept, outputs)
                     ]
                     new_records[name][bench] += append_jsonl(
                         ranks.output(rundir, records_path(rundir, name, bench)), records
@@ -425,15 +418,13 @@ def run_eval(
         "metric": settings["metric"],
         "scoring": settings["scoring"],
         "new_records": new_records,
-        "skipped_long_prompts": skipped,
         "skipped_unparseable_gold": bad_golds,
         "accuracy": {
             m: {b: r["accuracy"] for b, r in benches.items()}
             for m, benches in summary["results"].items()
         },
     }
-    if gen_seconds > 0:
-        out["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
+    out.update(stats.summary())
     return out
 
 

@@ -8,26 +8,25 @@ run reproduces the uninterrupted one, whatever the chunk or batch a problem land
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate.base import SamplingParams, require_finished
+from ssb.generate.base import SamplingParams
 from ssb.grading import extract_boxed, grade
 from ssb.problems import Problem, load_train_problems
 from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import (
     chunks,
-    drop_long_prompts,
     drop_unparseable_golds,
     generation_chunk_size,
     log,
     stable_seed,
 )
-from ssb.stages.engine import generation_engine
+from ssb.stages.engine import GenerationStats, generate_chunk, generation_engine
 from ssb.stages.ranks import launched_ranks, merge_parts
 
 
@@ -86,40 +85,39 @@ def run_rollout(
     )
     out_path = ranks.output(rundir, rundir.rollouts_path)
     written = 0
-    gen_seconds = 0.0
-    gen_tokens = 0
-    skipped = 0
+    stats = GenerationStats()
     if todo_chunks:
         with (
             generation_engine(cfg, rundir, {"policy": cfg.model.adapter}) as engine,
             engine.serving("policy") as generator,
         ):
+            params = SamplingParams(
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
+                max_new_tokens=cfg.generation.max_new_tokens,
+                n=k,
+                stop_strings=engine.reply.stop_strings,
+            )
             for chunk in todo_chunks:
                 prompts = [
                     render_prompt_ids(engine.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
                     for p in chunk
                 ]
-                chunk, prompts, n_long = drop_long_prompts(
-                    chunk, prompts, cfg.generation.max_new_tokens, engine.context_limit, "rollout"
+                seeds = [stable_seed(cfg.seed, "rollout", p.id) for p in chunk]
+                kept, outputs = generate_chunk(
+                    engine,
+                    generator,
+                    [p.id for p in chunk],
+                    prompts,
+                    dataclasses.replace(params, prompt_seeds=seeds),
+                    "rollout",
+                    stats,
+                    progress,
                 )
-                skipped += n_long
-                if not chunk:
+                if not kept:
                     continue
-                params = SamplingParams(
-                    temperature=cfg.rollout.temperature,
-                    top_p=cfg.rollout.top_p,
-                    top_k=cfg.rollout.top_k,
-                    max_new_tokens=cfg.generation.max_new_tokens,
-                    n=k,
-                    stop_strings=engine.reply.stop_strings,
-                    prompt_seeds=[stable_seed(cfg.seed, "rollout", p.id) for p in chunk],
-                )
-                start = time.perf_counter()
-                outputs = generator.generate(prompts, params, progress=progress)
-                require_finished(outputs, "rollout")
-                gen_seconds += time.perf_counter() - start
-                gen_tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
-                records = [rollout_record(p, outs) for p, outs in zip(chunk, outputs)]
+                records = [rollout_record(chunk[i], outs) for i, outs in zip(kept, outputs)]
                 written += append_jsonl(out_path, records)
                 if on_chunk is not None:
                     on_chunk(written, num_todo)
@@ -128,10 +126,7 @@ def run_rollout(
         merge_parts(rundir, rundir.rollouts_path, [p.id for p in problems])
     ranks.barrier()
     summary = summarize_rollouts(rundir)
-    summary["skipped_long_prompts"] = skipped
-    summary["skipped_unparseable_gold"] = len(bad_golds)
-    if gen_seconds > 0:
-        summary["tokens_per_second"] = round(gen_tokens / gen_seconds, 2)
+    summary.update(stats.summary(), skipped_unparseable_gold=len(bad_golds))
     return summary
 
 
