@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ssb.target_modes import TARGET_MODES
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are an expert math tutor. Solve the problem step by step, "
     "and put your final answer within \\boxed{}."
@@ -120,11 +122,9 @@ class BootstrapConfig:
 
 @dataclass
 class TargetsConfig:
-    # hidden (default): the teacher's final hidden states, bf16; logits recomputed exactly through
-    # the frozen lm_head (2*H bytes per token). topk: k ids + log-probs + tail mass (~6*k bytes),
-    # approximate: at the paper's tau=2 the teacher spreads ~half its mass beyond the top 64 of a
-    # large vocabulary, so the KD loss is off by tens of percent (see `ssb bench`). dense: full
-    # float32 log-probs (tests, small vocabularies). online: no store, teacher forward per step.
+    # One of ssb.distill.modes.TARGET_MODES (hidden, topk, dense, online; each described there).
+    # topk is approximate: at the paper's tau=2 the teacher spreads ~half its mass beyond the top
+    # 64 of a large vocabulary, so the KD loss is off by tens of percent (see `ssb bench`).
     mode: str = "hidden"
     topk: int = 64
     batch_size: int = 4
@@ -249,7 +249,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prompt.format": ("auto", "chat", "fewshot"),
     "generation.backend": ("auto", "hf", "vllm"),
     "bootstrap.teacher_context": ("correct_and_incorrect", "correct_only", "gold"),
-    "targets.mode": ("topk", "hidden", "dense", "online"),
+    "targets.mode": tuple(TARGET_MODES),
     "train.loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
     "eval.scoring": ("math-verify", "reference"),
 }
@@ -483,7 +483,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"round_learning_rate: must be > 0, got {cfg.round_learning_rate}")
     if flat["data.skip_problems"] < 0:
         raise ConfigError(f"data.skip_problems: must be >= 0, got {flat['data.skip_problems']}")
-    if cfg.targets.mode == "online" and (cfg.rounds > 1 or cfg.model.adapter):
+    if not TARGET_MODES[cfg.targets.mode].stored and (cfg.rounds > 1 or cfg.model.adapter):
         # Online targets come from the student with its adapter switched off: the bare base,
         # not the previous round's student.
         key = "rounds" if cfg.rounds > 1 else "model.adapter"

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ssb.target_modes import STORED_MODES, TARGET_MODES
+
 __all__ = [
     "DIVERGENCES",
     "MODES",
@@ -51,13 +53,9 @@ __all__ = [
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-MODES = ("dense", "topk", "hidden")
+MODES = STORED_MODES
 # The keys of the `targets` mapping each mode expects (the same names the target store uses).
-TARGET_KEYS: dict[str, tuple[str, ...]] = {
-    "dense": ("logp",),
-    "topk": ("ids", "logp", "tail"),
-    "hidden": ("hidden",),
-}
+TARGET_KEYS: dict[str, tuple[str, ...]] = {m: tuple(TARGET_MODES[m].tensors) for m in MODES}
 
 _NEG_INF = float("-inf")
 

@@ -62,6 +62,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ssb.rundir import atomic_write_bytes
+from ssb.target_modes import STORED_MODES, TARGET_MODES
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -78,9 +79,8 @@ _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _REPLY_KEY = "reply_ids"  # tensor name of the reply ids inside a shard
 
 DEFAULT_DTYPES: dict[str, dict[str, torch.dtype]] = {
-    "topk": {"ids": torch.int32, "logp": torch.float16, "tail": torch.float32},
-    "dense": {"logp": torch.float32},
-    "hidden": {"hidden": torch.bfloat16},
+    mode: {name: getattr(torch, dtype) for name, dtype in TARGET_MODES[mode].tensors.items()}
+    for mode in STORED_MODES
 }
 _ALLOWED_DTYPES = {
     torch.float32,

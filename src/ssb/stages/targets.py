@@ -30,6 +30,7 @@ from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
 from ssb.prompts import render_prompt_ids
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import chunks, load_base, log, policy_model
+from ssb.target_modes import TARGET_MODES
 
 # Where each rank writes its share under `accelerate launch`, before rank 0 merges them.
 PARTS_DIR = "parts"
@@ -149,11 +150,16 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
-    if tcfg.mode == "hidden":
-        check_lora_targets(cfg)  # hidden targets are only usable with a frozen lm_head
-    if tcfg.mode == "online":
-        # Nothing to store: the teacher runs inside each training step (adapter disabled).
-        return {"mode": "online", "examples": len(pairs), "scored": 0, "bytes_per_reply_token": 0.0}
+    mode = TARGET_MODES[tcfg.mode]
+    if mode.needs_frozen_head:
+        check_lora_targets(cfg)
+    if not mode.stored:  # the teacher runs inside each training step (adapter disabled)
+        return {
+            "mode": mode.name,
+            "examples": len(pairs),
+            "scored": 0,
+            "bytes_per_reply_token": 0.0,
+        }
 
     base = load_base(cfg, rundir)
     check_prompts(pairs, base.tokenizer, cfg)

@@ -45,6 +45,7 @@ from ssb.stages.targets import (
     student_sequence,
     teacher_sequence,
 )
+from ssb.target_modes import TARGET_MODES
 
 IGNORE = -100
 
@@ -98,7 +99,7 @@ class DistillCollator:
             # prompt): run once per batch when the trainer can (`can_share_prefix`).
             "shared_prefix": shared_prompt_prefix(full, [len(prompt) for prompt, _ in seqs]),
         }
-        if self.mode == "online":
+        if not TARGET_MODES[self.mode].stored:  # the teacher runs in the step
             tseqs = [teacher_sequence(p) for p in pairs]
             t_ids, t_mask = right_pad([prompt + reply for prompt, reply in tseqs], self.pad_id)
             batch["teacher_input_ids"] = t_ids
@@ -163,8 +164,9 @@ class SSBTrainer(Trainer):
         student_rows = hidden[reply_mask]
         labels = shift[reply_mask]
         head = output_head(model)
-        if self.target_mode == "online":
-            targets, mode = {"hidden": self._online_teacher_rows(model, inputs)}, "hidden"
+        if not TARGET_MODES[self.target_mode].stored:
+            targets = {"hidden": self._online_teacher_rows(model, inputs)}
+            mode = TARGET_MODES[self.target_mode].loss_mode
         else:
             prefix = "teacher_"
             targets = {k[len(prefix) :]: v for k, v in inputs.items() if k.startswith(prefix)}
@@ -252,7 +254,7 @@ class JsonlLogCallback(TrainerCallback):
 
 def load_targets(cfg: Config, rundir: RunDir, model: Any, tokenizer: Any) -> TargetReader | None:
     mode = cfg.targets.mode
-    if mode == "online":
+    if not TARGET_MODES[mode].stored:
         return None
     from ssb.stages.targets import targets_meta
 
