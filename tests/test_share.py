@@ -540,3 +540,10 @@ def test_cli_import_then_export_names_the_origin(run, exported, tmp_path, capsys
     assert f"| imported with `ssb import-pairs` | `{out}` |" in card.text
     assert "Not known: the pairs were imported" in card.text
     assert not (tmp_path / "again" / MODEL_DIR).exists()  # not trained
+
+
+def test_commands_are_in_ssb_help():
+    from ssb.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "import-pairs" in text and "export" in text

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,8 @@ from ssb.share import (
     PAIR_FIELDS,
     ShareError,
 )
-from ssb.stages.common import log
 
+log = logging.getLogger("ssb")
 APPEND_BATCH = 256  # pairs per fsynced append: a killed import loses at most this many
 
 
