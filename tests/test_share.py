@@ -227,9 +227,13 @@ def test_cards_carry_the_runs_numbers(run, exported):
         'PeftModel.from_pretrained(base, "<this folder>")',
         'LoRARequest("ssb-student", 1, adapter_path)',
         "max_lora_rank=8",
-        "<|im_start|>system\n" + cfg.prompt.system_prompt,  # the rendered student prompt
+        "outputs = llm.chat(messages, params, lora_request=student)",
     ):
         assert row in card.text, row
+    # The prompt shown is the text whose tokens the student was trained on.
+    text = card.text.split("the text the tokenizer encodes:\n\n```\n")[1].split("\n```")[0]
+    tok = load_base(cfg).tokenizer
+    assert tok(text, add_special_tokens=False)["input_ids"] == pairs[0]["student_prompt_ids"]
 
 
 def test_export_refuses_a_stale_evaluation_and_a_foreign_out_dir(run, tmp_path):

@@ -249,8 +249,6 @@ def model_card(
     """The model card (README.md of the exported adapter)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ssb.generate import max_lora_rank  # vLLM's rank sizes, as ssb's own engine uses them
-
     cfg, t = facts.cfg, facts.cfg.train
     title = f"{facts.name}: SSB LoRA student of {facts.base_model}"
     licence, licence_name = MODEL_LICENCES.get(facts.base_model, (None, None))
@@ -265,7 +263,6 @@ def model_card(
         model_name=title,
         eval_results=_eval_results(facts, "student") or None,
     )
-    adapter = model_repo or "<this folder>"
     body = [
         f"# {title}",
         "",
@@ -329,42 +326,10 @@ def model_card(
         + [""]
     )
     if facts.student_prompt_text is not None:
-        body += ["The first training pair's prompt, exactly as the student saw it:", ""]
+        body += ["The first training pair's prompt as the text the tokenizer encodes:", ""]
         body += _code(facts.student_prompt_text) + [""]
-    stop = "" if facts.chat is not False else f", stop={cfg.prompt.stop_strings!r}"
-    body += ["## Use with PEFT", ""]
-    body += _code(
-        "import torch\n"
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{facts.base_model}")\n'
-        f'base = AutoModelForCausalLM.from_pretrained("{facts.base_model}", dtype=torch.bfloat16)\n'
-        f'model = PeftModel.from_pretrained(base, "{adapter}")',
-        "python",
-    )
-    body += ["", "## Use with vLLM", ""]
-    body += _code(
-        "from vllm import LLM, SamplingParams\n"
-        "from vllm.lora.request import LoRARequest\n"
-        + ("from huggingface_hub import snapshot_download\n\n" if model_repo else "\n")
-        + (
-            f'adapter_path = snapshot_download("{model_repo}")\n'
-            if model_repo
-            else f'adapter_path = "{adapter}"\n'
-        )
-        + f'llm = LLM(model="{facts.base_model}", enable_lora=True, '
-        f"max_lora_rank={max_lora_rank([], lora_rank)})\n"
-        f"params = SamplingParams(temperature=0.0, max_tokens="
-        f"{cfg.generation.max_new_tokens}{stop})\n"
-        'student = LoRARequest("ssb-student", 1, adapter_path)\n'
-        "outputs = llm.generate(prompts, params, lora_request=student)",
-        "python",
-    )
+    body += _usage_lines(facts, model_repo, lora_rank)
     body += [
-        "",
-        "`prompts`: the prompt above, rendered as text (for a chat model, "
-        "`tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`).",
-        "",
         "## Licence",
         "",
         f"The adapter is a derivative of `{facts.base_model}`; the base model's licence applies.",
@@ -375,3 +340,49 @@ def model_card(
             f"Training pairs: [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}).",
         ]
     return _front_matter_card(ModelCard, data, body)
+
+
+def _usage_lines(facts: RunFacts, model_repo: str | None, lora_rank: int) -> list[str]:
+    """Loading the adapter with PEFT, and serving it as a vLLM LoRA request."""
+    from ssb.generate import max_lora_rank  # vLLM's rank sizes, as ssb's own engine uses them
+
+    cfg, base = facts.cfg, facts.base_model
+    adapter = model_repo or "<this folder>"
+    lines = ["## Use with PEFT", ""]
+    lines += _code(
+        "import torch\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+        f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.bfloat16)\n'
+        f'model = PeftModel.from_pretrained(base, "{adapter}")',
+        "python",
+    )
+    stop = f", stop={cfg.prompt.stop_strings!r}" if facts.chat is False else ""
+    code = ["from vllm import LLM, SamplingParams", "from vllm.lora.request import LoRARequest"]
+    if model_repo:
+        code += ["from huggingface_hub import snapshot_download", ""]
+        code += [f'adapter_path = snapshot_download("{model_repo}")  # vLLM reads a local folder']
+    else:
+        code += ["", f'adapter_path = "{adapter}"']
+    code += [
+        f'llm = LLM(model="{base}", enable_lora=True, '
+        f"max_lora_rank={max_lora_rank([], lora_rank)})",
+        f"params = SamplingParams(temperature=0.0, max_tokens={cfg.generation.max_new_tokens}"
+        f"{stop})",
+        'student = LoRARequest("ssb-student", 1, adapter_path)',
+    ]
+    if facts.chat:
+        system = [{"role": "system", "content": cfg.prompt.system_prompt}]
+        messages = json.dumps(system if cfg.prompt.system_prompt else [], ensure_ascii=False)
+        code += [
+            f"messages = {messages[:-1]}{', ' if cfg.prompt.system_prompt else ''}"
+            '{"role": "user", "content": question}]',
+            "outputs = llm.chat(messages, params, lora_request=student)",
+        ]
+    else:
+        code += [
+            "# prompt: the prompt text above, with your question on its last Question: line",
+            "outputs = llm.generate([prompt], params, lora_request=student)",
+        ]
+    return [*lines, "", "## Use with vLLM", "", *_code("\n".join(code), "python"), ""]

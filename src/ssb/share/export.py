@@ -154,13 +154,19 @@ def export_meta(facts: RunFacts) -> dict[str, Any]:
 
 
 def write_dataset(facts: RunFacts, directory: Path, dataset_repo: str | None) -> None:
-    from datasets import Dataset
+    import datasets
 
     directory.mkdir(parents=True)
     rows = [{f: pair[f] for f in PAIR_FIELDS} for pair in facts.pairs]
-    dataset = Dataset.from_list(rows, features=pair_features())
+    dataset = datasets.Dataset.from_list(rows, features=pair_features())
     (directory / PARQUET_NAME).parent.mkdir(parents=True)
-    dataset.to_parquet(str(directory / PARQUET_NAME))
+    bars_were_on = datasets.is_progress_bar_enabled()  # a bar for one small file is noise
+    datasets.disable_progress_bars()
+    try:
+        dataset.to_parquet(str(directory / PARQUET_NAME))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     # Plain writes: the whole folder is moved into place once complete.
     (directory / EXPORT_META_NAME).write_text(json.dumps(export_meta(facts), indent=2) + "\n")
     dataset_card(facts, dataset_repo).save(directory / "README.md")

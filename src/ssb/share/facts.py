@@ -124,18 +124,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _prompt_example(cfg: Any, pair: dict[str, Any]) -> tuple[bool | None, str | None]:
-    """(chat template or not, the pair's student prompt as text). Needs the run's tokenizer; when
-    it cannot be loaded here (the model is not on this machine) the cards say less."""
+    """(chat template or not, the pair's student prompt as the text its tokenizer encodes: the
+    chat template's output, or the few-shot text). Needs the run's tokenizer; when it cannot be
+    loaded here (the model is not on this machine) the cards say less."""
     from ssb.models import load_tokenizer
-    from ssb.prompts import render_prompt_text, uses_chat_template
+    from ssb.prompts import fewshot_text, uses_chat_template
 
     try:
         tokenizer = load_tokenizer(cfg.model)
     except Exception as exc:  # noqa: BLE001 - any failure only shortens the cards
         log.warning("export: cannot load the run's tokenizer (%s); the cards omit the prompt", exc)
         return None, None
-    chat = uses_chat_template(tokenizer, cfg.prompt)
-    return chat, render_prompt_text(tokenizer, pair["student_messages"], cfg.prompt)
+    messages = pair["student_messages"]
+    if not uses_chat_template(tokenizer, cfg.prompt):
+        return False, fewshot_text(messages, cfg.prompt)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return True, text
 
 
 def data_source(facts: RunFacts) -> dict[str, Any]:
