@@ -392,6 +392,8 @@ def test_reference_files_import_then_targets_and_train(tmp_path):
     assert [dict(row) for row in ds] == pairs
     card = DatasetCard.load(tmp_path / "export" / DATASET_DIR / "README.md")
     assert card.data.license == "unknown" and "(reference format)" in card.text
+    assert "| model (rollouts and replies) | a model the imported files do not name |" in card.text
+    assert "teacher sampling" not in card.text  # this run's bootstrap made none of them
 
 
 def _corrupt(lines, i, value):
@@ -543,6 +545,7 @@ def test_cli_import_then_export_names_the_origin(run, exported, tmp_path, capsys
     assert card.data.license == "apache-2.0"  # the original run's problems
     assert f"| imported with `ssb import-pairs` | `{out}` |" in card.text
     assert "Not known: the pairs were imported" in card.text
+    assert f"| model (rollouts and replies) | `{run[0].model.name}` |" in card.text
     assert not (tmp_path / "again" / MODEL_DIR).exists()  # not trained
 
 

@@ -43,11 +43,22 @@ def _prompt_lines(facts: RunFacts) -> list[str]:
     return lines
 
 
+def _reply_writer(facts: RunFacts) -> str:
+    """The model that wrote the replies: this run's, or for imported pairs what the imports say."""
+    if not facts.imported:
+        return f"`{facts.base_model}`"
+    models = {(i.get("origin") or {}).get("model") for i in facts.imported}
+    if None in models:
+        return "a model the imported files do not name"
+    return ", ".join(f"`{m}`" for m in sorted(models))
+
+
 def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
     """The dataset card (README.md of the exported dataset)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     src = data_source(facts)
+    writer = _reply_writer(facts)
     n = len(facts.pairs)
     data = DatasetCardData(
         license=src["licence"],
@@ -81,12 +92,13 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
     rows = [
         ["training problems", f"`{src['train']}`{split}"],
         ["licence of the problems", f"{src['licence']}: {src['note']}"],
-        ["model (rollouts and replies)", f"`{facts.base_model}`"],
+        ["model (rollouts and replies)", writer],
         ["pairs", str(n)],
     ]
     if facts.imported:
         froms = ", ".join(f"`{i.get('from')}`" for i in facts.imported)
         rows.append(["imported with `ssb import-pairs`", froms])
+        rows.append(["token ids for", f"`{facts.base_model}`"])
     body += _table(["", "value"], rows) + [""]
     if facts.funnel:
         body += _funnel_section(facts.funnel, plot=False)  # the report's table
@@ -94,13 +106,17 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
         body += ["## Pipeline funnel", "", "Not known: the pairs were imported.", ""]
     body += ["## Prompts", ""] + _prompt_lines(facts)
     b = facts.cfg.bootstrap
-    body += [
-        f"- teacher context: `{b.teacher_context}`; teacher sampling: temperature "
-        f"{b.temperature}, top-k {b.top_k}, top-p {b.top_p}; {b.attempts} attempt(s) per problem",
-        f"- rollouts: K={facts.cfg.rollout.num_samples} at temperature "
-        f"{facts.cfg.rollout.temperature}",
-        "",
-    ]
+    if facts.imported:  # this run's bootstrap settings made none of these pairs
+        body += ["- teacher prompts: as imported (the example below)", ""]
+    else:
+        body += [
+            f"- teacher context: `{b.teacher_context}`; teacher sampling: temperature "
+            f"{b.temperature}, top-k {b.top_k}, top-p {b.top_p}; {b.attempts} attempt(s) per "
+            "problem",
+            f"- rollouts: K={facts.cfg.rollout.num_samples} at temperature "
+            f"{facts.cfg.rollout.temperature}",
+            "",
+        ]
     if facts.pairs:
         first = facts.pairs[0]
         body += ["An example (the first pair): the student's and the teacher's messages.", ""]
@@ -149,8 +165,8 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
         "",
         "## Licence",
         "",
-        f"Problems: {src['note']}. The replies and rollouts were written by "
-        f"`{facts.base_model}`; its licence terms may apply to them too.",
+        f"Problems: {src['note']}. The replies and rollouts were written by {writer}; its "
+        "licence terms may apply to them too.",
     ]
     return _front_matter_card(DatasetCard, data, body)
 

@@ -57,7 +57,7 @@ class RunFacts:
     base_model: str  # how to load the base: a hub id, or the configured path
     base_on_hub: bool
     chat: bool | None  # chat template (True) or few-shot (False); None when unknown
-    student_prompt_text: str | None  # the first pair's student prompt, rendered
+    student_prompt_text: str | None  # the first pair's student prompt as tokenizer input text
     imported: list[dict[str, Any]] = field(default_factory=list)  # manifest imported_pairs
     train: dict[str, Any] = field(default_factory=dict)  # manifest stages["train"]
 
