@@ -20,6 +20,7 @@ from typing import Any
 
 from ssb.config import PRESETS, Config, ConfigError, dump_yaml, load_config
 from ssb.rundir import RunDir, RunDirError
+from ssb.share import FORMATS, IMPORT_STAGE
 
 log = logging.getLogger("ssb")
 
@@ -137,6 +138,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage-times-from", default=None, help="a run directory whose stage times to report"
     )
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    imp = sub.add_parser(
+        "import-pairs",
+        help="start a run from published pairs (an `ssb export` or the reference's JSONL "
+        "files): appends them to pairs.jsonl",
+        description="Read pairs from an `ssb export` (folder or parquet) or from the reference "
+        "implementation's teacher/student JSONL files, render their prompts and tokenise their "
+        "replies with this run's model and prompt settings, and append the ones not yet in "
+        "pairs.jsonl. Then run `ssb targets` and `ssb train`.",
+    )
+    _add_common(imp)
+    imp.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="PATH",
+        help="an `ssb export` folder, its dataset/ folder or a .parquet file; or the reference's "
+        "folder (or teacher file) with *teacher*.jsonl and *student*.jsonl",
+    )
+    imp.add_argument("--format", choices=FORMATS, default="auto", help="default: from the files")
+    imp.add_argument(
+        "--student-file", default=None, help="reference format: the student JSONL file"
+    )
+    export = sub.add_parser(
+        "export",
+        help="the pairs as a parquet dataset and the adapter, each with a card; optionally "
+        "pushed to the Hugging Face Hub",
+        description="Write OUT/dataset (pairs.jsonl as parquet + dataset card) and OUT/model "
+        "(the adapter + model card with the run's evaluation). Reads the run, never changes it.",
+    )
+    export.add_argument("--run-dir", required=True, help="the run to export")
+    export.add_argument("--out", required=True, help="output folder (empty, or an earlier export)")
+    export.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        default=None,
+        help="also upload: the adapter to the model repo REPO, the pairs to the dataset repo "
+        "REPO-pairs (needs a token: HF_TOKEN or `hf auth login`)",
+    )
+    export.add_argument(
+        "--dataset-repo", default=None, help="the dataset repo's name (default: REPO-pairs)"
+    )
+    export.add_argument("--private", action="store_true", help="create the repos private")
+    export.add_argument("--quiet", action="store_true", help="warnings and errors only")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -190,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             sys.stdout.write((Path(args.out) / "results.md").read_text())
             return 0
+        if args.command == "export":
+            from ssb.share.export import export_run
+
+            summary = export_run(
+                args.run_dir,
+                args.out,
+                push_to_hub=args.push_to_hub,
+                dataset_repo=args.dataset_repo,
+                private=args.private,
+            )
+            print(json.dumps({"command": "export", **summary}, indent=2))
+            return 0
         if args.command == "config":
             cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
             sys.stdout.write(dump_yaml(cfg))
@@ -206,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_pipeline(cfg, rundir, progress=not args.quiet)
             _print_artifacts(rundir)
+        elif args.command == "import-pairs":
+            summary = _import_pairs(cfg, rundir, args)
         else:
             summary = run_stage(args.command, cfg, rundir, args)
         print(json.dumps({"stage": args.command, "run_dir": str(rundir.path), **summary}, indent=2))
@@ -217,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ssb: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _import_pairs(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    """Not a pipeline stage, but recorded in the manifest like one (where the pairs came from)."""
+    from ssb.share.import_pairs import run_import_pairs
+
+    with rundir.stage(IMPORT_STAGE) as summary:
+        summary.update(
+            run_import_pairs(cfg, rundir, args.source, args.format, student_file=args.student_file)
+        )
+    return summary
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
