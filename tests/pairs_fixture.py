@@ -14,6 +14,7 @@ from typing import Any
 
 from tiny_models import save_tiny_model
 
+from ssb import records
 from ssb.config import Config, load_config
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, reply_format, student_messages
@@ -129,21 +130,20 @@ def end_token(tokenizer, name: str) -> int:
 def pair_record(tokenizer, cfg, problem, s_msgs, t_msgs, reply, end, incorrect) -> dict[str, Any]:
     """One pairs.jsonl record as `ssb bootstrap` writes it (prompt ids from the shared renderer,
     reply ids without special tokens); `incorrect` = (wrong rollout text, its answer)."""
-    return {
-        "id": problem.id,
-        "question": problem.question,
-        "gold": problem.answer,
-        "source": "test",
-        "student_messages": s_msgs,
-        "teacher_messages": t_msgs,
-        "student_prompt_ids": render_prompt_ids(tokenizer, s_msgs, cfg.prompt),
-        "teacher_prompt_ids": render_prompt_ids(tokenizer, t_msgs, cfg.prompt),
-        "reply": reply,
-        "reply_ids": tokenizer(reply, add_special_tokens=False)["input_ids"],
-        "end_token_id": end,
-        "teacher_answer": problem.answer,
-        "correct_rollout": reply,
-        "correct_answer": problem.answer,
-        "incorrect_rollout": incorrect[0],
-        "incorrect_answer": incorrect[1],
-    }
+    return records.pair_record(
+        problem,
+        s_msgs,
+        t_msgs,
+        render_prompt_ids(tokenizer, s_msgs, cfg.prompt),
+        render_prompt_ids(tokenizer, t_msgs, cfg.prompt),
+        reply,
+        tokenizer(reply, add_special_tokens=False)["input_ids"],
+        end,
+        shown={
+            "teacher_answer": problem.answer,
+            "correct_rollout": reply,
+            "correct_answer": problem.answer,
+            "incorrect_rollout": incorrect[0],
+            "incorrect_answer": incorrect[1],
+        },
+    )

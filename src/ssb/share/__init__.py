@@ -16,30 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-# The fields of a pairs.jsonl record, in the order `ssb.stages.bootstrap` writes them; the
-# exported parquet has exactly these columns and import-pairs writes exactly these fields.
-PAIR_FIELDS: tuple[str, ...] = (
-    "id",
-    "question",
-    "gold",
-    "source",
-    "student_messages",
-    "teacher_messages",
-    "student_prompt_ids",
-    "teacher_prompt_ids",
-    "reply",
-    "reply_ids",
-    "end_token_id",
-    "teacher_answer",
-    "correct_rollout",
-    "correct_answer",
-    "incorrect_rollout",
-    "incorrect_answer",
-)
-# Fields that may be null: what a pair imported from the reference format does not know.
-OPTIONAL_PAIR_FIELDS = frozenset(
-    {"teacher_answer", "correct_rollout", "correct_answer", "incorrect_rollout", "incorrect_answer"}
-)
+from ssb import records
+
+# The exported parquet has exactly the fields of a pairs.jsonl record (`ssb.records.PairRecord`)
+# as columns, and import-pairs writes exactly these fields.
+PAIR_FIELDS = records.PAIR_FIELDS
+OPTIONAL_PAIR_FIELDS = records.OPTIONAL_PAIR_FIELDS
 
 # What `ssb import-pairs --format` reads (auto: told apart by the files).
 FORMATS = ("auto", "ssb", "reference")

@@ -94,7 +94,7 @@ def read_run_facts(rundir: RunDir) -> RunFacts:
         on_hub = kind == "hub" or (kind is None and not Path(cfg.model.name).expanduser().exists())
         base = cfg.model.name
     chat, prompt_text = _prompt_example(cfg, pairs[0])
-    summary_path = rundir.eval_dir / "summary.json"
+    summary_path = rundir.eval_summary_path
     summary = _read_json(summary_path)
     stages = manifest.get("stages") or {}
     return RunFacts(

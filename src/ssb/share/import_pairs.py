@@ -123,7 +123,7 @@ def run_import_pairs(
     already = sum(1 for i in seen if i in present)
     repeated = len(rows) - len(seen)
     # Everything is tokenised and checked before the first append: bad input writes nothing.
-    records = [pair_record(row, cfg, tokenizer, end_token_id, same_tokenizer) for row in todo]
+    records = [imported_pair(row, cfg, tokenizer, end_token_id, same_tokenizer) for row in todo]
     other_system = sum(1 for r in todo if r.student_system != _system(cfg))
     if other_system:
         log.warning(
@@ -167,12 +167,13 @@ def _system(cfg: Config) -> str | None:
     return cfg.prompt.system_prompt or None
 
 
-def pair_record(
+def imported_pair(
     row: SourcePair, cfg: Config, tokenizer: Any, end_token_id: int, same_tokenizer: bool
 ) -> dict[str, Any]:
-    """The pairs.jsonl record of one imported pair (the fields of PAIR_FIELDS, in order)."""
+    """The pairs.jsonl record of one imported pair (`ssb.records.pair_record`)."""
     from ssb.problems import Problem
     from ssb.prompts import render_prompt_ids, student_messages
+    from ssb.records import pair_record
 
     s_msgs = student_messages(Problem(row.id, row.question, row.gold, row.source), cfg.prompt)
     try:
@@ -189,21 +190,17 @@ def pair_record(
             )
     else:
         reply_ids = list(tokenizer(row.reply, add_special_tokens=False)["input_ids"])
-    record = {
-        "id": row.id,
-        "question": row.question,
-        "gold": row.gold,
-        "source": row.source,
-        "student_messages": s_msgs,
-        "teacher_messages": row.teacher_messages,
-        "student_prompt_ids": render_prompt_ids(tokenizer, s_msgs, cfg.prompt),
-        "teacher_prompt_ids": teacher_ids,
-        "reply": row.reply,
-        "reply_ids": [int(t) for t in reply_ids],
-        "end_token_id": int(end_token_id),
-        **{name: row.extras.get(name) for name in OPTIONAL_PAIR_FIELDS},
-    }
-    return {name: record[name] for name in PAIR_FIELDS}
+    return pair_record(
+        Problem(row.id, row.question, row.gold, row.source),
+        s_msgs,
+        row.teacher_messages,
+        render_prompt_ids(tokenizer, s_msgs, cfg.prompt),
+        teacher_ids,
+        row.reply,
+        reply_ids,
+        end_token_id,
+        shown={name: row.extras.get(name) for name in OPTIONAL_PAIR_FIELDS},
+    )
 
 
 # --------------------------------------------------------------------------- formats

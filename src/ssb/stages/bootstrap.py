@@ -24,6 +24,7 @@ from ssb.generate.base import SamplingParams
 from ssb.grading import answer_key, extract_boxed, grade
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages, teacher_messages, uses_chat_template
+from ssb.records import pair_record
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import chunks, generation_chunk_size, log, stable_seed
 from ssb.stages.engine import GenerationStats, generate_chunk, generation_engine
@@ -179,26 +180,23 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                         break  # undecided: a later run with a larger target picks it up
                     s_msgs = student_messages(problem, cfg.prompt)
                     pairs.append(
-                        {
-                            "id": problem.id,
-                            "question": problem.question,
-                            "gold": problem.answer,
-                            "source": problem.source,
-                            "student_messages": s_msgs,
-                            "teacher_messages": msgs,
-                            "student_prompt_ids": render_prompt_ids(
-                                engine.tokenizer, s_msgs, cfg.prompt
-                            ),
-                            "teacher_prompt_ids": prompt_ids,
-                            "reply": reply.text,
-                            "reply_ids": reply.token_ids,
-                            "end_token_id": engine.reply.end_token_id,
-                            "teacher_answer": extract_boxed(reply.text),
-                            "correct_rollout": good["text"],
-                            "correct_answer": good["answer"],
-                            "incorrect_rollout": bad["text"],
-                            "incorrect_answer": bad["answer"],
-                        }
+                        pair_record(
+                            problem,
+                            s_msgs,
+                            msgs,
+                            render_prompt_ids(engine.tokenizer, s_msgs, cfg.prompt),
+                            prompt_ids,
+                            reply.text,
+                            reply.token_ids,
+                            engine.reply.end_token_id,
+                            shown={
+                                "teacher_answer": extract_boxed(reply.text),
+                                "correct_rollout": good["text"],
+                                "correct_answer": good["answer"],
+                                "incorrect_rollout": bad["text"],
+                                "incorrect_answer": bad["answer"],
+                            },
+                        )
                     )
                     decisions.append({"id": problem.id, "status": "kept"})
             # Pairs first: a crash between the two appends leaves the id in pairs.jsonl, which

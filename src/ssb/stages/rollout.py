@@ -18,6 +18,7 @@ from ssb.generate.base import SamplingParams
 from ssb.grading import extract_boxed, grade
 from ssb.problems import Problem, load_train_problems
 from ssb.prompts import render_prompt_ids, student_messages
+from ssb.records import RolloutRecord
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.stages.common import (
     chunks,
@@ -30,7 +31,7 @@ from ssb.stages.engine import GenerationStats, generate_chunk, generation_engine
 from ssb.stages.ranks import launched_ranks, merge_parts
 
 
-def rollout_record(problem: Problem, completions: list[Any]) -> dict[str, Any]:
+def rollout_record(problem: Problem, completions: list[Any]) -> RolloutRecord:
     samples = []
     for c in completions:
         samples.append(
