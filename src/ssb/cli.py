@@ -55,9 +55,9 @@ def _stage_grpo(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[s
 
 
 def _stage_eval(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
-    from ssb.stages.evaluate import run_eval
+    from ssb.stages.pipeline import run_eval_stage
 
-    return run_eval(cfg, rundir, progress=not args.quiet)
+    return run_eval_stage(cfg, rundir, progress=not args.quiet)
 
 
 def _stage_report(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
