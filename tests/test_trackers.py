@@ -147,3 +147,59 @@ def test_a_tracker_not_installed_is_refused_by_training_and_skipped_by_eval(tmp_
     (rundir.eval_dir / "summary.json").write_text(json.dumps(summary))
     assert report_eval(cfg, rundir.path) == []  # a no-op, not an error
     assert not (rundir.path / TRACKERS_FILE).exists()
+
+
+def _read_mlflow(run: dict, tmp_path) -> set[str]:
+    import mlflow
+
+    return set(mlflow.get_run(run["run_id"]).data.metrics)
+
+
+def _read_trackio(run: dict, tmp_path) -> set[str]:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    return {key for entry in SQLiteStorage.get_logs(run["project"], run["name"]) for key in entry}
+
+
+def _read_wandb(run: dict, tmp_path) -> set[str]:
+    # Offline, each wandb.init writes a directory of its own; resuming by id gives a second one
+    # with the same id (`wandb sync` merges them into one run on the server). wandb 0.31 has no
+    # public reader for the offline files, so the keys are looked up as the bytes they are stored
+    # as, in the files of the training run's id.
+    files = sorted(tmp_path.glob(f"wandb/offline-run-*-{run['id']}/run-{run['id']}.wandb"))
+    assert len(files) == 2  # training, then the evaluation resumed into the same id
+    data = b"".join(f.read_bytes() for f in files)
+    keys = ["eval/b/base/accuracy", "eval/b/base/accuracy_low", "eval/b/base/n", "train/kd"]
+    return {key for key in keys if key.encode() in data}
+
+
+@pytest.mark.parametrize(
+    "tracker, read",
+    [("mlflow", _read_mlflow), ("trackio", _read_trackio), ("wandb", _read_wandb)],
+)
+def test_other_trackers_get_eval_accuracies_in_the_training_run(
+    tmp_path, monkeypatch, tracker, read
+):
+    """Local stores only (MLflow's file store, Trackio's SQLite, wandb offline): the accuracies
+    join the run that training opened. Not in the dev extra, so CI skips these."""
+    pytest.importorskip(tracker, reason=f"{tracker} is not installed (pip install {tracker})")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    cfg, rundir, _ = make_run(
+        tmp_path, "chatml", f"train.report_to={tracker}", "targets.mode=online", n=2
+    )
+    run_train(cfg, rundir, progress=False)
+    run = json.loads((rundir.path / TRACKERS_FILE).read_text())[tracker]
+    summary = {
+        "benchmarks": {"b": {"file_slug": "b"}},
+        "results": {"base": {"b": {"accuracy": 0.5, "interval": [0.1, 0.9], "n": 2}}},
+    }
+    rundir.eval_dir.mkdir(parents=True)
+    (rundir.eval_dir / "summary.json").write_text(json.dumps(summary))
+    assert report_eval(cfg, rundir.path) == [tracker]
+    keys = read(run, tmp_path)
+    assert {"eval/b/base/accuracy", "eval/b/base/accuracy_low", "eval/b/base/n"} <= keys
+    assert any(k.endswith("kd") for k in keys)  # the training metrics are in the same run

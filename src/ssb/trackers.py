@@ -239,7 +239,7 @@ def _log_wandb(
     active = wandb.init(
         id=run.get("id"),
         project=run.get("project") or os.environ.get("WANDB_PROJECT", "huggingface"),
-        entity=run.get("entity"),
+        entity=run.get("entity") or None,
         name=run.get("name") or tracker_run_name(cfg, run_path),
         resume="allow",
     )
