@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage-times-from", default=None, help="a run directory whose stage times to report"
     )
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    check = sub.add_parser(
+        "harness-check",
+        help="score the run's eval outputs again with lm-evaluation-harness (the harness extra) "
+        "and list where it and ssb's math-verify disagree",
+        description="Rescores every current eval/<model>-<bench>.jsonl sample with the installed "
+        "lm-eval's own scoring (GSM8K-style benchmarks: the gsm8k task's flexible-extract and "
+        "exact_match; others: the aime24 task's last-\\boxed{} + hendrycks_math is_equiv) and "
+        "writes eval/harness-lm-eval.json.",
+    )
+    check.add_argument("--run-dir", required=True, help="a run directory that `ssb eval` wrote to")
+    check.add_argument("--harness", choices=["lm-eval"], default="lm-eval", help="the harness")
+    check.add_argument("--quiet", action="store_true", help="only the table, no log lines")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             sys.stdout.write((Path(args.out) / "results.md").read_text())
             return 0
+        if args.command == "harness-check":
+            return _harness_check(args)
         if args.command == "config":
             cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
             sys.stdout.write(dump_yaml(cfg))
@@ -219,15 +233,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _harness_check(args: argparse.Namespace) -> int:
+    from ssb.harness import format_check, harness_check
+
+    config_path = Path(args.run_dir) / "config.yaml"
+    if not config_path.exists():
+        raise RunDirError(f"{args.run_dir} has no config.yaml: not a run directory")
+    result = harness_check(load_config(config_file=config_path), Path(args.run_dir), args.harness)
+    sys.stdout.write(format_check(result))
+    return 0
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ssb.distill.store import TargetStoreError
     from ssb.generate.base import GenerationAborted
     from ssb.hardware import DeviceError
+    from ssb.harness import HarnessUnavailable
     from ssb.models import ModelLoadError
     from ssb.problems import ProblemsError
 
     errors = (ConfigError, RunDirError, ProblemsError, TargetStoreError, ModelLoadError)
-    errors = (*errors, DeviceError, GenerationAborted)
+    errors = (*errors, DeviceError, GenerationAborted, HarnessUnavailable)
     return (*errors, ValueError, OSError)
 
 
