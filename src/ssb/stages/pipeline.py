@@ -143,7 +143,9 @@ def run_eval_stage(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
 
 def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     from ssb.report import write_report
+    from ssb.trackers import check_report_to
 
+    check_report_to(cfg.train.report_to)  # now, not after hours of rollouts
     out = train_round(cfg, rundir, progress)
     for r in range(2, cfg.rounds + 1):
         sub = round_dir(rundir, r)

@@ -208,7 +208,9 @@ class SSBTrainer(Trainer):
         # kd and ce are logged as `loss` is: each optimizer step's per-token mean, averaged over
         # the steps of the logging interval. This micro-batch's share of its step's mean is its
         # sum over the step's reply tokens (all micro-batches and processes, as for the loss).
-        step_tokens = out.num_tokens if num_items_in_batch is None else float(num_items_in_batch)
+        step_tokens = out.num_tokens if num_items_in_batch is None else num_items_in_batch
+        if torch.is_tensor(step_tokens):  # one count (repeated per GPU under DataParallel)
+            step_tokens = step_tokens.flatten()[0]
         step_tokens = max(float(step_tokens), 1.0)
         sums = self._metric_sums
         sums["kd"] += float(out.kd_sum) / step_tokens
