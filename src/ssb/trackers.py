@@ -37,12 +37,6 @@ log = logging.getLogger("ssb")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 TRACKERS_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"
-_PIP_NAME = {
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "mlflow": "mlflow",
-    "trackio": "trackio",
-}
 
 
 def tensorboard_dir(run_path: Path) -> Path:
@@ -78,7 +72,7 @@ def check_report_to(report_to: list[str] | str | None) -> None:
     RuntimeError deep in its constructor)."""
     missing = [t for t in enabled_trackers(report_to) if not is_installed(t)]
     if missing:
-        hint = " ".join(_PIP_NAME[t] for t in missing)
+        hint = " ".join(missing)  # each is its PyPI name
         raise ValueError(
             f"train.report_to names {', '.join(missing)}, which is not installed here "
             f"(pip install {hint})"
@@ -221,7 +215,10 @@ def report_eval(cfg: Any, run_path: Path) -> list[str]:
 def _log_tensorboard(
     metrics: dict[str, float], step: int, run: dict[str, Any], cfg: Any, run_path: Path
 ) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # transformers also reports to TensorBoard through tensorboardX
+        from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(log_dir=run.get("log_dir") or str(tensorboard_dir(run_path)))
     try:
