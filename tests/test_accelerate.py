@@ -65,8 +65,9 @@ def sgd_step(model_dir, run_path, out_path, batch_size):
     if trainer.is_world_process_zero():
         weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, out_path)
+        logged = trainer.state.log_history[0]
         Path(out_path + ".json").write_text(json.dumps({
-            "loss": trainer.state.log_history[0]["loss"],
+            "log": {k: logged[k] for k in ("loss", "kd", "ce", "reply_len", "grad_norm")},
             "world": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
         }))
@@ -137,7 +138,12 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     assert moved.abs().max() > init_b + 1e-4
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-7)
-    assert info["loss"] == pytest.approx(json.loads(Path(single + ".json").read_text())["loss"])
+    # What is logged (and sent to the trackers) is the step's, not one process's: the loss and
+    # kd/ce per reply token of both processes, reply_len over both, the synced gradient's norm.
+    single_log = json.loads(Path(single + ".json").read_text())["log"]
+    for key, value in single_log.items():
+        assert info["log"][key] == pytest.approx(value, rel=1e-5), key
+    assert single_log["loss"] == pytest.approx(single_log["kd"], rel=1e-5)  # ce_weight = 0
 
     # run_train under DDP, online teacher: 4 pairs, 1 per process and step -> 2 steps, each
     # logged once, with the token statistics of both processes.

@@ -420,6 +420,41 @@ def test_targets_then_train_end_to_end(tmp_path, mode):
     torch.testing.assert_close(base_logits(cfg, pairs[0]), before)
 
 
+def test_logged_metrics_are_averaged_over_the_logging_interval(tmp_path):
+    """With logging_steps=2, each logged value is what logging every step gives, averaged over
+    the interval as Trainer averages `loss`: loss, kd, ce and grad_norm are the mean of the
+    steps' values (Trainer alone would log the last step's grad_norm), reply_len the mean over
+    the interval's examples, learning_rate the last step's; so loss = kd + ce_weight * ce in
+    every record. The last step, a partial interval, is logged too."""
+    from ssb.models import set_seed
+
+    logs = {}
+    for every in (1, 2):
+        cfg, rundir, _ = make_run(
+            tmp_path,
+            "chatml",
+            f"train.logging_steps={every}",
+            "train.loss.ce_weight=0.5",
+            "targets.mode=hidden",
+            name=f"every{every}",
+        )
+        run_targets(cfg, rundir, progress=False)
+        set_seed(0)  # the same LoRA initialisation in both runs
+        run_train(cfg, rundir, progress=False)
+        logs[every] = {r["step"]: r for r in read_jsonl(rundir.train_log_path)}
+    per_step, interval = logs[1], logs[2]
+    assert sorted(per_step) == [1, 2, 3] and sorted(interval) == [2, 3]
+    assert len({per_step[s]["reply_len"] for s in (1, 2)}) == 2  # the steps differ
+    for key in ("loss", "kd", "ce", "grad_norm", "reply_len"):
+        mean = (per_step[1][key] + per_step[2][key]) / 2  # both steps hold 2 examples
+        assert interval[2][key] == pytest.approx(mean, rel=1e-5), key
+        assert per_step[1][key] != pytest.approx(per_step[2][key], rel=1e-3), key
+        assert interval[3][key] == pytest.approx(per_step[3][key], rel=1e-5), key
+    assert interval[2]["learning_rate"] == per_step[2]["learning_rate"]
+    for record in [*per_step.values(), *interval.values()]:
+        assert record["loss"] == pytest.approx(record["kd"] + 0.5 * record["ce"], rel=1e-5)
+
+
 def test_resume_from_checkpoint_without_duplicate_log_steps(tmp_path):
     cfg, rundir, pairs = make_run(tmp_path, "chatml", "train.save_steps=1")
     run_targets(cfg, rundir, progress=False)

@@ -56,9 +56,9 @@ def _stage_grpo(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[s
 
 
 def _stage_eval(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
-    from ssb.stages.evaluate import run_eval
+    from ssb.stages.pipeline import run_eval_stage
 
-    return run_eval(cfg, rundir, progress=not args.quiet)
+    return run_eval_stage(cfg, rundir, progress=not args.quiet)
 
 
 def _stage_report(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
@@ -181,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--private", action="store_true", help="create the repos private")
     export.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    check = sub.add_parser(
+        "harness-check",
+        help="score the run's eval outputs again with lm-evaluation-harness (the harness extra) "
+        "and list where it and ssb's math-verify disagree",
+        description="Rescores every current eval/<model>-<bench>.jsonl sample with the installed "
+        "lm-eval's own scoring (GSM8K-style benchmarks: the gsm8k task's flexible-extract and "
+        "exact_match; others: the aime24 task's last-\\boxed{} + hendrycks_math is_equiv) and "
+        "writes eval/harness-lm-eval.json.",
+    )
+    check.add_argument("--run-dir", required=True, help="a run directory that `ssb eval` wrote to")
+    check.add_argument("--harness", choices=["lm-eval"], default="lm-eval", help="the harness")
+    check.add_argument("--quiet", action="store_true", help="only the table, no log lines")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -246,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps({"command": "export", **summary}, indent=2))
             return 0
+        if args.command == "harness-check":
+            return _harness_check(args)
         if args.command == "config":
             cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
             sys.stdout.write(dump_yaml(cfg))
@@ -288,15 +302,27 @@ def _import_pairs(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict
     return summary
 
 
+def _harness_check(args: argparse.Namespace) -> int:
+    from ssb.harness import format_check, harness_check
+
+    config_path = Path(args.run_dir) / "config.yaml"
+    if not config_path.exists():
+        raise RunDirError(f"{args.run_dir} has no config.yaml: not a run directory")
+    result = harness_check(load_config(config_file=config_path), Path(args.run_dir), args.harness)
+    sys.stdout.write(format_check(result))
+    return 0
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ssb.distill.store import TargetStoreError
     from ssb.generate.base import GenerationAborted
     from ssb.hardware import DeviceError
+    from ssb.harness import HarnessUnavailable
     from ssb.models import ModelLoadError
     from ssb.problems import ProblemsError
 
     errors = (ConfigError, RunDirError, ProblemsError, TargetStoreError, ModelLoadError)
-    errors = (*errors, DeviceError, GenerationAborted)
+    errors = (*errors, DeviceError, GenerationAborted, HarnessUnavailable)
     return (*errors, ValueError, OSError)
 
 

@@ -289,6 +289,9 @@ def grpo_arguments(
     """TRL GRPOConfig from `cfg.grpo` (`overrides` win; tests use them)."""
     from trl import GRPOConfig
 
+    from ssb.trackers import check_report_to, tracker_run_name
+
+    check_report_to(cfg.train.report_to)
     g = cfg.grpo
     fields = GRPOConfig.__dataclass_fields__
     kwargs: dict[str, Any] = {}
@@ -346,6 +349,7 @@ def grpo_arguments(
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=list(cfg.train.report_to) or "none",
+        run_name=tracker_run_name(cfg, rundir.grpo_dir, role="grpo"),
         use_cpu=device.type == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=not progress,
@@ -381,6 +385,7 @@ def make_grpo_trainer(
     from transformers.trainer_callback import PrinterCallback
 
     from ssb.stages.train import JsonlLogCallback, lora_config
+    from ssb.trackers import attach_trackers
 
     records = prompt_records(cfg, tokenizer)
     stop_ids = unique_token_ids(
@@ -408,6 +413,7 @@ def make_grpo_trainer(
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)
+    attach_trackers(trainer, rundir.grpo_dir)
     return trainer
 
 

@@ -115,10 +115,24 @@ def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     return out
 
 
+def run_eval_stage(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+    """`ssb eval`: every model on every benchmark, then the accuracies to the trackers that
+    `train.report_to` names, in the run training wrote to (ssb.trackers.report_eval)."""
+    from ssb.stages.evaluate import run_eval
+    from ssb.trackers import report_eval
+
+    summary = run_eval(cfg, rundir, progress=progress)
+    trackers = report_eval(cfg, rundir.path)
+    if trackers:
+        summary["trackers"] = trackers
+    return summary
+
+
 def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     from ssb.report import write_report
-    from ssb.stages.evaluate import run_eval
+    from ssb.trackers import check_report_to
 
+    check_report_to(cfg.train.report_to)  # now, not after hours of rollouts
     out = train_round(cfg, rundir, progress)
     for r in range(2, cfg.rounds + 1):
         sub = rundir.round(r)
@@ -138,6 +152,6 @@ def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
             log.info("grpo: already complete")
         else:
             out["grpo"] = _run(rundir, "grpo", lambda: run_grpo(cfg, rundir, progress))
-    out["eval"] = _run(rundir, "eval", lambda: run_eval(cfg, rundir, progress=progress))
+    out["eval"] = _run(rundir, "eval", lambda: run_eval_stage(cfg, rundir, progress))
     out["report"] = _run(rundir, "report", lambda: {"report": str(write_report(rundir, cfg))})
     return out

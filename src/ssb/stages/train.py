@@ -46,8 +46,12 @@ from ssb.stages.targets import (
     teacher_sequence,
 )
 from ssb.target_modes import TARGET_MODES
+from ssb.trackers import attach_trackers, check_report_to
 
 IGNORE = -100
+# Summed by SSBTrainer between logs: kd and ce (as shares of their step's per-token means), reply
+# tokens and examples.
+METRIC_SUMS = ("kd", "ce", "tokens", "examples")
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -141,7 +145,9 @@ class SSBTrainer(Trainer):
         # Make Trainer count reply tokens for every optimizer step (`num_items_in_batch`) from
         # the collator's `shift_labels`, across gradient accumulation and processes.
         self.model_accepts_loss_kwargs = True
-        self._metric_sums = dict.fromkeys(("kd", "ce", "tokens", "examples"), 0.0)
+        # Our own metrics since the last log, on this process (see `log`).
+        self._metric_sums = dict.fromkeys(METRIC_SUMS, 0.0)
+        self._step_grad_norms: list[Any] = []
 
     def compute_loss(
         self,
@@ -201,12 +207,28 @@ class SSBTrainer(Trainer):
             # scales by their number to end with sum(all tokens' losses) / count(all tokens).
             world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             loss = normalise(out.loss_sum, num_items_in_batch, world_size=world)
+        # kd and ce are logged as `loss` is: each optimizer step's per-token mean, averaged over
+        # the steps of the logging interval. This micro-batch's share of its step's mean is its
+        # sum over the step's reply tokens (all micro-batches and processes, as for the loss).
+        step_tokens = out.num_tokens if num_items_in_batch is None else num_items_in_batch
+        if torch.is_tensor(step_tokens):  # one count (repeated per GPU under DataParallel)
+            step_tokens = step_tokens.flatten()[0]
+        step_tokens = max(float(step_tokens), 1.0)
         sums = self._metric_sums
-        sums["kd"] += float(out.kd_sum)
-        sums["ce"] += float(out.ce_sum)
+        sums["kd"] += float(out.kd_sum) / step_tokens
+        sums["ce"] += float(out.ce_sum) / step_tokens
         sums["tokens"] += float(out.num_tokens)
         sums["examples"] += float(shift.shape[0])
         return (loss, None) if return_outputs else loss
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        """Trainer calls this once per optimizer step with the step's pre-clip norm (the same on
+        every process: gradients are synced by then). Kept to log the interval's mean, where
+        Trainer logs only the last step's."""
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if norm is not None:
+            self._step_grad_norms.append(norm.detach() if torch.is_tensor(norm) else norm)
+        return norm
 
     @torch.no_grad()
     def _online_teacher_rows(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -225,17 +247,21 @@ class SSBTrainer(Trainer):
         return hidden[inputs["teacher_shift_labels"] != IGNORE].detach()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training-step log: every process gets here (Trainer gathers)
-            keys = ("kd", "ce", "tokens", "examples")
-            sums = torch.tensor([self._metric_sums[k] for k in keys], dtype=torch.float64)
+        """Add kd, ce and reply_len to a training-step log, and make grad_norm the interval's
+        mean; every process gets here (Trainer gathers the loss), so the sums are reduced."""
+        if "loss" in logs:
+            sums = torch.tensor([self._metric_sums[k] for k in METRIC_SUMS], dtype=torch.float64)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
-            total = dict(zip(keys, sums.tolist()))
-            if total["tokens"] > 0:
-                logs["kd"] = total["kd"] / total["tokens"]
-                logs["ce"] = total["ce"] / total["tokens"]
+            total = dict(zip(METRIC_SUMS, sums.tolist()))
+            steps = len(self._step_grad_norms)
+            if total["tokens"] > 0 and steps > 0:
+                logs["kd"] = total["kd"] / steps
+                logs["ce"] = total["ce"] / steps
                 logs["reply_len"] = total["tokens"] / max(total["examples"], 1.0)
-            self._metric_sums = dict.fromkeys(keys, 0.0)
+                logs["grad_norm"] = sum(float(n) for n in self._step_grad_norms) / steps
+            self._metric_sums = dict.fromkeys(METRIC_SUMS, 0.0)
+            self._step_grad_norms = []
         super().log(logs, start_time)
 
 
@@ -250,6 +276,17 @@ class JsonlLogCallback(TrainerCallback):
             record = {"step": state.global_step, "epoch": state.epoch}
             record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
             append_jsonl(self.path, [record])
+
+
+class LogLastStepCallback(TrainerCallback):
+    """Log the last optimizer step even when it ends a partial logging interval (Trainer logs
+    only every `logging_steps`, so those steps would be missing from train_log.jsonl and the
+    trackers)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+        return control
 
 
 def load_targets(cfg: Config, rundir: RunDir, model: Any, tokenizer: Any) -> TargetReader | None:
@@ -289,7 +326,10 @@ def training_arguments(
     5.x folds `warmup_ratio` into a fractional `warmup_steps` and renames
     `gradient_checkpointing` to `activation_checkpointing`). `overrides` win (tests use them,
     e.g. `optim="sgd"`)."""
+    from ssb.trackers import tracker_run_name
+
     tc = cfg.train
+    check_report_to(tc.report_to)
     fields = TrainingArguments.__dataclass_fields__
     kwargs: dict[str, Any] = {}
     if "warmup_ratio" in fields:
@@ -317,6 +357,7 @@ def training_arguments(
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=list(tc.report_to) or "none",
+        run_name=tracker_run_name(cfg, rundir.path),
         remove_unused_columns=False,
         # Normalise by the reply tokens of all processes (see SSBTrainer.compute_loss).
         average_tokens_across_devices=True,
@@ -366,11 +407,12 @@ def make_trainer(
         data_collator=collator,
         loss_config=cfg.train.loss,
         target_mode=cfg.targets.mode,
-        callbacks=[JsonlLogCallback(rundir.train_log_path)],
+        callbacks=[JsonlLogCallback(rundir.train_log_path), LogLastStepCallback()],
     )
     if not progress:
         # With tqdm off, Trainer prints every log dict instead; stages do not print.
         trainer.remove_callback(PrinterCallback)
+    attach_trackers(trainer, rundir.path)
     return trainer
 
 
@@ -400,6 +442,7 @@ def student_model(cfg: Config, base_model: Any) -> Any:
 
 def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     check_lora_targets(cfg)
+    check_report_to(cfg.train.report_to)  # before any model is loaded
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
