@@ -46,7 +46,8 @@ from pairs_fixture import tiny_config
 from ssb.distill.store import TargetReader
 from ssb.models import load_model_and_tokenizer
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.train import lora_config, make_trainer, run_train
+from ssb.stages.lora_training import lora_config
+from ssb.stages.train import make_trainer, run_train
 
 
 def sgd_step(model_dir, run_path, out_path, batch_size):

@@ -26,6 +26,7 @@ from ssb.rundir import RunDir, read_jsonl
 from ssb.stages import grpo
 from ssb.stages.common import load_base
 from ssb.stages.evaluate import available_models
+from ssb.stages.lora_training import last_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +227,7 @@ def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
     )
 
     if template == "none":  # a checkpoint of other settings is not resumed
-        assert grpo.last_grpo_checkpoint(rundir).name == "checkpoint-1"
+        assert last_checkpoint(rundir.grpo_checkpoints_dir).name == "checkpoint-1"
         changed = make_cfg(tiny[template], *extra, "grpo.learning_rate=1e-3")
         with pytest.raises(ValueError, match="learning_rate"):
             grpo.run_grpo(changed, rundir, progress=False)

@@ -78,7 +78,7 @@ def _saved_adapter(cfg, base_model, path):
     """A LoRA adapter with non-zero B (so it changes the model), saved to `path`."""
     from peft import get_peft_model
 
-    from ssb.stages.train import _restore_base, lora_config
+    from ssb.stages.lora_training import lora_config, restore_base
 
     model = get_peft_model(base_model, lora_config(cfg))
     torch.manual_seed(3)
@@ -88,7 +88,7 @@ def _saved_adapter(cfg, base_model, path):
                 p.normal_(0, 0.5)
     model.save_pretrained(str(path))
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    _restore_base(model)
+    restore_base(model)
     return saved
 
 
@@ -117,9 +117,9 @@ def test_previous_round_adapter_is_the_model_and_is_trained_further(tmp_path):
             torch.testing.assert_close(p.detach(), saved[name])
         torch.testing.assert_close(student(input_ids=ids).logits.detach(), with_adapter)
     finally:
-        from ssb.stages.train import _restore_base
+        from ssb.stages.lora_training import restore_base
 
-        _restore_base(student)
+        restore_base(student)
     # A missing adapter is a clear error.
     cfg3 = tiny_config(cfg.model.name, f"model.adapter={tmp_path / 'nope'}")
     with pytest.raises(FileNotFoundError, match="model.adapter"):

@@ -461,7 +461,7 @@ def test_resume_from_checkpoint_without_duplicate_log_steps(tmp_path):
     first = run_train(cfg, rundir, progress=False)
     assert first["steps"] == 3 and "resumed_from" not in first
     full_log = read_jsonl(rundir.train_log_path)
-    assert last_checkpoint(rundir).name == "checkpoint-3"
+    assert last_checkpoint(rundir.checkpoints_dir).name == "checkpoint-3"
     # A kill after step 3 was logged, before its checkpoint and the adapter were written.
     shutil.rmtree(rundir.checkpoints_dir / "checkpoint-3")
     shutil.rmtree(rundir.adapter_dir)

@@ -448,7 +448,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def validate(cfg: Config) -> Config:
     """Value checks beyond types; raises ConfigError naming the key."""
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
@@ -496,11 +496,12 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

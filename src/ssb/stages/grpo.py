@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,9 +48,18 @@ from typing import Any
 import torch
 
 from ssb.config import Config, ConfigError, to_dict
-from ssb.models import disable_checkpointing
-from ssb.rundir import RunDir, atomic_write_json, atomic_write_text, read_jsonl
+from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import load_base, log
+from ssb.stages.lora_training import (
+    JsonlLogCallback,
+    check_resumable,
+    last_checkpoint,
+    lora_config,
+    restore_base,
+    save_adapter_atomically,
+    start_log,
+    write_fingerprint,
+)
 
 FINGERPRINT_NAME = "ssb_grpo.json"
 
@@ -384,7 +392,6 @@ def make_grpo_trainer(
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
-    from ssb.stages.train import JsonlLogCallback, lora_config
     from ssb.trackers import attach_trackers
 
     records = prompt_records(cfg, tokenizer)
@@ -441,31 +448,6 @@ def grpo_fingerprint(cfg: Config) -> dict[str, Any]:
     )
 
 
-def last_grpo_checkpoint(rundir: RunDir) -> Path | None:
-    found = [
-        p
-        for p in rundir.grpo_checkpoints_dir.glob("checkpoint-*")
-        if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
-    ]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def _check_resumable(cfg: Config, rundir: RunDir, checkpoint: Path | None) -> None:
-    path = rundir.grpo_checkpoints_dir / FINGERPRINT_NAME
-    if checkpoint is None or not path.exists():
-        return
-    from ssb.config import _flatten
-
-    old, new = _flatten(json.loads(path.read_text())), _flatten(grpo_fingerprint(cfg))
-    if old != new:
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise ValueError(
-            f"{rundir.grpo_checkpoints_dir} holds checkpoints of a GRPO run with different "
-            f"settings ({', '.join(changed)}); delete that directory to start over, or restore "
-            "the config to resume"
-        )
-
-
 # --------------------------------------------------------------------------- stage
 
 
@@ -476,8 +458,9 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
     model, tokenizer = base.model, base.tokenizer
     if hasattr(model, "peft_config"):
         raise RuntimeError("the base model already carries a PEFT adapter")
-    checkpoint = last_grpo_checkpoint(rundir)
-    _check_resumable(cfg, rundir, checkpoint)
+    checkpoint = last_checkpoint(rundir.grpo_checkpoints_dir)
+    fingerprint_path = rundir.grpo_checkpoints_dir / FINGERPRINT_NAME
+    check_resumable(fingerprint_path, grpo_fingerprint(cfg), checkpoint)
     log_path = rundir.grpo_log_path
 
     # TRL writes the pad id into the model's configs, Trainer turns `use_cache` off, and TRL wraps
@@ -494,18 +477,11 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
         if trainer.is_world_process_zero():
             if checkpoint is not None:
                 log.info("grpo: resuming from %s", checkpoint)
-                kept = [
-                    r
-                    for r in read_jsonl(log_path)
-                    if r.get("step", 0) <= checkpoint_step(checkpoint)
-                ]
-                atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-            elif log_path.exists():
-                log_path.unlink()
-            atomic_write_json(rundir.grpo_checkpoints_dir / FINGERPRINT_NAME, grpo_fingerprint(cfg))
+            start_log(log_path, checkpoint)
+            write_fingerprint(fingerprint_path, grpo_fingerprint(cfg))
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if trainer.is_world_process_zero():
-            _save_adapter_atomically(trainer.model, rundir.grpo_adapter_dir)
+            save_adapter_atomically(trainer.model, rundir.grpo_adapter_dir)
         trainer.accelerator.wait_for_everyone()
         summary = _summary(trainer, result, read_jsonl(log_path), rundir.grpo_adapter_dir)
         if checkpoint is not None:
@@ -515,7 +491,7 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
         if trainer is not None:
             _stop_colocated_vllm(trainer)
         if trainer is not None and hasattr(trainer.model, "peft_config"):
-            _unload(trainer.model, hooks_before)
+            restore_base(trainer.model, was_training, hooks_before)
         model.generation_config = saved_generation_config
         model.config.get_text_config().pad_token_id = saved_pad
         if saved_use_cache is not None:
@@ -536,23 +512,6 @@ def _stop_colocated_vllm(trainer: Any) -> None:
 
     generation.llm = None
     shutdown_llm(llm)
-
-
-def _unload(peft_model: Any, hooks_before: set[int]) -> None:
-    """Remove the LoRA layers (not merged), the input-requires-grad hooks peft / TRL add for
-    checkpointing, and checkpointing itself from the shared base model."""
-    base = peft_model.unload()
-    hooks = base.get_input_embeddings()._forward_hooks
-    for key in [k for k in hooks if k not in hooks_before]:
-        del hooks[key]
-    for name in ("_require_grads_hook", "_require_grads_hooks"):
-        if name in base.__dict__:
-            delattr(base, name)
-    disable_checkpointing(base)
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
 def _summary(trainer: Any, result: Any, records: list[dict[str, Any]], adapter: Path) -> dict:
@@ -578,17 +537,3 @@ def _summary(trainer: Any, result: Any, records: list[dict[str, Any]], adapter: 
     if kls:
         summary["last_kl"] = kls[-1]
     return summary
-
-
-def _save_adapter_atomically(model: Any, target: Path) -> None:
-    """save_pretrained into a temporary sibling, then swap it in with renames."""
-    tmp = target.parent / ".adapter.tmp"
-    old = target.parent / ".adapter.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp))
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

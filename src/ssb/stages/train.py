@@ -14,10 +14,7 @@ checkpointing, resume and `report_to` backends come from the ecosystem. What it 
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +33,18 @@ from ssb.distill.forward import (
 )
 from ssb.distill.losses import chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
-from ssb.models import disable_checkpointing
-from ssb.rundir import RunDir, append_jsonl, read_jsonl
+from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import load_base, log
+from ssb.stages.lora_training import (
+    JsonlLogCallback,
+    check_resumable,
+    last_checkpoint,
+    lora_config,
+    restore_base,
+    save_adapter_atomically,
+    start_log,
+    write_fingerprint,
+)
 from ssb.stages.targets import (
     check_lora_targets,
     check_prompts,
@@ -265,19 +271,6 @@ class SSBTrainer(Trainer):
         super().log(logs, start_time)
 
 
-class JsonlLogCallback(TrainerCallback):
-    """Append each logged training step to train_log.jsonl (main process only)."""
-
-    def __init__(self, path: Any):
-        self.path = path
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any):
-        if state.is_world_process_zero and logs and "loss" in logs:
-            record = {"step": state.global_step, "epoch": state.epoch}
-            record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-            append_jsonl(self.path, [record])
-
-
 class LogLastStepCallback(TrainerCallback):
     """Log the last optimizer step even when it ends a partial logging interval (Trainer logs
     only every `logging_steps`, so those steps would be missing from train_log.jsonl and the
@@ -369,19 +362,6 @@ def training_arguments(
     return TrainingArguments(**kwargs)
 
 
-def lora_config(cfg: Config) -> Any:
-    from peft import LoraConfig
-
-    lc = cfg.train.lora
-    return LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules),
-        task_type="CAUSAL_LM",
-    )
-
-
 def make_trainer(
     cfg: Config,
     rundir: RunDir,
@@ -458,8 +438,9 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
                 f"{len(missing)} pairs have no stored targets (first: {missing[0]}); "
                 "run `ssb targets` to finish them"
             )
-    checkpoint = last_checkpoint(rundir)
-    check_resumable(cfg, rundir, checkpoint)
+    checkpoint = last_checkpoint(rundir.checkpoints_dir)
+    fingerprint_path = rundir.checkpoints_dir / FINGERPRINT_NAME
+    check_resumable(fingerprint_path, train_fingerprint(cfg), checkpoint)
 
     was_training = base.model.training
     hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
@@ -471,13 +452,11 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
         if trainer.is_world_process_zero():
             if checkpoint is not None:
                 log.info("train: resuming from %s", checkpoint)
-                _drop_log_after(rundir, _checkpoint_step(checkpoint))
-            elif rundir.train_log_path.exists():
-                rundir.train_log_path.unlink()  # a fresh start: no steps from an earlier attempt
-            write_train_fingerprint(cfg, rundir)
+            start_log(rundir.train_log_path, checkpoint)
+            write_fingerprint(fingerprint_path, train_fingerprint(cfg))
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if trainer.is_world_process_zero():
-            _save_adapter_atomically(model, rundir)
+            save_adapter_atomically(model, rundir.adapter_dir)
         trainer.accelerator.wait_for_everyone()
         summary = {
             "steps": trainer.state.global_step,
@@ -492,7 +471,7 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
             summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
         return summary
     finally:
-        _restore_base(model, was_training=was_training, hooks_before=hooks_before)
+        restore_base(model, was_training=was_training, hooks_before=hooks_before)
 
 
 # What a checkpoint's optimizer state and step count depend on; logging, saving and the number
@@ -511,98 +490,3 @@ def train_fingerprint(cfg: Config) -> dict[str, Any]:
         "model": to_dict(cfg.model),
         "seed": cfg.seed,
     }
-
-
-def write_train_fingerprint(cfg: Config, rundir: RunDir) -> None:
-    from ssb.rundir import atomic_write_json
-
-    atomic_write_json(rundir.checkpoints_dir / FINGERPRINT_NAME, train_fingerprint(cfg))
-
-
-def check_resumable(cfg: Config, rundir: RunDir, checkpoint: Path | None) -> None:
-    """Refuse to resume checkpoints written under a different training config."""
-    path = rundir.checkpoints_dir / FINGERPRINT_NAME
-    if checkpoint is None or not path.exists():
-        return
-    old = json.loads(path.read_text())
-    new = json.loads(json.dumps(train_fingerprint(cfg)))
-    if old != new:
-        flat_old, flat_new = _flatten(old), _flatten(new)
-        changed = sorted(
-            k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
-        )
-        raise ValueError(
-            f"{rundir.checkpoints_dir} holds checkpoints of a run with a different config "
-            f"({', '.join(changed)}); delete that directory to "
-            "train from scratch, or restore the config to resume"
-        )
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _restore_base(
-    model: Any, was_training: bool = False, hooks_before: set[int] | None = None
-) -> None:
-    """Give the shared base model (cached by `load_base` for later stages) back as it was: LoRA
-    layers removed (not merged), no hooks left on its input embeddings (peft and Trainer add an
-    input-requires-grad hook around checkpointing), checkpointing off, the original train/eval
-    mode. `hooks_before`: the embeddings' forward-hook ids before the adapter was attached (all
-    others are removed); without it, the input-requires-grad hooks are found by name."""
-    base = model.unload()
-    hooks = base.get_input_embeddings()._forward_hooks
-    for key, hook in list(hooks.items()):
-        added = (
-            key not in hooks_before
-            if hooks_before is not None
-            else getattr(hook, "__name__", "").startswith("make_inputs_require_grad")
-        )
-        if added:
-            del hooks[key]
-    handle = getattr(base, "_require_grads_hook", None)
-    if handle is not None and getattr(handle, "id", None) not in hooks:
-        del base._require_grads_hook  # its hook is gone: later enable/disable calls start clean
-    disable_checkpointing(base)
-    base.train(was_training)
-
-
-def last_checkpoint(rundir: RunDir) -> Path | None:
-    """The newest complete `checkpoint-<step>` (by step number, not by name: "checkpoint-10"
-    sorts before "checkpoint-9"); a checkpoint without its trainer state is incomplete."""
-    found = []
-    for path in rundir.checkpoints_dir.glob("checkpoint-*"):
-        if path.is_dir() and path.name.split("-")[-1].isdigit():
-            if (path / "trainer_state.json").exists():
-                found.append(path)
-    return max(found, key=_checkpoint_step, default=None)
-
-
-def _checkpoint_step(path: Any) -> int:
-    return int(str(path).rsplit("-", 1)[-1])
-
-
-def _drop_log_after(rundir: RunDir, step: int) -> None:
-    """Steps logged after the checkpoint we resume from will be redone: drop them."""
-    from ssb.rundir import atomic_write_text
-
-    kept = [r for r in read_jsonl(rundir.train_log_path) if r.get("step", 0) <= step]
-    atomic_write_text(rundir.train_log_path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _save_adapter_atomically(model: Any, rundir: RunDir) -> None:
-    tmp = rundir.path / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    old = rundir.path / ".adapter.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if rundir.adapter_dir.exists():
-        rundir.adapter_dir.rename(old)
-    tmp.rename(rundir.adapter_dir)
-    shutil.rmtree(old, ignore_errors=True)
