@@ -161,7 +161,9 @@ def run_bench(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ssb.bench OUT_DIR [...]``; `ssb bench` is the usual entry (ssb.cli)."""
-    parser = argparse.ArgumentParser(description="ssb performance benchmarks")
+    parser = argparse.ArgumentParser(
+        prog="python -m ssb.bench", description="ssb performance benchmarks"
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sections", nargs="*", choices=SECTIONS)
