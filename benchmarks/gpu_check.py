@@ -31,7 +31,7 @@ table is printed at the end. The exit code is 1 when any check failed.
    the student alone may change few outputs, too few to show that a LoRA is applied at all.
 9. bench: `ssb bench --sections gpu` on a GPU (KD step tokens/s and MFU counting recomputation,
    transformers and vLLM generation tokens/s); on CPU the same code at tiny sizes
-   (`ssb.bench._gpu_runs(..., "cpu")`; the vLLM figure is skipped there, saying why).
+   (`ssb.bench.gpu.gpu_runs(..., "cpu")`; the vLLM figure is skipped there, saying why).
 
 What is real: the model architecture and its sizes, the tokenizer files, every stage except
 bootstrap (real CLI subprocesses on the real config), the engine, adapters written by `ssb train`,
@@ -706,9 +706,10 @@ def check_bench(out: Path, device: str, logs: Path) -> tuple[str, dict[str, Any]
         data, rows = results["sections"]["gpu"], results["rows"]
     else:
         # The same code at tiny sizes (what tests/test_bench.py runs), so CI keeps it working.
-        import ssb.bench as bench
+        from ssb.bench.gpu import gpu_runs
+        from ssb.bench.sizes import bench_sizes
 
-        data, rows = bench._gpu_runs(bench._sizes(True)["gpu"], "cpu", progress=True)
+        data, rows = gpu_runs(bench_sizes(True)["gpu"], "cpu", progress=True)
         bench_dir.mkdir(parents=True, exist_ok=True)
         (bench_dir / "gpu_cpu_form.json").write_text(
             json.dumps({"sections": {"gpu": data}, "rows": rows}, indent=1, default=float)

@@ -10,7 +10,7 @@ import math
 import pytest
 from tiny_models import save_tiny_model
 
-from ssb.bench import SECTIONS, _row, run_bench
+from ssb.bench import SECTIONS, report, run_bench
 
 
 def recomputed(row):
@@ -42,15 +42,17 @@ def check_rows(rows):
 
 
 def test_row_formulas_and_goals():
-    assert _row("s", "x", 10.0, 2.0, "baseline/ours", goal=(">=", 4.0))["value"] == 5.0
-    assert _row("s", "x", 10.0, 2.0, "baseline/ours", goal=(">=", 6.0))["met"] is False
-    assert _row("s", "x", 4.0, 6.0, "ours/baseline")["value"] == 1.5
-    assert _row("s", "x", 2.0, 2.01, "relerr", goal=("<", 0.01))["value"] == pytest.approx(0.005)
-    assert _row("s", "x", 2.0, 2.01, "relerr", goal=("<", 0.01))["met"] is True
+    assert report.row("s", "x", 10.0, 2.0, "baseline/ours", goal=(">=", 4.0))["value"] == 5.0
+    assert report.row("s", "x", 10.0, 2.0, "baseline/ours", goal=(">=", 6.0))["met"] is False
+    assert report.row("s", "x", 4.0, 6.0, "ours/baseline")["value"] == 1.5
+    assert report.row("s", "x", 2.0, 2.01, "relerr", goal=("<", 0.01))["value"] == pytest.approx(
+        0.005
+    )
+    assert report.row("s", "x", 2.0, 2.01, "relerr", goal=("<", 0.01))["met"] is True
     # A missing or zero side gives no value (and no verdict), never a division error.
-    assert _row("s", "x", None, 2.0, "baseline/ours", goal=(">=", 1.0))["met"] is None
-    assert _row("s", "x", 1.0, 0.0, "baseline/ours")["value"] is None
-    assert _row("s", "x", None, None, "direct", value=0.99)["value"] == 0.99
+    assert report.row("s", "x", None, 2.0, "baseline/ours", goal=(">=", 1.0))["met"] is None
+    assert report.row("s", "x", 1.0, 0.0, "baseline/ours")["value"] is None
+    assert report.row("s", "x", None, None, "direct", value=0.99)["value"] == 0.99
 
 
 def test_unknown_section_is_refused(tmp_path):
@@ -171,13 +173,14 @@ def test_time_budget_skips_and_says_so(tmp_path):
 
 
 def test_reference_too_big_for_memory_is_scaled_from_a_shorter_run(tmp_path, monkeypatch):
-    import ssb.bench as bench
+    from ssb.bench import kd_memory
+    from ssb.bench.sizes import bench_sizes
 
-    kd = bench._sizes(True)["kd"]
+    kd = bench_sizes(True)["kd"]
     seq = kd["seqs"][0]
-    need = kd["batch"] * seq * kd["vocab"] * bench.REF_BYTES_PER_ELEMENT
+    need = kd["batch"] * seq * kd["vocab"] * kd_memory.REF_BYTES_PER_ELEMENT
     # Room for half the length but not for the configured one.
-    monkeypatch.setattr(bench, "_mem_available_bytes", lambda: int(0.7 * need / 0.8))
+    monkeypatch.setattr(kd_memory, "mem_available_bytes", lambda: int(0.7 * need / 0.8))
     res = run_bench(tmp_path / "out", quick=True, sections=["kd_memory"], progress=False)
     runs = res["sections"]["kd_memory"]["runs"]
     assert list(runs) == [str(seq // 2), str(seq)]
@@ -196,9 +199,10 @@ def test_reference_too_big_for_memory_is_scaled_from_a_shorter_run(tmp_path, mon
 def test_gpu_code_path_runs_on_cpu():
     # The gpu section is written for CUDA; its CPU form at tiny sizes is the only run it gets
     # on machines without a GPU (gradient checkpointing, MFU bookkeeping, fixed-length generate).
-    import ssb.bench as bench
+    from ssb.bench.gpu import gpu_runs
+    from ssb.bench.sizes import bench_sizes
 
-    data, rows = bench._gpu_runs(bench._sizes(True)["gpu"], "cpu", progress=False)
+    data, rows = gpu_runs(bench_sizes(True)["gpu"], "cpu", progress=False)
     for side in ("reference", "ours"):
         assert data[side]["step_s"] > 0, data[side].get("error")
         assert data[side]["mfu"] is None  # no peak FLOP/s for a CPU
@@ -208,13 +212,13 @@ def test_gpu_code_path_runs_on_cpu():
 
 
 def test_peak_flops_reads_the_whole_gpu_name():
-    from ssb.bench import _peak_flops
+    from ssb.bench.gpu import peak_flops
 
-    assert _peak_flops("NVIDIA H100 NVL") == 835e12  # not the SXM part's 989
-    assert _peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert _peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert _peak_flops("NVIDIA H200") == 989e12
-    assert _peak_flops("NVIDIA GH200 480GB") == 989e12
-    assert _peak_flops("NVIDIA A10G") == 70e12 and _peak_flops("NVIDIA A10") == 125e12
-    assert _peak_flops("NVIDIA L40S") == 362e12 and _peak_flops("NVIDIA L4") == 121e12
-    assert _peak_flops("Tesla T4") is None
+    assert peak_flops("NVIDIA H100 NVL") == 835e12  # not the SXM part's 989
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA GH200 480GB") == 989e12
+    assert peak_flops("NVIDIA A10G") == 70e12 and peak_flops("NVIDIA A10") == 125e12
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("Tesla T4") is None

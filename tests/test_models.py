@@ -257,7 +257,7 @@ def test_embedded_model_converts_once_then_loads_from_cache():
 def test_lm_head_gets_a_contiguous_input(saved):
     """transformers hands the lm_head a strided slice under logits_to_keep=1; a frozen bf16 head
     on CPU is then ~450x slower (torch 2.13), so the loader makes the input contiguous."""
-    from ssb.models import contiguous_head_input, remove_contiguous_head_input
+    from ssb.models import contiguous_head_input
 
     model, tok = load_model_and_tokenizer(ModelConfig(name=str(saved["qwen2-chatml"])))
     seen: list[bool] = []
@@ -267,7 +267,8 @@ def test_lm_head_gets_a_contiguous_input(saved):
     try:
         with torch.inference_mode():
             with_hook = model(input_ids=ids, logits_to_keep=1).logits
-            remove_contiguous_head_input(model)
+            head._ssb_contiguous_hook.remove()  # the loader's hook, taken off
+            head._ssb_contiguous_hook = None
             without = model(input_ids=ids, logits_to_keep=1).logits
             contiguous_head_input(model)
             contiguous_head_input(model)  # idempotent: one hook

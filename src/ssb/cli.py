@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sections",
         default=None,
-        help="comma-separated subset of storage,kd_memory,generation,scoring,stages,gpu",
+        help="comma-separated subset of storage,kd_memory,generation,scoring,cpu,stages,gpu",
     )
     bench.add_argument(
         "--stage-times-from", default=None, help="a run directory whose stage times to report"

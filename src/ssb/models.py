@@ -432,15 +432,6 @@ def contiguous_head_input(model) -> None:
         )
 
 
-def remove_contiguous_head_input(model) -> None:
-    """Undo `contiguous_head_input` (`ssb bench` measures the difference)."""
-    head = model.get_output_embeddings()
-    handle = getattr(head, "_ssb_contiguous_hook", None)
-    if handle is not None:
-        handle.remove()
-        head._ssb_contiguous_hook = None
-
-
 def cache_kwarg(model) -> str:
     """The name under which the model's forward takes its KV cache: `cache` from transformers
     5.24 on (`past_key_values` is deprecated there and leaves in 5.40), `past_key_values`

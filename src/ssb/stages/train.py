@@ -31,7 +31,7 @@ from ssb.distill.forward import (
     shared_prompt_prefix,
     unwrap_model,
 )
-from ssb.distill.losses import chunked_kd_loss, normalise
+from ssb.distill.losses import KDLossOutput, chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import load_base, log
@@ -137,6 +137,72 @@ class DistillCollator:
         return batch
 
 
+def distillation_loss(
+    model: Any,
+    inputs: dict[str, Any],
+    loss_config: LossConfig,
+    target_mode: str,
+    num_processes: int = 1,
+) -> KDLossOutput:
+    """The KD (+ CE) loss SUMS of one `DistillCollator` batch: the student's final hidden states
+    at the reply positions against the batch's teacher targets (`target_mode`: the stored form,
+    or "online": the same network with its adapter off), chunk by chunk (`chunked_kd_loss`).
+    The caller normalises (`normalise`). `SSBTrainer.compute_loss` is the training caller;
+    `ssb bench` times this same function."""
+    lc = loss_config
+    prefix = int(inputs.get("shared_prefix", 0))
+    if prefix and not can_share_prefix(model, num_processes):
+        prefix = 0
+    # Positions before `prefix` predict no reply token: the hidden states start after it.
+    shift = inputs["shift_labels"][:, prefix:]
+    reply_mask = shift != IGNORE
+    # Through `model` (the DDP wrapper under `accelerate launch`), so gradients are synced.
+    hidden = final_hidden_states(
+        model, inputs["input_ids"], inputs["attention_mask"], shared_prefix=prefix
+    )
+    head = output_head(model)
+    if not TARGET_MODES[target_mode].stored:
+        targets = {"hidden": online_teacher_rows(model, inputs)}
+        mode = TARGET_MODES[target_mode].loss_mode
+    else:
+        targets = {k[len("teacher_") :]: v for k, v in inputs.items() if k.startswith("teacher_")}
+        mode = target_mode
+    return chunked_kd_loss(
+        hidden[reply_mask],
+        head.weight,
+        targets,
+        shift[reply_mask],
+        mode=mode,
+        tau=lc.temperature,
+        kind=lc.divergence,
+        beta=lc.jsd_beta,
+        tau_squared=lc.tau_squared,
+        kd_weight=lc.kd_weight,
+        ce_weight=lc.ce_weight,
+        chunk_size=lc.chunk_size,
+        clip=lc.clip,
+        logit_softcap=head.softcap,
+        lm_head_bias=head.bias,
+    )
+
+
+@torch.no_grad()
+def online_teacher_rows(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Online targets: the teacher is the same network with the LoRA adapter switched off.
+    Called on the unwrapped PeftModel: a no-grad forward needs no DDP gradient hooks."""
+    unwrapped = unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()  # the frozen base scores without dropout, as `ssb targets` does
+    try:
+        with unwrapped.disable_adapter():
+            hidden = final_hidden_states(
+                unwrapped, inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+            )
+    finally:
+        unwrapped.train(was_training)
+    return hidden[inputs["teacher_shift_labels"] != IGNORE].detach()
+
+
 class SSBTrainer(Trainer):
     """A Trainer whose loss is the chunked KD loss on the reply positions."""
 
@@ -162,43 +228,8 @@ class SSBTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        lc = self.loss_config
-        prefix = int(inputs.get("shared_prefix", 0))
-        if prefix and not can_share_prefix(model, self.accelerator.num_processes):
-            prefix = 0
-        # Positions before `prefix` predict no reply token: the hidden states start after it.
-        shift = inputs["shift_labels"][:, prefix:]
-        reply_mask = shift != IGNORE
-        # Through `model` (the DDP wrapper under `accelerate launch`), so gradients are synced.
-        hidden = final_hidden_states(
-            model, inputs["input_ids"], inputs["attention_mask"], shared_prefix=prefix
-        )
-        student_rows = hidden[reply_mask]
-        labels = shift[reply_mask]
-        head = output_head(model)
-        if not TARGET_MODES[self.target_mode].stored:
-            targets = {"hidden": self._online_teacher_rows(model, inputs)}
-            mode = TARGET_MODES[self.target_mode].loss_mode
-        else:
-            prefix = "teacher_"
-            targets = {k[len(prefix) :]: v for k, v in inputs.items() if k.startswith(prefix)}
-            mode = self.target_mode
-        out = chunked_kd_loss(
-            student_rows,
-            head.weight,
-            targets,
-            labels,
-            mode=mode,
-            tau=lc.temperature,
-            kind=lc.divergence,
-            beta=lc.jsd_beta,
-            tau_squared=lc.tau_squared,
-            kd_weight=lc.kd_weight,
-            ce_weight=lc.ce_weight,
-            chunk_size=lc.chunk_size,
-            clip=lc.clip,
-            logit_softcap=head.softcap,
-            lm_head_bias=head.bias,
+        out = distillation_loss(
+            model, inputs, self.loss_config, self.target_mode, self.accelerator.num_processes
         )
         # Read by Trainer.training_step right after this call.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
@@ -224,7 +255,7 @@ class SSBTrainer(Trainer):
         sums["kd"] += float(out.kd_sum) / step_tokens
         sums["ce"] += float(out.ce_sum) / step_tokens
         sums["tokens"] += float(out.num_tokens)
-        sums["examples"] += float(shift.shape[0])
+        sums["examples"] += float(inputs["shift_labels"].shape[0])
         return (loss, None) if return_outputs else loss
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
@@ -235,22 +266,6 @@ class SSBTrainer(Trainer):
         if norm is not None:
             self._step_grad_norms.append(norm.detach() if torch.is_tensor(norm) else norm)
         return norm
-
-    @torch.no_grad()
-    def _online_teacher_rows(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        """The teacher is the same network with the LoRA adapter switched off. Called on the
-        unwrapped PeftModel: a no-grad forward needs no DDP gradient hooks."""
-        unwrapped = unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()  # the frozen base scores without dropout, as `ssb targets` does
-        try:
-            with unwrapped.disable_adapter():
-                hidden = final_hidden_states(
-                    unwrapped, inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
-                )
-        finally:
-            unwrapped.train(was_training)
-        return hidden[inputs["teacher_shift_labels"] != IGNORE].detach()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add kd, ce and reply_len to a training-step log, and make grad_norm the interval's

@@ -1,4 +1,4 @@
-"""`ssb bench` section ``cpu``: the quickstart's hot paths on each CPU class, before and after.
+"""Section ``cpu``: the quickstart's hot paths on each CPU class, before and after.
 
 An AVX2-only CPU (no native bf16) and a CPU with AVX512-BF16 behave very differently: there bf16
 matmuls are emulated, and a bf16 LoRA backward falls into torch's scalar reference GEMM. This
@@ -22,7 +22,11 @@ quickstart's float32 rollout ran ~2.5x slower than emulated here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
+
+from ssb.bench.children import run_child
+from ssb.bench.report import log, row
 
 # Environment that makes torch (ATen), oneDNN and MKL use AVX2 kernels only.
 AVX2_ENV = {
@@ -32,7 +36,8 @@ AVX2_ENV = {
 }
 
 
-def _timed(fn, repeats: int = 1, warmup: bool = True) -> float:
+def _timed(fn: Callable[[], Any], repeats: int = 1, warmup: bool = True) -> float:
+    """Seconds per call of `fn`, over `repeats` calls after one untimed call (`warmup`)."""
     if warmup:
         fn()
     start = time.perf_counter()
@@ -64,10 +69,10 @@ def _gemm(sizes: dict[str, Any]) -> dict[str, float]:
 class _MemoryReader:
     """Teacher hidden rows held in memory, read the way `TargetReader.get` is."""
 
-    def __init__(self, rows: dict[str, tuple[list[int], Any]]):
+    def __init__(self, rows: dict[str, tuple[list[int], Any]]) -> None:
         self.rows = rows
 
-    def get(self, example_id: str):
+    def get(self, example_id: str) -> tuple[list[int], dict[str, Any]]:
         reply, hidden = self.rows[example_id]
         return reply, {"hidden": hidden}
 
@@ -76,7 +81,7 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     """One (ISA, dtype) child: generation before/after and a training step before/after."""
     import torch
 
-    from ssb.bench import _make_pairs
+    from ssb.bench.pairs import make_pairs
     from ssb.config import load_config
     from ssb.generate import HFGenerator, SamplingParams
     from ssb.hardware import hardware_info
@@ -84,8 +89,9 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     from ssb.prompts import render_prompt_ids, student_messages
     from ssb.rundir import RunDir
     from ssb.stages.common import load_base
+    from ssb.stages.lora_training import lora_config
     from ssb.stages.targets import teacher_rows, teacher_sequence
-    from ssb.stages.train import DistillCollator, lora_config, make_trainer
+    from ssb.stages.train import DistillCollator, make_trainer
 
     sizes = spec["sizes"]
     result: dict[str, Any] = {}
@@ -131,7 +137,7 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("train"):
         from peft import get_peft_model
 
-        pairs = _make_pairs(tok, cfg, sizes["train_pairs"])
+        pairs = make_pairs(tok, cfg, sizes["train_pairs"])
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         rows = teacher_rows(model, pairs, pad)
         reader = _MemoryReader(
@@ -161,10 +167,9 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def section_cpu(
-    sizes: dict[str, Any], model: str | None, progress: bool, run_child
+    sizes: dict[str, Any], model: str | None, progress: bool
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the children and build the table rows (see the module docstring)."""
-    from ssb.bench import _log, _row
     from ssb.hardware import cpu_capability, cpu_has_native_bf16
 
     native = "AVX512-BF16" if cpu_has_native_bf16() else cpu_capability()
@@ -184,15 +189,15 @@ def section_cpu(
                 # A bf16 backward without native bf16 takes minutes per step: not run.
                 "train": dtype == "float32" or bf16_native,
             }
-            _log(progress, f"  cpu: {isa}, {dtype}")
+            log(progress, f"  cpu: {isa}, {dtype}")
             run = run_child("cpu_isa", spec, env=env)
             data["runs"][f"{isa} {dtype}"] = run
             if "error" in run:
-                _log(progress, f"    error: {run['error'][:200]}")
+                log(progress, f"    error: {run['error'][:200]}")
                 continue
             gen = run["generation"]
             rows.append(
-                _row(
+                row(
                     "cpu",
                     f"{isa}, {dtype}: rollout tok/s, transformers generate vs ssb's decode loop",
                     gen["transformers"]["tokens_per_s"],
@@ -204,7 +209,7 @@ def section_cpu(
             if "train" in run:
                 train = run["train"]
                 rows.append(
-                    _row(
+                    row(
                         "cpu",
                         f"{isa}, {dtype}: KD train step, full rows vs shared prefix once "
                         f"({train['shared_prefix_tokens']} of {train['tokens']} tokens shared)",
@@ -218,7 +223,7 @@ def section_cpu(
                 g = run["gemm"]
                 for kind in ("forward", "backward"):
                     rows.append(
-                        _row(
+                        row(
                             "cpu",
                             f"{isa}: output-layer {kind} GEMM, bf16 vs float32 "
                             "(> 1: float32 is faster)",
@@ -233,7 +238,7 @@ def section_cpu(
         if bf16 and fp32:
             chosen = "bfloat16" if bf16_native else "float32"
             rows.append(
-                _row(
+                row(
                     "cpu",
                     f"{isa}: rollout tok/s, bf16 + transformers loop (shipped before) vs "
                     f"dtype=auto ({chosen}) + ssb loop (now)",
