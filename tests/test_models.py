@@ -14,13 +14,13 @@ from tiny_models import ARCHS, TEMPLATES, build_tiny_model, build_tokenizer, sav
 from ssb import models
 from ssb.config import ModelConfig
 from ssb.generate import HFGenerator, SamplingParams
+from ssb.identity import model_identity
 from ssb.models import (
     ModelLoadError,
     end_of_turn_token_id,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
-    model_identity,
     resolve_source,
     set_seed,
 )

@@ -128,7 +128,7 @@ def test_previous_round_adapter_is_the_model_and_is_trained_further(tmp_path):
 
 
 def test_model_identity_records_the_adapter(tmp_path):
-    from ssb.models import model_identity
+    from ssb.identity import model_identity
 
     cfg, _, _ = make_run(tmp_path, "chatml", n=1)
     base = load_base(cfg)

@@ -156,7 +156,8 @@ def test_exported_adapter_is_the_runs_and_loads_with_peft(run, exported):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from ssb.models import adapter_hash, load_model
+    from ssb.identity import adapter_hash
+    from ssb.models import load_model
 
     cfg, rundir, pairs, _ = run
     out, _ = exported

@@ -279,7 +279,7 @@ class RunDir:
     def trained_adapters(self) -> dict[str, Path]:
         """name -> adapter directory of every model trained in this run: "student" (adapter/)
         and "<name>" for any direct sub-directory holding `<name>/adapter/` (grpo, round2, ...)."""
-        from ssb.models import has_adapter
+        from ssb.identity import has_adapter
 
         found = {"student": self.adapter_dir} if has_adapter(self.adapter_dir) else {}
         if self.path.is_dir():

@@ -49,7 +49,7 @@ def dataset_repo_name(model_repo: str) -> str:
 def check_eval_matches_adapter(rundir: RunDir, summary: dict[str, Any]) -> None:
     """Refuse a card whose evaluation numbers belong to another adapter (trained again after
     `ssb eval`)."""
-    from ssb.models import adapter_hash
+    from ssb.identity import adapter_hash
 
     evaluated = ((summary.get("models") or {}).get("student") or {}).get("adapter_hash")
     current = adapter_hash(rundir.adapter_dir)
@@ -71,7 +71,7 @@ def export_run(
     """Write `<out>/dataset` (and `<out>/model` when the run has an adapter); with
     `push_to_hub`, upload them to the model repo `push_to_hub` and the dataset repo
     `dataset_repo` (default `<push_to_hub>-pairs`). Returns a summary."""
-    from ssb.models import has_adapter
+    from ssb.identity import has_adapter
 
     rundir = rundir if isinstance(rundir, RunDir) else RunDir(rundir)
     out = Path(out)

@@ -93,7 +93,8 @@ def run_import_pairs(
     student_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Append the pairs at `source` to the run's pairs.jsonl; returns a summary."""
-    from ssb.models import load_tokenizer, vocab_hash
+    from ssb.identity import vocab_hash
+    from ssb.models import load_tokenizer
     from ssb.prompts import reply_format
     from ssb.stages.common import check_model_identity
 

@@ -120,7 +120,7 @@ def policy_model(cfg: Config, base: BaseModel) -> Iterator[Any]:
     (frozen, unmerged) when one is set (the previous round's student in iterated SSB)."""
     adapter = cfg.model.adapter
     if adapter is not None:
-        from ssb.models import has_adapter
+        from ssb.identity import has_adapter
 
         if not has_adapter(adapter):
             raise FileNotFoundError(f"model.adapter: no PEFT adapter in {adapter}")
@@ -133,7 +133,7 @@ def check_model_identity(rundir: RunDir, cfg: Config, tokenizer: Any) -> None:
     """Record the model and tokenizer a run is made with (manifest.json `model_identity`) and
     refuse to continue a run made with another one (unless `--force`): pairs, token ids and
     targets from one tokenizer are meaningless under another."""
-    from ssb.models import model_identity
+    from ssb.identity import model_identity
 
     ident = model_identity(cfg.model, tokenizer)
     recorded = rundir.read_manifest().get("model_identity")

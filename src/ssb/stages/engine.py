@@ -34,7 +34,8 @@ from typing import Any
 from ssb.config import Config
 from ssb.generate import Generator, SamplingParams, VLLMGenerator, make_generator, select_backend
 from ssb.generate.base import Completion, require_finished
-from ssb.models import has_adapter, load_model_config
+from ssb.identity import has_adapter
+from ssb.models import load_model_config
 from ssb.prompts import ReplyFormat
 from ssb.rundir import RunDir
 from ssb.stages.common import (

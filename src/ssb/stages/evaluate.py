@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import Config, to_dict
-from ssb.models import adapter_hash, has_adapter
+from ssb.identity import adapter_hash, has_adapter
 from ssb.rundir import (
     RunDir,
     append_jsonl,

@@ -78,7 +78,7 @@ def check_lora_targets(cfg: Config) -> None:
 
 
 def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
-    from ssb.models import model_identity
+    from ssb.identity import model_identity
 
     head = output_head(model)
     return {
