@@ -18,7 +18,7 @@ from ssb import records
 from ssb.config import Config, load_config
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, reply_format, student_messages
-from ssb.rundir import RunDir, append_jsonl
+from ssb.rundir import RunDir, append_jsonl, read_jsonl
 
 # (question, gold, reply text); replies of different lengths.
 EXAMPLES = [
@@ -147,3 +147,17 @@ def pair_record(tokenizer, cfg, problem, s_msgs, t_msgs, reply, end, incorrect) 
             "incorrect_answer": incorrect[1],
         },
     )
+
+
+def make_rollouts_mixed(path: Path) -> list[dict[str, Any]]:
+    """A random model is never right: rewrite rollouts.jsonl at `path` so every problem is mixed
+    (sample 0 a boxed correct answer, sample 1 a boxed wrong one) and goes through bootstrap's
+    teacher path. Returns the rewritten records."""
+    records = read_jsonl(path)
+    for r in records:
+        r["samples"][0].update(text=f"\\boxed{{{r['gold']}}}", answer=r["gold"], correct=True)
+        r["samples"][1].update(text="\\boxed{0}", answer="0", correct=False)
+        r["num_correct"] = 1
+    path.unlink()
+    append_jsonl(path, records)
+    return records

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from pairs_fixture import make_pairs, tiny_config
+from pairs_fixture import make_pairs, make_rollouts_mixed, tiny_config
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model
 
@@ -46,16 +46,6 @@ OVERRIDES = [
     "grpo.max_completion_length=8",
     "grpo.learning_rate=1e-2",
 ]
-
-
-def _mixed(path: Path) -> None:
-    records = read_jsonl(path)
-    for r in records:
-        r["samples"][0].update(text=f"\\boxed{{{r['gold']}}}", answer=r["gold"], correct=True)
-        r["samples"][1].update(text="\\boxed{0}", answer="0", correct=False)
-        r["num_correct"] = 1
-    path.unlink()
-    append_jsonl(path, records)
 
 
 def _adapter_norms(directory: Path) -> dict[str, float]:
@@ -80,7 +70,7 @@ def run_every_stage(tmp: Path) -> dict[str, Any]:
     run.path.mkdir()
     run_rollout(cfg, run, progress=False)
     rollouts = read_jsonl(run.path / "rollouts.jsonl")
-    _mixed(run.path / "rollouts.jsonl")
+    make_rollouts_mixed(run.path / "rollouts.jsonl")
     run_bootstrap(cfg, run, progress=False)
     decisions = read_jsonl(run.path / "bootstrap.jsonl")
     (run.path / "pairs.jsonl").unlink(missing_ok=True)

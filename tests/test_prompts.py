@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pairs_fixture import make_rollouts_mixed
 from tiny_models import build_tokenizer, save_tiny_model
 
 from ssb.config import PromptConfig, load_config
@@ -17,7 +18,7 @@ from ssb.prompts import (
     teacher_messages,
     uses_chat_template,
 )
-from ssb.rundir import RunDir, append_jsonl, read_jsonl
+from ssb.rundir import RunDir, read_jsonl
 
 PROBLEM = Problem(
     id="p1", question="Tom has 3 apples and buys 5 more. How many?", answer="8", source="t"
@@ -137,15 +138,8 @@ def test_rollout_training_and_eval_prompts_are_token_identical(
     monkeypatch.setattr(gen_mod, "make_generator", recording("rollout"))
     run_rollout(cfg, rundir, progress=False)
 
-    # A random model is never right, so mark one sample of each problem correct and one wrong
-    # (answer boxed): every problem is then "mixed" and goes through the bootstrap code path.
-    records = read_jsonl(rundir.rollouts_path)
-    for r in records:
-        r["samples"][0].update(text=f"\\boxed{{{r['gold']}}}", answer=r["gold"], correct=True)
-        r["samples"][1].update(text="\\boxed{0}", answer="0", correct=False)
-        r["num_correct"] = 1
-    rundir.rollouts_path.unlink()
-    append_jsonl(rundir.rollouts_path, records)
+    # Every problem made "mixed", so it goes through the bootstrap code path.
+    records = make_rollouts_mixed(rundir.rollouts_path)
 
     # The teacher's reply content does not matter here, only that bootstrap keeps it: make every
     # generated reply end on its own with the gold answer.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from limits import HANG_GUARD_S
-from pairs_fixture import tiny_config
+from pairs_fixture import make_rollouts_mixed, tiny_config
 from test_accelerate import two_process_launch
 from tiny_models import save_tiny_model
 
@@ -38,7 +38,7 @@ SCRIPT = r"""
 import json, logging, os, sys
 logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, sys.argv[1])
-from pairs_fixture import tiny_config
+from pairs_fixture import make_rollouts_mixed, tiny_config
 from ssb.rundir import RunDir
 
 stage, model_dir, run = sys.argv[2:5]
@@ -101,18 +101,6 @@ def _one_process(model_dir: Path, run_dir: Path) -> tuple:
     return cfg, rundir
 
 
-def _mixed(rundir: RunDir) -> None:
-    """A random model is never right: make every problem mixed (one boxed correct sample, one
-    boxed wrong one) so bootstrap's teacher path runs."""
-    records = read_jsonl(rundir.rollouts_path)
-    for r in records:
-        r["samples"][0].update(text=f"\\boxed{{{r['gold']}}}", answer=r["gold"], correct=True)
-        r["samples"][1].update(text="\\boxed{0}", answer="0", correct=False)
-        r["num_correct"] = 1
-    rundir.rollouts_path.unlink()
-    append_jsonl(rundir.rollouts_path, records)
-
-
 def test_rollout_bootstrap_and_eval_split_over_two_processes(launch, tmp_path):
     cfg, one = _one_process(launch.model_dir, tmp_path / "one")
     two = RunDir(tmp_path / "two")
@@ -147,7 +135,7 @@ def test_rollout_bootstrap_and_eval_split_over_two_processes(launch, tmp_path):
 
     # Bootstrap: every mixed problem decided exactly once, as one process decides it.
     for rundir in (one, two):
-        _mixed(rundir)
+        make_rollouts_mixed(rundir.rollouts_path)
     from ssb.stages.bootstrap import run_bootstrap
 
     run_bootstrap(cfg, one, progress=False)

@@ -54,7 +54,7 @@ class PairRecord(TypedDict):
 
 
 PAIR_FIELDS: tuple[str, ...] = tuple(PairRecord.__annotations__)
-OPTIONAL_PAIR_FIELDS = frozenset(PAIR_FIELDS[PAIR_FIELDS.index("teacher_answer") :])
+OPTIONAL_PAIR_FIELDS = PAIR_FIELDS[PAIR_FIELDS.index("teacher_answer") :]
 
 
 def pair_record(
@@ -70,7 +70,7 @@ def pair_record(
 ) -> PairRecord:
     """A pairs.jsonl record; `shown`: the OPTIONAL_PAIR_FIELDS known (teacher answer, rollouts)."""
     shown = shown or {}
-    unknown = set(shown) - OPTIONAL_PAIR_FIELDS
+    unknown = set(shown) - set(OPTIONAL_PAIR_FIELDS)
     if unknown:
         raise KeyError(f"not a field of a pair: {sorted(unknown)}")
     return PairRecord(
@@ -85,5 +85,5 @@ def pair_record(
         reply=reply,
         reply_ids=[int(t) for t in reply_ids],
         end_token_id=int(end_token_id),
-        **{name: shown.get(name) for name in sorted(OPTIONAL_PAIR_FIELDS, key=PAIR_FIELDS.index)},
+        **{name: shown.get(name) for name in OPTIONAL_PAIR_FIELDS},
     )
