@@ -61,6 +61,12 @@ def _stage_eval(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[s
     return run_eval_stage(cfg, rundir, progress=not args.quiet)
 
 
+def _stage_ablate(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.ablate import run_ablate
+
+    return run_ablate(cfg, rundir, progress=not args.quiet)
+
+
 def _stage_report(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
     from ssb.report import write_report
 
@@ -81,6 +87,11 @@ STAGES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
         _stage_grpo,
     ),
     "eval": ("evaluate the base model and the student on benchmarks", _stage_eval),
+    "ablate": (
+        "train the arms ssb, sft, rft, onpolicy and grpo on the same problems and LoRA budget "
+        "with several seeds, evaluate them in one pass, and write ablate/summary.json",
+        _stage_ablate,
+    ),
     "report": ("write report.md and plots from the run's files", _stage_report),
 }
 
@@ -106,6 +117,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_ablate_options(p: argparse.ArgumentParser) -> None:
+    """`--arms` and `--seeds` are `--set ablate.arms=...` and `--set ablate.seeds=...`."""
+    from ssb.config import ABLATION_ARMS
+
+    p.add_argument(
+        "--arms",
+        default=None,
+        metavar="ARM,...",
+        help=f"comma-separated subset of {','.join(ABLATION_ARMS)} (default: ablate.arms)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (ablate.seeds)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssb",
@@ -114,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, _) in STAGES.items():
-        _add_common(sub.add_parser(name, help=help_text, description=help_text))
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(stage_parser)
+        if name == "ablate":
+            _add_ablate_options(stage_parser)
     _add_common(
         sub.add_parser(
             "run",
@@ -202,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
+    if getattr(args, "arms", None) is not None:
+        args.overrides = [*args.overrides, f"ablate.arms=[{args.arms}]"]
+    if getattr(args, "seeds", None) is not None:
+        args.overrides = [*args.overrides, f"ablate.seeds={args.seeds}"]
     run_dir = getattr(args, "run_dir", None)
     existing = Path(run_dir) / "config.yaml" if run_dir else None
     if args.preset is None and args.config is None and existing is not None and existing.exists():

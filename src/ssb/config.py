@@ -218,6 +218,30 @@ class EvalConfig:
     scoring: str = "math-verify"  # math-verify | reference
 
 
+# The arms of `ssb ablate` (ssb.ablation.arms defines each), in report order.
+ABLATION_ARMS = ("ssb", "sft", "rft", "onpolicy", "grpo")
+
+
+@dataclass
+class AblateConfig:
+    """`ssb ablate`: the same problems through SSB and its rivals, each with several seeds, on
+    one LoRA budget (train.lora) and one number of optimizer steps (ssb.ablation.arms)."""
+
+    arms: list[str] = field(default_factory=lambda: list(ABLATION_ARMS))
+    seeds: int = 2  # trainings per arm: seeds cfg.seed, cfg.seed + 1, ... (LoRA init, data order)
+    # More teacher contexts for the ssb arm ("ssb.<context>" arms): each gets its own bootstrap
+    # and targets on the run's rollouts; bootstrap.teacher_context is the plain "ssb" arm.
+    teacher_contexts: list[str] = field(default_factory=list)
+    # Optimizer steps of every arm; None: the ssb arm's own, ceil(train.epochs * pairs /
+    # (train.batch_size * train.grad_accum)).
+    steps: int | None = None
+    # rft: the distinct correct rollouts kept per problem (None: all of them).
+    rft_max_per_problem: int | None = None
+    # onpolicy: how the student samples its reply to each training prompt in every step.
+    onpolicy_temperature: float = 1.0
+    onpolicy_max_new_tokens: int | None = None  # None: generation.max_new_tokens
+
+
 @dataclass
 class Config:
     name: str = "ssb"
@@ -238,6 +262,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
 
 
 class ConfigError(ValueError):
@@ -475,6 +500,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if flat["train.loss.temperature"] <= 0:
         raise ConfigError("train.loss.temperature: must be > 0")
+    if cfg.train.loss.kd_weight == 0 and cfg.train.loss.ce_weight == 0:
+        raise ConfigError("train.loss: kd_weight and ce_weight are both 0; nothing would train")
     if not 0.0 <= flat["train.loss.jsd_beta"] <= 1.0:
         raise ConfigError("train.loss.jsd_beta: must be in [0, 1]")
     if flat["train.epochs"] <= 0:
@@ -488,12 +515,47 @@ def validate(cfg: Config) -> Config:
         # not the previous round's student.
         key = "rounds" if cfg.rounds > 1 else "model.adapter"
         raise ConfigError(f"{key}: needs stored targets; targets.mode=online cannot be used")
+    _validate_ablate(cfg)
     if cfg.rounds > 1 and cfg.data.max_problems is None and cfg.bootstrap.target_pairs is None:
         raise ConfigError(
             "rounds: each round needs fresh problems; set data.max_problems (problems per "
             "round) or bootstrap.target_pairs (pairs per round)"
         )
     return cfg
+
+
+def _validate_ablate(cfg: Config) -> None:
+    a = cfg.ablate
+    contexts = CHOICES["bootstrap.teacher_context"]
+    if not a.arms:
+        raise ConfigError("ablate.arms: name at least one arm")
+    for arm in a.arms:
+        if arm not in ABLATION_ARMS:
+            raise ConfigError(f"ablate.arms: {arm!r} is not one of {', '.join(ABLATION_ARMS)}")
+    for context in a.teacher_contexts:
+        if context not in contexts:
+            raise ConfigError(
+                f"ablate.teacher_contexts: {context!r} is not one of {', '.join(contexts)}"
+            )
+        if context == cfg.bootstrap.teacher_context:
+            raise ConfigError(
+                f"ablate.teacher_contexts: {context!r} is bootstrap.teacher_context, which the "
+                "ssb arm already uses"
+            )
+    for key, values in (("arms", a.arms), ("teacher_contexts", a.teacher_contexts)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"ablate.{key}: {values} names one entry twice")
+    if a.seeds <= 0:
+        raise ConfigError(f"ablate.seeds: must be > 0, got {a.seeds}")
+    for key in ("steps", "rft_max_per_problem", "onpolicy_max_new_tokens"):
+        value = getattr(a, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"ablate.{key}: must be > 0 (or null), got {value}")
+    if a.onpolicy_temperature <= 0:
+        raise ConfigError(
+            f"ablate.onpolicy_temperature: must be > 0 (the student samples), got "
+            f"{a.onpolicy_temperature}"
+        )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

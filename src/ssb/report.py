@@ -355,6 +355,9 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
     lines += _training_section(train_log, series, made["training.png"])
     lines += _eval_section(summary, made["accuracy.png"])
     lines += _rounds_section(rundir, summary)
+    from ssb.ablation.report import ablation_section
+
+    lines += ablation_section(rundir)
     lines += _stages_section(manifest)
     packages = manifest.get("packages") or {}
     if packages:

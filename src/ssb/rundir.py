@@ -288,6 +288,14 @@ class RunDir:
                     found[sub.name] = sub / "adapter"
         return found
 
+    # `ssb ablate` keeps everything under ablate/ (AblationDir).
+    @property
+    def ablate_dir(self) -> Path:
+        return self.path / "ablate"
+
+    def ablation(self) -> AblationDir:
+        return AblationDir(self.ablate_dir, run=self)
+
     @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
@@ -407,3 +415,80 @@ class RunDir:
                 + ", ".join(diffs)
                 + ". Use a new --run-dir, or --force to proceed anyway."
             )
+
+
+# --------------------------------------------------------------------------- `ssb ablate`
+
+
+class DataDir(RunDir):
+    """A run directory of its own on the run's rollouts (`run.rollouts_path`): an ablation arm's
+    training data, e.g. a teacher context's bootstrap.jsonl, pairs.jsonl and targets/, or the
+    rft arm's pairs.jsonl of correct rollouts."""
+
+    def __init__(self, path: str | Path, run: RunDir):
+        super().__init__(path, force=run.force)
+        self.run = run
+
+    @property
+    def rollouts_path(self) -> Path:
+        return self.run.rollouts_path
+
+
+class ArmDir(RunDir):
+    """One arm and seed of `ssb ablate`: trains from the pairs, targets and rollouts of `source`
+    (the run, or a DataDir) into its own adapter/, checkpoints/ and train_log.jsonl (GRPO's too:
+    its grpo_* paths are these), and marks itself finished with done.json."""
+
+    def __init__(self, path: str | Path, source: RunDir):
+        super().__init__(path, force=source.force)
+        self.source = source
+
+    @property
+    def rollouts_path(self) -> Path:
+        return self.source.rollouts_path
+
+    @property
+    def pairs_path(self) -> Path:
+        return self.source.pairs_path
+
+    @property
+    def bootstrap_log_path(self) -> Path:
+        return self.source.bootstrap_log_path
+
+    @property
+    def targets_dir(self) -> Path:
+        return self.source.targets_dir
+
+    @property
+    def grpo_dir(self) -> Path:
+        return self.path
+
+    @property
+    def done_path(self) -> Path:
+        """Written atomically once the adapter is saved: this arm and seed is never redone."""
+        return self.path / "done.json"
+
+
+class AblationDir(RunDir):
+    """<run>/ablate/: one evaluation of every arm and seed (eval/, manifest.json, plots/,
+    report.md) and summary.json; ablate/<arm>/ holds an arm's own data (a DataDir) and
+    ablate/<arm>/seed<k>/ each of its trainings (an ArmDir)."""
+
+    def __init__(self, path: str | Path, run: RunDir):
+        super().__init__(path, force=run.force)
+        self.run = run
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    def arm_data(self, arm: str) -> DataDir:
+        return DataDir(self.path / arm, run=self.run)
+
+    def arm_dir(self, arm: str, seed: int, source: RunDir) -> ArmDir:
+        return ArmDir(self.path / arm / f"seed{seed}", source)
+
+    @staticmethod
+    def model_name(arm: str, seed: int) -> str:
+        """The name evaluation gives an arm's model of one seed."""
+        return f"{arm}-seed{seed}"

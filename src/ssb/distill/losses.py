@@ -354,12 +354,13 @@ def normalise(loss_sum: Tensor, num_items_in_step: int | Tensor, world_size: int
 def _validate(
     student_hidden: Tensor,
     lm_head_weight: Tensor,
-    targets: Mapping[str, Tensor],
+    targets: Mapping[str, Tensor] | None,
     labels: Tensor | None,
     mode: str,
     tau: float,
     kind: str,
     beta: float,
+    kd_weight: float,
     ce_weight: float,
     chunk_size: int,
 ) -> None:
@@ -377,11 +378,18 @@ def _validate(
             f"hidden size mismatch: student_hidden {tuple(student_hidden.shape)}, "
             f"lm_head_weight {tuple(lm_head_weight.shape)}"
         )
-    missing = [key for key in TARGET_KEYS[mode] if key not in targets]
+    if targets is None:
+        if kd_weight != 0 or labels is None:
+            raise ValueError("no teacher targets: only the CE term (kd_weight 0, labels) can train")
+        targets = {}
+        mode_keys: tuple[str, ...] = ()
+    else:
+        mode_keys = TARGET_KEYS[mode]
+    missing = [key for key in mode_keys if key not in targets]
     if missing:
         raise ValueError(f"mode {mode!r} needs targets {TARGET_KEYS[mode]}, missing {missing}")
     n = student_hidden.shape[0]
-    for key in TARGET_KEYS[mode]:
+    for key in mode_keys:
         if targets[key].shape[0] != n:
             raise ValueError(f"targets[{key!r}] has {targets[key].shape[0]} rows, expected {n}")
     if labels is not None and labels.shape != (n,):
@@ -393,7 +401,7 @@ def _validate(
 def chunked_kd_loss(
     student_hidden: Tensor,
     lm_head_weight: Tensor,
-    targets: Mapping[str, Tensor],
+    targets: Mapping[str, Tensor] | None,
     labels: Tensor | None = None,
     *,
     mode: str,
@@ -417,7 +425,8 @@ def chunked_kd_loss(
         targets: by ``mode`` (:data:`TARGET_KEYS`), first dim N, same names as the target store:
             ``dense``: ``logp`` ``(N, V)`` at ``tau``; ``topk``: ``ids`` ``(N, k)`` int,
             ``logp`` ``(N, k)`` at ``tau``, ``tail`` ``(N,)`` at ``tau``; ``hidden``: ``hidden``
-            ``(N, H)`` teacher final hidden states.
+            ``(N, H)`` teacher final hidden states. None: no teacher at all (supervised
+            fine-tuning on hard labels): needs ``kd_weight == 0`` and ``labels``; KD is 0.
         labels: ``(N,)`` reply token ids, for CE at temperature 1. Required when ``ce_weight != 0``;
             when given with ``ce_weight == 0`` CE is still computed for logging (``ce_sum``).
         mode, tau, kind, beta: target form, temperature, divergence (see :func:`divergence`).
@@ -449,10 +458,11 @@ def chunked_kd_loss(
         tau,
         kind,
         beta,
+        kd_weight,
         ce_weight,
         chunk_size,
     )
-    keys = TARGET_KEYS[mode]
+    keys = TARGET_KEYS[mode] if targets is not None else ()
     n = student_hidden.shape[0]
     scale = tau * tau if tau_squared else 1.0
 
@@ -460,7 +470,9 @@ def chunked_kd_loss(
         h: Tensor, weight: Tensor, bias: Tensor | None, lab: Tensor | None, *tgt: Tensor
     ) -> Tensor:
         logits = project_logits(h, weight, bias, logit_softcap)
-        if mode == "dense":
+        if not tgt and targets is None:  # hard labels only: no teacher
+            kd = logits.new_zeros(logits.shape[0])
+        elif mode == "dense":
             kd = dense_token_divergence(logits, tgt[0], tau, kind, beta)
         elif mode == "topk":
             kd = topk_token_divergence(logits, tgt[0], tgt[1], tgt[2], tau, kind, beta)

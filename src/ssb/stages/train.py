@@ -88,6 +88,8 @@ class DistillCollator:
     pad_id: int
     mode: str
     reader: TargetReader | None = None
+    # Supervised fine-tuning on the replies (train.loss.kd_weight 0): no teacher targets at all.
+    hard_labels: bool = False
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
         seqs = [student_sequence(p) for p in pairs]
@@ -109,6 +111,8 @@ class DistillCollator:
             # prompt): run once per batch when the trainer can (`can_share_prefix`).
             "shared_prefix": shared_prompt_prefix(full, [len(prompt) for prompt, _ in seqs]),
         }
+        if self.hard_labels:
+            return batch
         if not TARGET_MODES[self.mode].stored:  # the teacher runs in the step
             tseqs = [teacher_sequence(p) for p in pairs]
             t_ids, t_mask = right_pad([prompt + reply for prompt, reply in tseqs], self.pad_id)
@@ -161,7 +165,9 @@ def distillation_loss(
         model, inputs["input_ids"], inputs["attention_mask"], shared_prefix=prefix
     )
     head = output_head(model)
-    if not TARGET_MODES[target_mode].stored:
+    if not uses_teacher(lc):
+        targets, mode = None, TARGET_MODES[target_mode].loss_mode
+    elif not TARGET_MODES[target_mode].stored:
         targets = {"hidden": online_teacher_rows(model, inputs)}
         mode = TARGET_MODES[target_mode].loss_mode
     else:
@@ -184,6 +190,12 @@ def distillation_loss(
         logit_softcap=head.softcap,
         lm_head_bias=head.bias,
     )
+
+
+def uses_teacher(loss_config: LossConfig) -> bool:
+    """kd_weight 0 is supervised fine-tuning on the replies (hard labels, CE only): no teacher
+    targets are read, stored or computed."""
+    return loss_config.kd_weight != 0
 
 
 @torch.no_grad()
@@ -394,6 +406,7 @@ def make_trainer(
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         mode=cfg.targets.mode,
         reader=reader,
+        hard_labels=not uses_teacher(cfg.train.loss),
     )
     trainer = SSBTrainer(
         model=model,
@@ -435,7 +448,11 @@ def student_model(cfg: Config, base_model: Any) -> Any:
     return model
 
 
-def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+def run_train(
+    cfg: Config, rundir: RunDir, progress: bool = True, **overrides: Any
+) -> dict[str, Any]:
+    """Train the student on `rundir`'s pairs (and targets); `overrides` go to TrainingArguments
+    (`ssb ablate` sets `max_steps`, the one step count of all its arms)."""
     check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
     pairs = read_jsonl(rundir.pairs_path)
@@ -444,7 +461,9 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
     base = load_base(cfg, rundir)
     tokenizer = base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
-    reader = load_targets(cfg, rundir, base.model, tokenizer)
+    reader = (
+        load_targets(cfg, rundir, base.model, tokenizer) if uses_teacher(cfg.train.loss) else None
+    )
     if reader is not None:
         stored = set(reader.ids())
         missing = [p["id"] for p in pairs if p["id"] not in stored]
@@ -455,7 +474,8 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
             )
     checkpoint = last_checkpoint(rundir.checkpoints_dir)
     fingerprint_path = rundir.checkpoints_dir / FINGERPRINT_NAME
-    check_resumable(fingerprint_path, train_fingerprint(cfg), checkpoint)
+    fingerprint = {**train_fingerprint(cfg), **({"overrides": overrides} if overrides else {})}
+    check_resumable(fingerprint_path, fingerprint, checkpoint)
 
     was_training = base.model.training
     hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
@@ -463,12 +483,12 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
     try:
         # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
         # the frozen embeddings' outputs need not require grad.
-        trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress)
+        trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress, **overrides)
         if trainer.is_world_process_zero():
             if checkpoint is not None:
                 log.info("train: resuming from %s", checkpoint)
             start_log(rundir.train_log_path, checkpoint)
-            write_fingerprint(fingerprint_path, train_fingerprint(cfg))
+            write_fingerprint(fingerprint_path, fingerprint)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if trainer.is_world_process_zero():
             save_adapter_atomically(model, rundir.adapter_dir)

@@ -1,0 +1,200 @@
+"""The ablation's report: `ablate/report.md`, `ablate/plots/training.png` (every arm's training
+dynamics on one figure), and the same section inside the run's report.md. Built only from
+`ablate/summary.json` and the arms' training logs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ssb.rundir import AblationDir, RunDir, atomic_write_text, read_jsonl
+
+TRAINING_PLOT = "training.png"
+
+
+def _fmt(template: str, x: float | None) -> str:
+    return "n/a" if x is None else template.format(x)
+
+
+def _pct(x: float | None) -> str:
+    return _fmt("{:.1%}", x)
+
+
+def _interval(iv: list[float] | None) -> str:
+    return "" if not iv else f"[{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]"
+
+
+def _diff(c: dict[str, Any] | None) -> str:
+    if not c or c.get("diff") is None:
+        return "n/a"
+    lo, hi = c["diff_interval"]
+    return (
+        f"{100 * c['diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+        f"{c['wins']}/{c['losses']}, p={c['mcnemar_p']:.3g}"
+    )
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return out + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None:
+    """One panel per arm: each seed's training loss against the optimizer step."""
+    from ssb.report import _figure, _save, training_series
+
+    arms = [a for a, e in summary["arms"].items() if e.get("seeds")]
+    if not arms:
+        return None
+    ncols = min(3, len(arms))
+    nrows = math.ceil(len(arms) / ncols)
+    fig = _figure(4.2 * ncols, 3.0 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(arms) :]:
+        ax.set_visible(False)
+    for ax, arm in zip(axes, arms):
+        for seed in summary["arms"][arm]["seeds"]:
+            path = ablation.path / arm / f"seed{seed}" / "train_log.jsonl"
+            series = training_series(read_jsonl(path)).get("loss")
+            if series:
+                ax.plot(*series, marker="o" if len(series[0]) < 30 else None, ms=2, label=seed)
+        kind = summary["arms"][arm]["kind"]
+        ax.set_title(arm if kind == arm else f"{arm} ({kind})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(title="seed", fontsize=7)
+    path = ablation.plots_dir / TRAINING_PLOT
+    _save(fig, path)
+    return path
+
+
+def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##") -> list[str]:
+    """The report section (markdown lines) for an ablation summary."""
+    from ssb.stages.evaluate import bench_slug
+
+    settings = summary.get("settings") or {}
+    metric = settings.get("metric", "accuracy")
+    lines = [
+        f"{level} Ablation: what makes SSB work",
+        "",
+        f"Equal budget: {summary['equal_budget']}. Seeds: {summary['seeds']}. Evaluation: "
+        f"{metric}, scoring {settings.get('scoring')}, the same held-out problems for every model.",
+        "",
+    ]
+    for bench in summary["benchmarks"]:
+        base = summary["base"].get(bench) or {}
+        lines += [
+            f"{level}# {bench_slug(bench)}",
+            "",
+            f"Base: {_pct(base.get('accuracy'))} {_interval(base.get('interval'))} "
+            f"(n = {base.get('n')}). Across seeds: mean ± sample sd [min, max] of the seeds' "
+            "accuracies; pooled: each problem's score averaged over the seeds, paired "
+            "(difference [95% bootstrap], wins/losses, p of the sign test).",
+            "",
+        ]
+        rows = []
+        for arm, entry in summary["arms"].items():
+            across = entry["across_seeds"].get(bench)
+            per_seed = "; ".join(
+                f"{seed}: {_pct(s['results'][bench]['accuracy'])} "
+                f"{_interval(s['results'][bench]['interval'])}"
+                for seed, s in entry["seeds"].items()
+                if bench in s["results"]
+            )
+            if across is None:
+                rows.append([arm, entry.get("skipped") or "not evaluated", "", "", ""])
+                continue
+            rows.append(
+                [
+                    arm,
+                    per_seed,
+                    f"{_pct(across['mean'])} ± {100 * across['std']:.1f} "
+                    f"[{_pct(across['min'])}, {_pct(across['max'])}]",
+                    _diff(across.get("pooled_vs_base")),
+                    _diff(across.get("pooled_vs_ssb")),
+                ]
+            )
+        header = [
+            "arm",
+            f"{metric} per seed [95%]",
+            "across seeds",
+            "pooled vs base",
+            "pooled vs ssb",
+        ]
+        lines += _table(header, rows) + [""]
+        rows = []
+        for arm, entry in summary["arms"].items():
+            for seed, s in entry["seeds"].items():
+                r = s["results"].get(bench)
+                if r:
+                    rows.append([arm, seed, _diff(r.get("vs_base")), _diff(r.get("vs_ssb"))])
+        lines += [
+            "Per seed, paired (difference [95% bootstrap], wins/losses, exact McNemar p):",
+            "",
+        ]
+        lines += _table(["arm", "seed", "vs base", "vs ssb (same seed)"], rows) + [""]
+    rows = []
+    for arm, entry in summary["arms"].items():
+        cost = entry.get("cost") or {}
+        data = entry.get("data") or {}
+        yield_ = data.get("pair_yield")
+        rows.append(
+            [
+                arm,
+                str(data.get("examples", "n/a")),
+                _pct(yield_) if yield_ is not None else "",
+                _fmt("{:.0f}", cost.get("train_seconds_mean")),
+                _fmt("{:.0f}", cost.get("generated_tokens_mean")),
+                _fmt("{:.0f}", cost.get("teacher_forwards_mean")),
+                (cost.get("data") or {}).get("stages", ""),
+                _fmt("{:.0f}", (cost.get("data") or {}).get("seconds")),
+            ]
+        )
+    lines += [
+        f"{level}# Training cost",
+        "",
+        "Per seed (mean): wall time, tokens generated and teacher forward passes during training. "
+        "Data: the stages that made the arm's training data (done once, shared by its seeds) "
+        "and their wall time. Pair yield: pairs kept per mixed problem sent to the teacher.",
+        "",
+    ]
+    header = [
+        "arm",
+        "examples",
+        "pair yield",
+        "train s",
+        "generated tokens",
+        "teacher forwards",
+        "data stages",
+        "data s",
+    ]
+    lines += _table(header, rows) + [""]
+    if plot:
+        lines += [f"![training dynamics of every arm]({plot})", ""]
+    return lines
+
+
+def write_ablation_report(ablation: AblationDir) -> Path:
+    summary = json.loads(ablation.summary_path.read_text())
+    plot = plot_training(ablation, summary)
+    relative = f"plots/{TRAINING_PLOT}" if plot else None
+    lines = ablation_lines(summary, relative, level="#")
+    atomic_write_text(ablation.report_path, "\n".join(lines).rstrip() + "\n")
+    return ablation.report_path
+
+
+def ablation_section(rundir: RunDir) -> list[str]:
+    """The run report's section (empty when `ssb ablate` has not written a summary)."""
+    ablation = rundir.ablation()
+    if not ablation.summary_path.exists():
+        return []
+    try:
+        summary = json.loads(ablation.summary_path.read_text())
+    except json.JSONDecodeError:
+        return []
+    plot = ablation.plots_dir / TRAINING_PLOT
+    relative = str(plot.relative_to(rundir.path)) if plot.exists() else None
+    return ablation_lines(summary, relative)
