@@ -319,6 +319,43 @@ PRESETS: dict[str, dict[str, Any]] = {
             "save_steps": 4,
         },
     },
+    # `ssb ablate` on the embedded gemma-3-270m, sized for 2 CPU cores: >= 100 pairs, every arm
+    # with 2 seeds, 300 held-out problems (the sizing arithmetic is in the README's "Ablations").
+    "ablation-cpu": {
+        "name": "ablation-cpu",
+        "model": {"name": "embedded", "dtype": "auto"},
+        # The quickstart keeps ~1 pair per 4 problems (32-35 of 128): 448 problems for >= 100.
+        "data": {"train": "synthetic", "max_problems": 448, "synthetic": {"difficulty": 1}},
+        "prompt": {"format": "fewshot", "num_fewshot": 6},
+        "generation": {"batch_size": 32, "max_new_tokens": 48},
+        "rollout": {"num_samples": 4, "temperature": 0.5},
+        "bootstrap": {"temperature": 0.4, "attempts": 2},
+        "targets": {"mode": "hidden", "batch_size": 4},
+        # One epoch over the pairs: S = ceil(pairs / 4) optimizer steps for every arm.
+        "train": {
+            "lora": {"r": 16, "alpha": 32},
+            "epochs": 1,
+            "batch_size": 4,
+            "learning_rate": 5e-5,
+            "save_steps": 10,
+        },
+        "eval": {"benchmarks": ["synthetic"], "max_problems": 300},
+        # A group of 4 (not the quickstart's 8): GRPO's TRL generation dominates the study's time.
+        "grpo": {
+            "num_generations": 4,
+            "batch_size": 1,
+            "learning_rate": 1e-4,
+            "temperature": 1.0,
+            "max_completion_length": 32,
+            "save_steps": 10,
+        },
+        # The student samples at the rollouts' temperature: at 1.0 a 270M base model rambles.
+        "ablate": {
+            "seeds": 2,
+            "teacher_contexts": ["correct_only", "gold"],
+            "onpolicy_temperature": 0.5,
+        },
+    },
     # The paper's configuration (arXiv 2512.05105): Qwen2.5-3B-Instruct, GSM8K train scanned in
     # order until 256 pairs are kept.
     "paper": {

@@ -148,7 +148,8 @@ def run_ablate(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, 
                 "cost": done["cost"],
             }
     entries = ["base", *(f"{name}={path}" for name, path in models.items())]
-    evaluated = run_eval(cfg, ablation, models=entries, progress=progress)
+    with ablation.stage("eval") as evaluated:  # its wall time, summed over attempts
+        evaluated.update(run_eval(cfg, ablation, models=entries, progress=progress))
     summary = build_summary(cfg, ablation, collected, steps, costs)
     report = write_ablation_report(ablation)
     return {
