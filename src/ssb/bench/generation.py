@@ -34,7 +34,7 @@ def measure_generation(
     import torch
 
     from ssb.generate import HFGenerator, SamplingParams
-    from ssb.generate.hf import left_pad
+    from ssb.generate.batching import left_pad
     from ssb.problems import synthetic_problems
     from ssb.prompts import render_prompt_ids, reply_format, student_messages
 
