@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ssb.report import _funnel_section, _paired_cells, _table, fmt_num, pct, pct_interval
+from ssb.report.formatting import fmt_num, pct, pct_interval, table
+from ssb.report.sections import funnel_section, paired_cells
 from ssb.share import PAIR_FIELDS
 from ssb.share.facts import MODEL_LICENCES, RunFacts, data_source
 
@@ -99,9 +100,9 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
         froms = ", ".join(f"`{i.get('from')}`" for i in facts.imported)
         rows.append(["imported with `ssb import-pairs`", froms])
         rows.append(["token ids for", f"`{facts.base_model}`"])
-    body += _table(["", "value"], rows) + [""]
+    body += table(["", "value"], rows) + [""]
     if facts.funnel:
-        body += _funnel_section(facts.funnel, plot=False)  # the report's table
+        body += funnel_section(facts.funnel, plot=False)  # the report's table
     else:
         body += ["## Pipeline funnel", "", "Not known: the pairs were imported.", ""]
     body += ["## Prompts", ""] + _prompt_lines(facts)
@@ -134,7 +135,7 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
         ]
         body += ["```", "", "</details>", ""]
     body += ["## Columns", ""]
-    body += _table(["column", "content"], [[f"`{c}`", _COLUMN_DOCS[c]] for c in PAIR_FIELDS])
+    body += table(["column", "content"], [[f"`{c}`", _COLUMN_DOCS[c]] for c in PAIR_FIELDS])
     body += [
         "",
         "Token ids are for the tokenizer named in `ssb_export.json` (its vocabulary hash). "
@@ -242,9 +243,9 @@ def _eval_lines(summary: dict[str, Any]) -> list[str]:
             accuracy = f"{pct(r.get('accuracy'))} {pct_interval(r.get('interval'))}"
             cells = [fmt_num(r.get("n")), accuracy, pct(r.get("accuracy_reference"))]
             rows.append([model, bench_slug(bench), *cells])
-    lines += _table(header, rows) + [""]
+    lines += table(header, rows) + [""]
     crows = [
-        _paired_cells(f"{model} vs {c.get('vs', 'base')}", bench_slug(bench), c)
+        paired_cells(f"{model} vs {c.get('vs', 'base')}", bench_slug(bench), c)
         for model, benches in (summary.get("comparisons") or {}).items()
         for bench, c in benches.items()
     ]
@@ -255,7 +256,7 @@ def _eval_lines(summary: dict[str, Any]) -> list[str]:
             "",
         ]
         header = ["comparison", "benchmark", "n", "wins", "losses", "ties", "difference", "p"]
-        lines += _table(header, crows) + [""]
+        lines += table(header, crows) + [""]
     return lines
 
 
@@ -329,7 +330,7 @@ def model_card(
     ):
         if facts.train.get(key) is not None:
             rows.append([label, fmt_num(facts.train[key])])
-    body += _table(["setting", "value"], rows) + [""]
+    body += table(["setting", "value"], rows) + [""]
     body += ["## Evaluation", ""] + _eval_lines(facts.summary)
     body += (
         [
