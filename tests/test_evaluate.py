@@ -5,16 +5,10 @@ from pathlib import Path
 import pytest
 
 from ssb.config import config_from_dict
+from ssb.identity import has_adapter
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.evaluate import (
-    available_models,
-    bench_slug,
-    benchmark_result,
-    eval_settings,
-    has_adapter,
-    paired_comparison,
-    resolve_models,
-)
+from ssb.stages.eval_setup import available_models, bench_slug, eval_settings, resolve_models
+from ssb.stages.eval_summary import benchmark_result, paired_comparison
 from ssb.stats import mcnemar_exact, wilson_interval
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -131,7 +125,7 @@ def test_model_discovery(tmp_path):
 
 
 def test_scoring_helpers_harness_difference():
-    from ssb.stages.evaluate import score_sample
+    from ssb.stages.eval_setup import score_sample
 
     out = "Half of it: $\\frac12$, so the answer is \\boxed{\\frac12}."
     verdicts = score_sample(out, "\\frac{1}{2}", "math500")
@@ -207,7 +201,8 @@ def _cfg(tiny_dir, bench, **eval_overrides):
 
 
 def test_run_eval_writes_records_and_resumes(tmp_path, tiny_dir):
-    from ssb.stages.evaluate import records_path, run_eval
+    from ssb.stages.eval_setup import records_path
+    from ssb.stages.evaluate import run_eval
 
     bench = _bench_file(tmp_path)
     rd = RunDir(tmp_path / "run")
@@ -256,7 +251,8 @@ def test_run_eval_student_paired_and_base_left_plain(tmp_path, tiny_dir, tiny_ad
     import torch
 
     from ssb.stages.common import load_base
-    from ssb.stages.evaluate import records_path, run_eval
+    from ssb.stages.eval_setup import records_path
+    from ssb.stages.evaluate import run_eval
 
     bench = _bench_file(tmp_path)
     rd = RunDir(tmp_path / "run")

@@ -25,7 +25,7 @@ from ssb.prompts import render_prompt_ids, reply_format, student_messages
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages import grpo
 from ssb.stages.common import load_base
-from ssb.stages.evaluate import available_models
+from ssb.stages.eval_setup import available_models
 from ssb.stages.lora_training import last_checkpoint
 
 

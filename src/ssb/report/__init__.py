@@ -8,7 +8,7 @@ Sources (each optional; a missing one drops its section, never fails the report)
 - rollouts.jsonl, bootstrap.jsonl, pairs.jsonl: the pipeline funnel (problems -> mixed -> kept);
 - train_log.jsonl: training dynamics (loss and its parts, gradient norm, reply length, learning
   rate against step);
-- eval/summary.json (written by `ssb.stages.evaluate`): accuracy with 95% intervals, the
+- eval/summary.json (written by `ssb.stages.eval_summary`): accuracy with 95% intervals, the
   reference-harness accuracy, truncation, and the paired comparisons with base.
 
 Plots are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend

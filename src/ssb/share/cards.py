@@ -10,6 +10,7 @@ from ssb.report.formatting import fmt_num, pct, pct_interval, table
 from ssb.report.sections import funnel_section, paired_cells
 from ssb.share import PAIR_FIELDS
 from ssb.share.facts import MODEL_LICENCES, RunFacts, data_source
+from ssb.stages.eval_setup import bench_slug
 
 PAPER = "https://arxiv.org/abs/2512.05105"
 TAGS = ["ssb", "semantic-soft-bootstrapping", "distillation", "math", "reasoning"]
@@ -199,7 +200,6 @@ def _eval_results(facts: RunFacts, model: str) -> list[Any]:
     from huggingface_hub import EvalResult
 
     from ssb.problems import HUB_DATASETS
-    from ssb.stages.evaluate import bench_slug
 
     settings = facts.summary.get("settings") or {}
     metric = f"{settings.get('metric', 'accuracy')} ({settings.get('scoring', '')})"
@@ -222,8 +222,6 @@ def _eval_results(facts: RunFacts, model: str) -> list[Any]:
 
 
 def _eval_lines(summary: dict[str, Any]) -> list[str]:
-    from ssb.stages.evaluate import bench_slug
-
     results = summary.get("results") or {}
     if not results:
         return ["Not evaluated: run `ssb eval` before exporting to get this table.", ""]
