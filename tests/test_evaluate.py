@@ -36,13 +36,17 @@ def test_eval_settings_greedy_sampled_and_reference():
     greedy = eval_settings(config_from_dict({}))
     assert greedy["greedy"] and greedy["num_samples"] == 1 and greedy["metric"] == "pass@1"
     assert greedy["temperature"] == 0.0 and greedy["max_new_tokens"] == 512
-    sampled = eval_settings(config_from_dict({"eval": {"num_samples": 4, "temperature": 0.7}}))
+    sampled = eval_settings(
+        config_from_dict({"eval": {"num_samples": 4, "sampling": {"temperature": 0.7}}})
+    )
     assert not sampled["greedy"] and sampled["num_samples"] == 4
     assert sampled["metric"] == "avg@4" and sampled["temperature"] == 0.7
     ref = eval_settings(config_from_dict({"eval": {"scoring": "reference", "num_samples": 4}}))
     assert ref["greedy"] and ref["num_samples"] == 1 and ref["max_new_tokens"] == 1024
     # Greedy with n > 1 would be n copies of one sample.
-    zero = eval_settings(config_from_dict({"eval": {"num_samples": 4, "temperature": 0.0}}))
+    zero = eval_settings(
+        config_from_dict({"eval": {"num_samples": 4, "sampling": {"temperature": 0.0}}})
+    )
     assert zero["num_samples"] == 1 and zero["metric"] == "pass@1"
 
 
@@ -257,7 +261,7 @@ def test_run_eval_student_paired_and_base_left_plain(tmp_path, tiny_dir, tiny_ad
     bench = _bench_file(tmp_path)
     rd = RunDir(tmp_path / "run")
     shutil.copytree(tiny_adapter, rd.adapter_dir)
-    cfg = _cfg(tiny_dir, bench, num_samples=2, temperature=1.0, top_p=1.0)
+    cfg = _cfg(tiny_dir, bench, num_samples=2, sampling={"temperature": 1.0, "top_p": 1.0})
     base = load_base(cfg)
     probe = torch.tensor([base.tokenizer.encode("Question: 1 + 1")])
     with torch.no_grad():

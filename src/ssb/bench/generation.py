@@ -45,10 +45,8 @@ def measure_generation(
         render_prompt_ids(tokenizer, student_messages(p, cfg.prompt), cfg.prompt) for p in problems
     ]
     max_new = sizes["max_new_tokens"] or cfg.generation.max_new_tokens
-    params = SamplingParams(
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
+    params = SamplingParams.of(
+        cfg.rollout.sampling,
         max_new_tokens=max_new,
         stop_strings=list(rf.stop_strings),
         seed=cfg.seed,

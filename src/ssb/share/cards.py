@@ -113,10 +113,10 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
     else:
         body += [
             f"- teacher context: `{b.teacher_context}`; teacher sampling: temperature "
-            f"{b.temperature}, top-k {b.top_k}, top-p {b.top_p}; {b.attempts} attempt(s) per "
+            f"{b.sampling.temperature}, top-k {b.sampling.top_k}, top-p {b.sampling.top_p}; {b.attempts} attempt(s) per "
             "problem",
             f"- rollouts: K={facts.cfg.rollout.num_samples} at temperature "
-            f"{facts.cfg.rollout.temperature}",
+            f"{facts.cfg.rollout.sampling.temperature}",
             "",
         ]
     if facts.pairs:

@@ -120,13 +120,14 @@ def eval_settings(cfg: Config) -> dict[str, Any]:
     if e.scoring not in SCORINGS:
         raise ValueError(f"eval.scoring: {e.scoring!r} is not one of {', '.join(SCORINGS)}")
     if e.scoring == "reference":
-        n, temperature, top_p = 1, 0.0, 1.0
+        n, temperature, top_p, top_k = 1, 0.0, 1.0, 0
         max_new_tokens = REFERENCE_MAX_NEW_TOKENS
     elif e.num_samples == 1:
-        n, temperature, top_p = 1, 0.0, 1.0
+        n, temperature, top_p, top_k = 1, 0.0, 1.0, 0
         max_new_tokens = cfg.generation.max_new_tokens
     else:
-        n, temperature, top_p = e.num_samples, e.temperature, e.top_p
+        s = e.sampling
+        n, temperature, top_p, top_k = e.num_samples, s.temperature, s.top_p, s.top_k
         max_new_tokens = cfg.generation.max_new_tokens
     greedy = temperature == 0.0
     if greedy:
@@ -137,6 +138,7 @@ def eval_settings(cfg: Config) -> dict[str, Any]:
         "num_samples": n,
         "temperature": temperature,
         "top_p": top_p,
+        "top_k": top_k,
         "max_new_tokens": max_new_tokens,
         "metric": "pass@1" if n == 1 else f"avg@{n}",
     }

@@ -140,7 +140,8 @@ def write_summary(
 
     Schema::
 
-        {"settings": {scoring, greedy, num_samples, temperature, top_p, max_new_tokens, metric},
+        {"settings": {scoring, greedy, num_samples, temperature, top_p, top_k, max_new_tokens,
+                      metric},
          "models": {name: {"adapter": path | null, "adapter_hash": str | null}},
          "benchmarks": {bench: {"n_problems": int, "file_slug": str}},
          "results": {model: {bench: {n, num_samples, metric, scoring,

@@ -5,8 +5,7 @@ Models are names mapped to adapter directories: ``base`` (no adapter), ``student
 ``grpo/adapter``); ``name=path`` evaluates an adapter anywhere. Every model sees the hint-free
 prompt that rollouts and training use (`render_prompt_ids(tokenizer, student_messages(...))`).
 
-Sampling: greedy pass@1 when ``eval.num_samples == 1``, else avg@k with ``eval.temperature`` /
-``eval.top_p``. ``eval.scoring = "reference"`` reproduces the paper's harness (greedy, 1,024 new
+Sampling: greedy pass@1 when ``eval.num_samples == 1``, else avg@k with ``eval.sampling``. ``eval.scoring = "reference"`` reproduces the paper's harness (greedy, 1,024 new
 tokens, literal-substring matching, see `grading.reference_grade`). Both verdicts (math-verify
 and reference) are stored for every sample whatever the scoring mode, so a report can show how
 much the harness alone moves a score.
@@ -160,7 +159,7 @@ def run_eval(
                     params = SamplingParams(
                         temperature=settings["temperature"],
                         top_p=settings["top_p"],
-                        top_k=0,
+                        top_k=settings["top_k"],
                         max_new_tokens=settings["max_new_tokens"],
                         n=n,
                         stop_strings=engine.reply.stop_strings,
