@@ -252,7 +252,7 @@ def test_equal_steps_and_arm_list():
         ("ablate.teacher_contexts=[correct_and_incorrect]", "ablate.teacher_contexts"),
         ("ablate.teacher_contexts=[hints]", "ablate.teacher_contexts"),
         ("ablate.steps=0", "ablate.steps"),
-        ("ablate.onpolicy_temperature=0", "ablate.onpolicy_temperature"),
+        ("ablate.onpolicy_sampling.temperature=0", "ablate.onpolicy_sampling"),
     ],
 )
 def test_ablate_config_is_checked(override, key):

@@ -15,8 +15,9 @@ def test_paper_preset_matches_the_paper():
     assert cfg.model.name == "Qwen/Qwen2.5-3B-Instruct"
     assert cfg.data.train == "gsm8k" and cfg.data.max_problems is None
     assert cfg.bootstrap.target_pairs == 256
-    assert (cfg.rollout.num_samples, cfg.rollout.temperature, cfg.rollout.top_k) == (4, 0.8, 50)
-    assert cfg.bootstrap.temperature == 0.4
+    assert (cfg.rollout.num_samples, cfg.rollout.sampling.temperature) == (4, 0.8)
+    assert cfg.rollout.sampling.top_k == 50
+    assert cfg.bootstrap.sampling.temperature == 0.4
     lora = cfg.train.lora
     assert (lora.r, lora.alpha) == (32, 32)
     assert set(lora.target_modules) == {
@@ -46,7 +47,7 @@ def test_overrides_parse_types_and_nested_keys(tmp_path):
         preset="quickstart",
         config_file=f,
         overrides=[
-            "rollout.temperature=0.3",
+            "rollout.sampling.temperature=0.3",
             "bootstrap.target_pairs=null",
             "eval.benchmarks=gsm8k,math500",
         ],
@@ -54,7 +55,7 @@ def test_overrides_parse_types_and_nested_keys(tmp_path):
     assert cfg.rollout.num_samples == 8
     assert cfg.train.lora.r == 4
     assert cfg.train.lora.alpha == 32  # untouched sibling keeps the preset value
-    assert cfg.rollout.temperature == 0.3
+    assert cfg.rollout.sampling.temperature == 0.3
     assert cfg.bootstrap.target_pairs is None
     assert cfg.eval.benchmarks == ["gsm8k", "math500"]
 
@@ -85,3 +86,46 @@ def test_unknown_preset_and_bad_file(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(config_file=bad)
+
+
+def test_every_sampling_section_has_one_sampling_type_with_its_own_defaults():
+    from ssb.config import SAMPLING_SECTIONS, SamplingConfig
+
+    cfg = Config()
+    got = {s: getattr(cfg, s).sampling for s in SAMPLING_SECTIONS}
+    assert all(isinstance(s, SamplingConfig) for s in got.values())
+    assert got["rollout"] == SamplingConfig(temperature=0.8, top_p=1.0, top_k=50)
+    assert got["bootstrap"] == SamplingConfig(temperature=0.4, top_p=1.0, top_k=50)
+    assert got["grpo"] == SamplingConfig(temperature=1.0, top_p=1.0, top_k=0)
+    assert got["eval"] == SamplingConfig(temperature=0.6, top_p=0.95, top_k=0)
+    # A partial override keeps the section's other defaults, not the type's.
+    cfg = load_config(overrides=["bootstrap.sampling.top_p=0.9"])
+    assert cfg.bootstrap.sampling == SamplingConfig(temperature=0.4, top_p=0.9, top_k=50)
+
+
+@pytest.mark.parametrize("section", ["rollout", "bootstrap", "grpo", "eval"])
+@pytest.mark.parametrize(
+    "key,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1)]
+)
+def test_sampling_values_are_checked_in_every_section(section, key, value):
+    with pytest.raises(ConfigError, match=rf"{section}\.sampling\.{key}"):
+        load_config(overrides=[f"{section}.sampling.{key}={value}"])
+
+
+def test_sampling_keys_of_older_configs_still_load(tmp_path, caplog):
+    """Configs (and run directories) written when the trio sat directly in each section."""
+    old = tmp_path / "old.yaml"
+    old.write_text("rollout: {temperature: 0.3, top_k: 20}\neval: {top_p: 0.9}\n")
+    with caplog.at_level("WARNING", logger="ssb"):
+        cfg = load_config(config_file=old)
+    assert (cfg.rollout.sampling.temperature, cfg.rollout.sampling.top_k) == (0.3, 20)
+    assert cfg.eval.sampling.top_p == 0.9 and cfg.eval.sampling.temperature == 0.6
+    assert "rollout.temperature is now rollout.sampling.temperature" in caplog.text
+    # A later layer wins whichever spelling each uses.
+    cfg = load_config(config_file=old, overrides=["rollout.sampling.temperature=0.7"])
+    assert cfg.rollout.sampling.temperature == 0.7
+    cfg = load_config(preset="quickstart", overrides=["rollout.temperature=0.2"])
+    assert cfg.rollout.sampling.temperature == 0.2
+    # Both spellings in one layer must agree.
+    with pytest.raises(ConfigError, match="rollout.temperature and rollout.sampling.temperature"):
+        config_from_dict({"rollout": {"temperature": 0.3, "sampling": {"temperature": 0.5}}})

@@ -80,7 +80,8 @@ def test_eval_drops_the_transformers_model_then_starts_one_engine_for_all_models
     """The order `ssb run` needs on a GPU: the model an earlier stage (train) left loaded is
     gone and CUDA's cache emptied before the engine starts; one engine evaluates base, student
     and GRPO; it is shut down, and the cache emptied again, when eval ends."""
-    from ssb.stages.evaluate import records_path, run_eval
+    from ssb.stages.eval_setup import records_path
+    from ssb.stages.evaluate import run_eval
 
     bench = _bench(tmp_path)
     cfg = tiny_config(tiny_dir, f"eval.benchmarks=[{bench}]", "generation.max_new_tokens=6")

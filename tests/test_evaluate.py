@@ -5,16 +5,10 @@ from pathlib import Path
 import pytest
 
 from ssb.config import config_from_dict
+from ssb.identity import has_adapter
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.evaluate import (
-    available_models,
-    bench_slug,
-    benchmark_result,
-    eval_settings,
-    has_adapter,
-    paired_comparison,
-    resolve_models,
-)
+from ssb.stages.eval_setup import available_models, bench_slug, eval_settings, resolve_models
+from ssb.stages.eval_summary import benchmark_result, paired_comparison
 from ssb.stats import mcnemar_exact, wilson_interval
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,13 +36,17 @@ def test_eval_settings_greedy_sampled_and_reference():
     greedy = eval_settings(config_from_dict({}))
     assert greedy["greedy"] and greedy["num_samples"] == 1 and greedy["metric"] == "pass@1"
     assert greedy["temperature"] == 0.0 and greedy["max_new_tokens"] == 512
-    sampled = eval_settings(config_from_dict({"eval": {"num_samples": 4, "temperature": 0.7}}))
+    sampled = eval_settings(
+        config_from_dict({"eval": {"num_samples": 4, "sampling": {"temperature": 0.7}}})
+    )
     assert not sampled["greedy"] and sampled["num_samples"] == 4
     assert sampled["metric"] == "avg@4" and sampled["temperature"] == 0.7
     ref = eval_settings(config_from_dict({"eval": {"scoring": "reference", "num_samples": 4}}))
     assert ref["greedy"] and ref["num_samples"] == 1 and ref["max_new_tokens"] == 1024
     # Greedy with n > 1 would be n copies of one sample.
-    zero = eval_settings(config_from_dict({"eval": {"num_samples": 4, "temperature": 0.0}}))
+    zero = eval_settings(
+        config_from_dict({"eval": {"num_samples": 4, "sampling": {"temperature": 0.0}}})
+    )
     assert zero["num_samples"] == 1 and zero["metric"] == "pass@1"
 
 
@@ -131,7 +129,7 @@ def test_model_discovery(tmp_path):
 
 
 def test_scoring_helpers_harness_difference():
-    from ssb.stages.evaluate import score_sample
+    from ssb.stages.eval_setup import score_sample
 
     out = "Half of it: $\\frac12$, so the answer is \\boxed{\\frac12}."
     verdicts = score_sample(out, "\\frac{1}{2}", "math500")
@@ -207,7 +205,8 @@ def _cfg(tiny_dir, bench, **eval_overrides):
 
 
 def test_run_eval_writes_records_and_resumes(tmp_path, tiny_dir):
-    from ssb.stages.evaluate import records_path, run_eval
+    from ssb.stages.eval_setup import records_path
+    from ssb.stages.evaluate import run_eval
 
     bench = _bench_file(tmp_path)
     rd = RunDir(tmp_path / "run")
@@ -256,12 +255,13 @@ def test_run_eval_student_paired_and_base_left_plain(tmp_path, tiny_dir, tiny_ad
     import torch
 
     from ssb.stages.common import load_base
-    from ssb.stages.evaluate import records_path, run_eval
+    from ssb.stages.eval_setup import records_path
+    from ssb.stages.evaluate import run_eval
 
     bench = _bench_file(tmp_path)
     rd = RunDir(tmp_path / "run")
     shutil.copytree(tiny_adapter, rd.adapter_dir)
-    cfg = _cfg(tiny_dir, bench, num_samples=2, temperature=1.0, top_p=1.0)
+    cfg = _cfg(tiny_dir, bench, num_samples=2, sampling={"temperature": 1.0, "top_p": 1.0})
     base = load_base(cfg)
     probe = torch.tensor([base.tokenizer.encode("Question: 1 + 1")])
     with torch.no_grad():

@@ -25,14 +25,13 @@ from ssb.generate import (
     trim_completion,
 )
 from ssb.generate import vllm as vllm_mod
-from ssb.generate.hf import (
+from ssb.generate.batching import (
     MIN_SHARED_PREFIX,
-    CandidateSampler,
-    StopOnStrings,
     left_pad,
     pad_after_prefix,
     shared_prefix_length,
 )
+from ssb.generate.sampling import CandidateSampler, StopOnStrings
 
 CASES = [("qwen2", "chatml"), ("llama", "none"), ("gemma3", "gemma")]
 TEXTS = [
@@ -679,7 +678,7 @@ def test_own_loop_samples_from_transformers_distribution(tiny, top_k, top_p):
 def test_candidates_tie_made_by_the_temperature_is_kept():
     """Two logits that differ before dividing by the temperature but round to the same value
     after it: both are candidates when they tie with the k-th, as in transformers' order."""
-    from ssb.generate.hf import candidates
+    from ssb.generate.sampling import candidates
 
     logits = torch.full((1, 30), -4.0)
     logits[0, 0] = 2.0

@@ -25,7 +25,7 @@ from ssb.prompts import render_prompt_ids, reply_format, student_messages
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages import grpo
 from ssb.stages.common import load_base
-from ssb.stages.evaluate import available_models
+from ssb.stages.eval_setup import available_models
 from ssb.stages.lora_training import last_checkpoint
 
 
@@ -50,7 +50,7 @@ def make_cfg(model_path, *extra):
             "grpo.max_steps=2",
             "grpo.max_completion_length=12",
             "grpo.learning_rate=1e-2",
-            "grpo.temperature=1.0",
+            "grpo.sampling.temperature=1.0",
             *extra,
         ]
     )
@@ -89,7 +89,7 @@ def test_reward_funcs_grade_the_text_eval_grades(tiny):
 
 
 def test_grpo_config_checks(tiny):
-    for bad in ("grpo.num_generations=1", "grpo.max_steps=0", "grpo.temperature=0"):
+    for bad in ("grpo.num_generations=1", "grpo.max_steps=0", "grpo.sampling.temperature=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             grpo.check_grpo_config(make_cfg(tiny["none"], bad))
     paper = load_config(preset="paper").grpo

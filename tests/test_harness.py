@@ -106,7 +106,7 @@ def problems():
 @needs_data
 def test_verdicts_of_both_harnesses_on_real_problems(problems):
     from ssb.harness import harness_verdict
-    from ssb.stages.evaluate import score_sample
+    from ssb.stages.eval_setup import score_sample
 
     agree = 0
     for bench, pid, gold, output, ours, theirs, why in CASES:
@@ -141,13 +141,8 @@ def test_harness_check_command(problems, tmp_path, capsys):
     from ssb.config import load_config
     from ssb.generate.base import Completion
     from ssb.rundir import RunDir, append_jsonl
-    from ssb.stages.evaluate import (
-        eval_record,
-        eval_settings,
-        fingerprint,
-        records_path,
-        write_summary,
-    )
+    from ssb.stages.eval_setup import eval_record, eval_settings, fingerprint, records_path
+    from ssb.stages.eval_summary import write_summary
 
     cfg = load_config(overrides=[f"data.data_dir={DATA}", "eval.benchmarks=gsm8k,math500,aime24"])
     rundir = RunDir(tmp_path / "run")

@@ -124,7 +124,7 @@ def test_rollout_bootstrap_and_eval_split_over_two_processes(launch, tmp_path):
 
     proc = launch("eval", two.path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    from ssb.stages.evaluate import records_path
+    from ssb.stages.eval_setup import records_path
 
     path = records_path(one, "base", "synthetic").relative_to(one.path)
     assert read_jsonl(two.path / path) == read_jsonl(one.path / path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 import yaml
 
 from ssb.target_modes import TARGET_MODES
+
+log = logging.getLogger("ssb")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are an expert math tutor. Solve the problem step by step, "
@@ -100,18 +103,33 @@ class GenerationConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How a stage samples: one type for rollouts, the hinted teacher, GRPO's completions and
+    eval, with the same meaning on both backends (vLLM and transformers apply temperature, then
+    top-k, then top-p, and neither adds the model's own generation_config defaults)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # keep the most likely tokens holding this much probability (1 = off)
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+
+
+# The sections that sample, each with its own defaults.
+SAMPLING_SECTIONS = ("rollout", "bootstrap", "grpo", "eval")
+
+
+@dataclass
 class RolloutConfig:
     num_samples: int = 4  # K
-    temperature: float = 0.8
-    top_p: float = 1.0
-    top_k: int = 50
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.8, top_k=50)
+    )
 
 
 @dataclass
 class BootstrapConfig:
-    temperature: float = 0.4
-    top_p: float = 1.0
-    top_k: int = 50
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.4, top_k=50)
+    )
     # Stop once this many pairs are kept (None = use every mixed problem).
     target_pairs: int | None = None
     # Which rollouts the teacher sees: correct_and_incorrect (the paper) | correct_only | gold.
@@ -196,8 +214,7 @@ class GrpoConfig:
     max_grad_norm: float = 1.0
     beta: float = 0.0  # KL coefficient; 0 = no reference model (TRL default, MOTIF)
     loss_type: str = "dapo"  # TRL's: grpo | dapo | dr_grpo | bnpo | ...
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
     max_completion_length: int = 512
     # Added to the 1/0 correctness reward when the completion has a \boxed{} answer.
     format_reward_weight: float = 0.0
@@ -212,9 +229,10 @@ class GrpoConfig:
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["synthetic"])
     max_problems: int | None = 64
-    num_samples: int = 1  # 1 = greedy pass@1; >1 = avg@k with sampling
-    temperature: float = 0.6
-    top_p: float = 0.95
+    num_samples: int = 1  # 1 = greedy pass@1; >1 = avg@k with `sampling`
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95)
+    )
     scoring: str = "math-verify"  # math-verify | reference
 
 
@@ -238,7 +256,7 @@ class AblateConfig:
     # rft: the distinct correct rollouts kept per problem (None: all of them).
     rft_max_per_problem: int | None = None
     # onpolicy: how the student samples its reply to each training prompt in every step.
-    onpolicy_temperature: float = 1.0
+    onpolicy_sampling: SamplingConfig = field(default_factory=SamplingConfig)
     onpolicy_max_new_tokens: int | None = None  # None: generation.max_new_tokens
 
 
@@ -291,10 +309,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 32 rows per decode step: the 262k-row output layer costs about as much for 32 rows as
         # for 16 on a CPU (`ssb bench`, section cpu).
         "generation": {"batch_size": 32, "max_new_tokens": 48},
-        "rollout": {"num_samples": 4, "temperature": 0.5},
+        "rollout": {"num_samples": 4, "sampling": {"temperature": 0.5}},
         # A second teacher sample when the first is wrong (~2 of 3 first samples are): 18-24
         # pairs from 160 problems with one attempt, 39 with two.
-        "bootstrap": {"temperature": 0.4, "attempts": 2},
+        "bootstrap": {"sampling": {"temperature": 0.4}, "attempts": 2},
         "targets": {"mode": "hidden", "batch_size": 4},
         "train": {
             "lora": {"r": 16, "alpha": 32},
@@ -314,7 +332,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 1,
             "max_steps": 8,
             "learning_rate": 1e-4,
-            "temperature": 1.0,
+            "sampling": {"temperature": 1.0},
             "max_completion_length": 32,
             "save_steps": 4,
         },
@@ -328,8 +346,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"train": "synthetic", "max_problems": 448, "synthetic": {"difficulty": 1}},
         "prompt": {"format": "fewshot", "num_fewshot": 6},
         "generation": {"batch_size": 32, "max_new_tokens": 48},
-        "rollout": {"num_samples": 4, "temperature": 0.5},
-        "bootstrap": {"temperature": 0.4, "attempts": 2},
+        "rollout": {"num_samples": 4, "sampling": {"temperature": 0.5}},
+        "bootstrap": {"sampling": {"temperature": 0.4}, "attempts": 2},
         "targets": {"mode": "hidden", "batch_size": 4},
         # One epoch over the pairs: S = ceil(pairs / 4) optimizer steps for every arm.
         "train": {
@@ -345,7 +363,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_generations": 4,
             "batch_size": 1,
             "learning_rate": 1e-4,
-            "temperature": 1.0,
+            "sampling": {"temperature": 1.0},
             "max_completion_length": 32,
             "save_steps": 10,
         },
@@ -353,7 +371,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ablate": {
             "seeds": 2,
             "teacher_contexts": ["correct_only", "gold"],
-            "onpolicy_temperature": 0.5,
+            "onpolicy_sampling": {"temperature": 0.5},
         },
     },
     # The paper's configuration (arXiv 2512.05105): Qwen2.5-3B-Instruct, GSM8K train scanned in
@@ -365,8 +383,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"train": "gsm8k", "train_split": "train", "max_problems": None},
         "prompt": {"format": "chat"},
         "generation": {"batch_size": 64, "max_new_tokens": 2048},
-        "rollout": {"num_samples": 4, "temperature": 0.8, "top_k": 50},
-        "bootstrap": {"temperature": 0.4, "top_k": 50, "target_pairs": 256},
+        "rollout": {"num_samples": 4, "sampling": {"temperature": 0.8, "top_k": 50}},
+        "bootstrap": {"sampling": {"temperature": 0.4, "top_k": 50}, "target_pairs": 256},
         "targets": {"mode": "hidden", "batch_size": 8},
         "train": {
             "lora": {"r": 32, "alpha": 32, "dropout": 0.0},
@@ -494,6 +512,33 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _move_legacy_sampling_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`rollout.temperature` (and top_p, top_k; in every sampling section) is now spelled
+    `rollout.sampling.temperature`; configs and run directories written before keep working.
+    Applied to each layer (file, --set) before they are merged, so a later layer still wins."""
+    for section in SAMPLING_SECTIONS:
+        node = data.get(section)
+        if not isinstance(node, dict):
+            continue
+        legacy = [k for k in ("temperature", "top_p", "top_k") if k in node]
+        if not legacy:
+            continue
+        node = dict(node)
+        sampling = dict(node.get("sampling") or {})
+        for key in legacy:
+            value = node.pop(key)
+            if key in sampling and sampling[key] != value:
+                raise ConfigError(
+                    f"{section}.{key} and {section}.sampling.{key} disagree; "
+                    f"keep only {section}.sampling.{key}"
+                )
+            log.warning("config: %s.%s is now %s.sampling.%s", section, key, section, key)
+            sampling[key] = value
+        node["sampling"] = sampling
+        data = {**data, section: node}
+    return data
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in override.items():
@@ -532,9 +577,14 @@ def validate(cfg: Config) -> Config:
     for key in positive:
         if flat[key] is None or flat[key] <= 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
-    for key in ("rollout.temperature", "bootstrap.temperature", "eval.temperature"):
-        if flat[key] < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    for section in SAMPLING_SECTIONS:
+        s = getattr(cfg, section).sampling
+        if s.temperature < 0:
+            raise ConfigError(f"{section}.sampling.temperature: must be >= 0, got {s.temperature}")
+        if not 0.0 < s.top_p <= 1.0:
+            raise ConfigError(f"{section}.sampling.top_p: must be in (0, 1], got {s.top_p}")
+        if s.top_k < 0:
+            raise ConfigError(f"{section}.sampling.top_k: must be >= 0 (0 = off), got {s.top_k}")
     if flat["train.loss.temperature"] <= 0:
         raise ConfigError("train.loss.temperature: must be > 0")
     if cfg.train.loss.kd_weight == 0 and cfg.train.loss.ce_weight == 0:
@@ -588,11 +638,14 @@ def _validate_ablate(cfg: Config) -> None:
         value = getattr(a, key)
         if value is not None and value <= 0:
             raise ConfigError(f"ablate.{key}: must be > 0 (or null), got {value}")
-    if a.onpolicy_temperature <= 0:
+    s = a.onpolicy_sampling
+    if s.temperature <= 0:
         raise ConfigError(
-            f"ablate.onpolicy_temperature: must be > 0 (the student samples), got "
-            f"{a.onpolicy_temperature}"
+            f"ablate.onpolicy_sampling.temperature: must be > 0 (the student samples), got "
+            f"{s.temperature}"
         )
+    if not 0.0 < s.top_p <= 1.0 or s.top_k < 0:
+        raise ConfigError("ablate.onpolicy_sampling: top_p must be in (0, 1], top_k >= 0")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -657,14 +710,14 @@ def load_config(
             raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping")
-        data = _merge(data, loaded)
+        data = _merge(data, _move_legacy_sampling_keys(loaded))
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = _merge(data, _move_legacy_sampling_keys(parse_overrides(overrides)))
     return validate(_build(Config, data))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return validate(_build(Config, data))
+    return validate(_build(Config, _move_legacy_sampling_keys(data)))
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -121,11 +121,14 @@ def harness_verdict(output: str, gold: str, benchmark_slug: str) -> tuple[str | 
 def current_records(cfg: Any, run_path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """{model: {benchmark: records}}: the records eval/summary.json counts (made with the run's
     current settings, matched by fingerprint as `ssb eval` matches them), first per id."""
-    from ssb.rundir import RunDir, read_jsonl
-    from ssb.stages.evaluate import (
+    # ssb.harness stays light to import (the CLI reads its error type); the run's eval code loads
+    # torch, so it is imported here.
+    from ssb.rundir import RunDir
+    from ssb.stages.eval_setup import (
         available_models,
         eval_settings,
         fingerprint,
+        records_made_with,
         records_path,
     )
 
@@ -142,10 +145,7 @@ def current_records(cfg: Any, run_path: Path) -> dict[str, dict[str, list[dict[s
             continue
         fp = fingerprint(cfg, settings, models[model])
         for bench in benches:
-            by_id: dict[str, dict[str, Any]] = {}
-            for record in read_jsonl(records_path(rundir, model, bench)):
-                if record.get("fingerprint") == fp:
-                    by_id.setdefault(str(record["id"]), record)
+            by_id = records_made_with(records_path(rundir, model, bench), fp)
             if by_id:
                 out.setdefault(model, {})[bench] = list(by_id.values())
     return out
@@ -154,7 +154,7 @@ def current_records(cfg: Any, run_path: Path) -> dict[str, dict[str, list[dict[s
 def check_records(records: list[dict[str, Any]], benchmark: str) -> dict[str, Any]:
     """Both verdicts for every sample of `records`: ours (math-verify, as stored by `ssb eval`)
     and lm-eval's; counts and the samples on which they differ."""
-    from ssb.stages.evaluate import bench_slug
+    from ssb.stages.eval_setup import bench_slug  # (see current_records)
 
     slug = bench_slug(benchmark)
     counts = {"samples": 0, "agree": 0, "ours_correct": 0, "harness_correct": 0}

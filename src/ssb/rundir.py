@@ -246,7 +246,7 @@ class RunDir:
         return self.eval_dir / "summary.json"
 
     def eval_records_path(self, model: str, bench_slug: str) -> Path:
-        """One model's records on one benchmark (`ssb.stages.evaluate.bench_slug` names it)."""
+        """One model's records on one benchmark (`ssb.stages.eval_setup.bench_slug` names it)."""
         return self.eval_dir / f"{model}-{bench_slug}.jsonl"
 
     # The GRPO baseline keeps its own adapter, log and checkpoints under grpo/.

@@ -227,7 +227,7 @@ def arm_fingerprint(arm_cfg: Config, arm: Arm, steps: int) -> dict[str, Any]:
     if arm.kind == "onpolicy":
         a = arm_cfg.ablate
         out["onpolicy"] = {
-            "temperature": a.onpolicy_temperature,
+            "sampling": to_dict(a.onpolicy_sampling),
             "max_new_tokens": a.onpolicy_max_new_tokens,
         }
     return json.loads(json.dumps(out))

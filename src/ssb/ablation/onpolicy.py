@@ -4,7 +4,7 @@ privileged context (the shape of TRL's SDFT with `teacher_model_kind="base"` and
 
 Each optimizer step, for each of its `train.batch_size` pairs:
 1. the student (base + the LoRA being trained, eval mode, no gradient) samples one reply to the
-   plain prompt, at `ablate.onpolicy_temperature`, with the project's batched generator and its
+   plain prompt, with `ablate.onpolicy_sampling`, with the project's batched generator and its
    stop rules; a reply that stopped is closed with the end token, as every distilled reply is;
 2. the frozen base (the same network with the adapter switched off) scores
    `[hinted prompt || that reply]`: SSB's online teacher (`targets.mode=online`);
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers.trainer_callback import PrinterCallback
 
-from ssb.config import Config
+from ssb.config import Config, to_dict
 from ssb.distill.forward import unwrap_model
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import load_base, log, stable_seed
@@ -74,7 +74,7 @@ class ReplySampler:
     tokenizer: Any
     reply: Any  # ssb.prompts.ReplyFormat
     collator: DistillCollator
-    temperature: float
+    sampling: Any  # ssb.config.SamplingConfig
     max_new_tokens: int
     sampled_tokens: int = 0  # since the last log
     scored_replies: int = 0
@@ -92,10 +92,8 @@ class ReplySampler:
             self.tokenizer,
             self.reply.stop_token_ids,
         )
-        params = SamplingParams(
-            temperature=self.temperature,
-            top_p=1.0,
-            top_k=0,
+        params = SamplingParams.of(
+            self.sampling,
             max_new_tokens=self.max_new_tokens,
             stop_strings=self.reply.stop_strings,
             # Seeded by step and problem: a resumed run samples what an uninterrupted one would.
@@ -150,7 +148,7 @@ def onpolicy_fingerprint(cfg: Config, steps: int) -> dict[str, Any]:
     return {
         **train_fingerprint(cfg),
         "onpolicy": {
-            "temperature": a.onpolicy_temperature,
+            "sampling": to_dict(a.onpolicy_sampling),
             "max_new_tokens": a.onpolicy_max_new_tokens,
         },
         "max_steps": steps,
@@ -185,7 +183,7 @@ def run_onpolicy(cfg: Config, rundir: RunDir, steps: int, progress: bool = True)
             tokenizer,
             base.reply,
             DistillCollator(pad_id=pad, mode="online"),
-            cfg.ablate.onpolicy_temperature,
+            cfg.ablate.onpolicy_sampling,
             cfg.ablate.onpolicy_max_new_tokens or cfg.generation.max_new_tokens,
         )
         device = next(model.parameters()).device

@@ -43,14 +43,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None:
     """One panel per arm: each seed's training loss against the optimizer step."""
-    from ssb.report import _figure, _save, training_series
+    from ssb.report.data import training_series
+    from ssb.report.plots import figure, save_png
 
     arms = [a for a, e in summary["arms"].items() if e.get("seeds")]
     if not arms:
         return None
     ncols = min(3, len(arms))
     nrows = math.ceil(len(arms) / ncols)
-    fig = _figure(4.2 * ncols, 3.0 * nrows)
+    fig = figure(4.2 * ncols, 3.0 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(arms) :]:
         ax.set_visible(False)
@@ -67,13 +68,13 @@ def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None
         ax.grid(alpha=0.3)
         ax.legend(title="seed", fontsize=7)
     path = ablation.plots_dir / TRAINING_PLOT
-    _save(fig, path)
+    save_png(fig, path)
     return path
 
 
 def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##") -> list[str]:
     """The report section (markdown lines) for an ablation summary."""
-    from ssb.stages.evaluate import bench_slug
+    from ssb.stages.eval_setup import bench_slug
 
     settings = summary.get("settings") or {}
     metric = settings.get("metric", "accuracy")

@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import Config
-from ssb.rundir import AblationDir, atomic_write_json, read_jsonl
+from ssb.rundir import AblationDir, atomic_write_json
 from ssb.stages.common import stable_seed
-from ssb.stages.evaluate import (
+from ssb.stages.eval_setup import (
     VERDICT_KEYS,
     eval_settings,
     fingerprint,
-    paired_comparison,
+    records_made_with,
     records_path,
 )
+from ssb.stages.eval_summary import paired_comparison
 
 EQUAL_BUDGET = (
     "every arm: a fresh LoRA adapter with train.lora's rank, alpha and modules, {steps} optimizer "
@@ -43,11 +44,7 @@ def current_records(
 ) -> list[dict[str, Any]]:
     """A model's eval records on one benchmark made with the current settings (first per id)."""
     fp = fingerprint(cfg, eval_settings(cfg), adapter)
-    by_id: dict[str, dict[str, Any]] = {}
-    for r in read_jsonl(records_path(ablation, model, bench)):
-        if r.get("fingerprint") == fp:
-            by_id.setdefault(str(r["id"]), r)
-    return list(by_id.values())
+    return list(records_made_with(records_path(ablation, model, bench), fp).values())
 
 
 def pooled(seed_records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -113,10 +113,8 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
         render_prompt_ids(tok, student_messages(p, cfg.prompt), cfg.prompt)
         for p in load_train_problems(cfg)
     ]
-    params = SamplingParams(
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
+    params = SamplingParams.of(
+        cfg.rollout.sampling,
         max_new_tokens=sizes["max_new_tokens"] or cfg.generation.max_new_tokens,
         n=cfg.rollout.num_samples,
         stop_strings=base.reply.stop_strings,

@@ -34,7 +34,7 @@ def measure_generation(
     import torch
 
     from ssb.generate import HFGenerator, SamplingParams
-    from ssb.generate.hf import left_pad
+    from ssb.generate.batching import left_pad
     from ssb.problems import synthetic_problems
     from ssb.prompts import render_prompt_ids, reply_format, student_messages
 
@@ -45,10 +45,8 @@ def measure_generation(
         render_prompt_ids(tokenizer, student_messages(p, cfg.prompt), cfg.prompt) for p in problems
     ]
     max_new = sizes["max_new_tokens"] or cfg.generation.max_new_tokens
-    params = SamplingParams(
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
+    params = SamplingParams.of(
+        cfg.rollout.sampling,
         max_new_tokens=max_new,
         stop_strings=list(rf.stop_strings),
         seed=cfg.seed,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ssb.distill.losses import project_logits
-from ssb.generate.hf import MIN_SHARED_PREFIX, shared_prefix_length
+from ssb.generate.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from ssb.models import cache_kwarg, checkpointing_enabled
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from ssb.config import SamplingConfig
 
 
 @dataclass
@@ -51,6 +53,14 @@ class SamplingParams:
             raise ValueError(f"n must be > 0, got {self.n}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop_strings must not contain an empty string")
+
+    @classmethod
+    def of(cls, sampling: SamplingConfig, **call: Any) -> SamplingParams:
+        """A config section's `sampling` (temperature, top_p, top_k) with the call's own n,
+        max_new_tokens, stops and seeds."""
+        return cls(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, **call
+        )
 
     @property
     def greedy(self) -> bool:

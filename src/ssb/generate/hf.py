@@ -45,270 +45,36 @@ from transformers import (
     Cache,
     DynamicCache,
     GenerationConfig,
-    LogitsProcessor,
     LogitsProcessorList,
-    StoppingCriteria,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import DynamicLayer
 
 from ssb.generate.base import Completion, SamplingParams, make_completion
+from ssb.generate.batching import (
+    MIN_SHARED_PREFIX,
+    batch_seed,
+    growing_cache,
+    pad_after_prefix,
+    shared_prefix_length,
+    sliding_window,
+    transformers_model,
+)
+from ssb.generate.sampling import CandidateSampler, StopOnStrings, candidates, tail_window
 from ssb.models import cache_kwarg
-
-_SEED_STRIDE = 1_000_003
-# Shorter shared prefixes are not worth a separate forward pass.
-MIN_SHARED_PREFIX = 16
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """The torch seed used for batch `batch_index` of a call with `SamplingParams.seed`."""
-    return (seed * _SEED_STRIDE + batch_index) % (2**63 - 1)
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), left-padded to the longest prompt."""
-    return pad_after_prefix(prompts, 0, pad_token_id, device)
-
-
-def shared_prefix_length(prompts: Sequence[Sequence[int]], limit: int | None = None) -> int:
-    """Length of the longest common prefix of `prompts`, at most `limit`, and leaving every
-    prompt at least one token after it (generation needs one uncached input token per row)."""
-    limit = min(len(p) for p in prompts) - 1 if limit is None else limit
-    first = prompts[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
-
-
-def pad_after_prefix(
-    prompts: Sequence[Sequence[int]],
-    prefix_len: int,
-    pad_token_id: int,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) laid out as [shared prefix][padding][rest of the prompt]
-    (with `prefix_len` 0: plain left padding).
-
-    The prefix sits in the same columns in every row, so one KV cache serves all rows; the
-    padding is masked, and transformers derives position ids from the mask (cumsum), so every
-    real token gets the same position as in an unpadded prompt.
-    """
-    rests = [p[prefix_len:] for p in prompts]
-    width = max(len(r) for r in rests)
-    input_ids = torch.full((len(prompts), prefix_len + width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    prefix = torch.as_tensor(list(prompts[0][:prefix_len]), dtype=torch.long)
-    input_ids[:, :prefix_len] = prefix
-    attention_mask[:, :prefix_len] = 1
-    for row, rest in enumerate(rests):
-        input_ids[row, prefix_len + width - len(rest) :] = torch.as_tensor(list(rest))
-        attention_mask[row, prefix_len + width - len(rest) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def sliding_window(model) -> int | None:
-    """The smallest attention window among the model's layers, or None if every layer sees the
-    whole sequence."""
-    config = _hf_model(model).config
-    config = getattr(config, "get_text_config", lambda: config)()
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    if layer_types is None and getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
-
-
-def candidates(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, probs), each (rows, width): the tokens transformers' `do_sample` could draw with
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (in that order) and their
-    probabilities (0 for a padding column). Tie rule included: every token tied with the k-th
-    tempered logit stays a candidate.
-
-    The top-k runs on the raw logits and only the candidates are divided by the temperature:
-    dividing by a positive number keeps the order, and a tie that the division's rounding
-    creates at the k-th value is caught by the widening check below. So no vocabulary-sized
-    tensor is allocated (each one costs milliseconds on CPU for a 262k vocabulary).
-    """
-    if temperature <= 0 or top_k <= 0:
-        raise ValueError("candidates() needs temperature > 0 and top_k > 0")
-    vocab = logits.shape[-1]
-    k = min(int(top_k), vocab)
-    # Low-precision logits often tie with the k-th; 2k candidates hold the ties in practice,
-    # and a count of the ties widens the set when they do not.
-    width = min(2 * k, vocab)
-    raw, ids = logits.topk(width, dim=-1)  # sorted, largest first
-    values = raw.float() / temperature
-    kth = values[:, k - 1 : k]
-    if width < vocab and bool((values[:, -1:] >= kth).any()):
-        width = int((logits.float() / temperature >= kth).sum(dim=-1).max())
-        raw, ids = logits.topk(width, dim=-1)
-        values = raw.float() / temperature
-    values = values.masked_fill(values < kth, float("-inf"))
-    if top_p < 1.0:
-        # TopPLogitsWarper's rule on the candidates in its order: ascending by logit, ties by
-        # token id (its stable sort of the vocabulary), so tied tokens are dropped alike.
-        by_id = ids.argsort(dim=-1)
-        ids, values = ids.gather(1, by_id), values.gather(1, by_id)
-        ascending = values.argsort(dim=-1, stable=True)
-        ids, values = ids.gather(1, ascending), values.gather(1, ascending)
-        cumulative = values.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - top_p)
-        remove[:, -1] = False
-        values = values.masked_fill(remove, float("-inf"))
-    return ids, values.softmax(dim=-1)
-
-
-class CandidateSampler(LogitsProcessor):
-    """For transformers' `generate` loop: draws the next token with `candidates` and returns a
-    one-hot score row (0 for the drawn token, -inf elsewhere) for greedy decoding to pick. The
-    distribution is exactly transformers' `do_sample`; only the draw differs: it is over the
-    candidates, not the whole vocabulary."""
-
-    def __init__(self, temperature: float, top_k: int, top_p: float = 1.0) -> None:
-        if temperature <= 0 or top_k <= 0:
-            raise ValueError("CandidateSampler needs temperature > 0 and top_k > 0")
-        self.temperature = float(temperature)
-        self.top_k = int(top_k)
-        self.top_p = float(top_p)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        ids, probs = candidates(scores, self.temperature, self.top_k, self.top_p)
-        chosen = ids.gather(1, torch.multinomial(probs, num_samples=1))
-        one_hot = torch.full_like(scores, float("-inf"))
-        return one_hot.scatter_(1, chosen, 0.0)
-
-
-def tail_window(stop_strings: Sequence[str]) -> int:
-    """How many trailing tokens to decode to see whether a stop string just appeared: a stop
-    string of m bytes spans at most m tokens (byte-level tokens may carry a fraction of a
-    character); the slack keeps decode artefacts at the window's start away."""
-    return max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 8
-
-
-class StopOnStrings(StoppingCriteria):
-    """Marks a row done once the decoded tail of its generated tokens contains a stop string
-    (or a stop token appears); only unfinished rows are decoded, and only their last few tokens.
-    """
-
-    def __init__(
-        self,
-        tokenizer,
-        stop_strings: Sequence[str],
-        prompt_width: int,
-        stop_token_ids: Sequence[int] = (),
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.stop_strings = list(stop_strings)
-        self.prompt_width = prompt_width
-        self.window = tail_window(self.stop_strings)
-        self.stop_token_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
-        self.done: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        batch = input_ids.shape[0]
-        if self.done is None or self.done.shape[0] != batch:
-            self.done = torch.zeros(batch, dtype=torch.bool)
-        generated = input_ids[:, self.prompt_width :].cpu()
-        if len(self.stop_token_ids) and generated.shape[1]:
-            self.done |= torch.isin(generated, self.stop_token_ids).any(dim=1)
-        if self.stop_strings and generated.shape[1]:
-            rows = (~self.done).nonzero(as_tuple=True)[0].tolist()
-            if rows:
-                tails = generated[rows, -self.window :].tolist()
-                texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-                for row, text in zip(rows, texts):
-                    if any(s in text for s in self.stop_strings):
-                        self.done[row] = True
-        return self.done.clone().to(input_ids.device)
-
-
-def _hf_model(model):
-    """The transformers model under a PEFT wrapper (whose `generation_config` generate reads)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 @contextlib.contextmanager
 def _neutral_generation_config(model):
     """Hide the model's generation_config defaults during `generate` (restored afterwards)."""
-    target = _hf_model(model)
+    target = transformers_model(model)
     saved = target.generation_config
     target.generation_config = GenerationConfig()
     try:
         yield
     finally:
         target.generation_config = saved
-
-
-class GrowingLayer(DynamicLayer):
-    """A full-attention KV-cache layer with a preallocated buffer: a decode step writes its one
-    new column in place, where transformers' `DynamicLayer` concatenates (copies) the whole
-    cache every step, ~20% of a CPU decode step for gemma-3-270m at 16 rows. The keys and values
-    it returns are views of the buffer's first columns."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _view(self) -> None:
-        k, v = self._buffers
-        self.keys, self.values = k[:, :, : self.length], v[:, :, : self.length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if self._buffers is None or end > self._buffers[0].shape[-2]:
-            capacity = max(end, self.capacity)
-            grown = []
-            for old, new in zip(self._buffers or (None, None), (key_states, value_states)):
-                shape = (*new.shape[:2], capacity, new.shape[-1])
-                buffer = new.new_empty(shape)
-                if old is not None:
-                    buffer[:, :, : self.length] = old[:, :, : self.length]
-                grown.append(buffer)
-            self._buffers = (grown[0], grown[1])
-        self._buffers[0][:, :, self.length : end] = key_states
-        self._buffers[1][:, :, self.length : end] = value_states
-        self.length = end
-        self._view()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.length:
-            k, v = self._buffers
-            self._buffers = (k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
-            self._view()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.length:
-            k, v = self._buffers
-            self._buffers = (k[indices], v[indices])
-            self._view()
-
-
-def growing_cache(model, capacity: int) -> Cache:
-    """A cache of `GrowingLayer`s for every layer of `model`: only for sequences shorter than
-    any sliding window (there a sliding layer sees everything, like a full one)."""
-    config = _hf_model(model).config
-    config = getattr(config, "get_text_config", lambda: config)()
-    return Cache(layers=[GrowingLayer(capacity) for _ in range(config.num_hidden_layers)])
 
 
 LOOPS = ("ssb", "transformers")
@@ -428,7 +194,7 @@ class HFGenerator:
         batches usually share it). Not to be modified."""
         key = tuple(prefix)
         if self._prefix_memo is None or self._prefix_memo[0] != key:
-            cache = DynamicCache(config=_hf_model(self.model).config)
+            cache = DynamicCache(config=transformers_model(self.model).config)
             ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 self.model(
@@ -584,7 +350,7 @@ class HFGenerator:
         if self.window is None or longest < self.window:
             cache = growing_cache(self.model, longest)
         else:  # transformers' cache keeps a sliding layer to its window
-            cache = DynamicCache(config=_hf_model(self.model).config)
+            cache = DynamicCache(config=transformers_model(self.model).config)
         if shared:
             self._fill_prefix(cache, batch_prompts[0][:shared], len(input_ids))
         # Positions as transformers' generate derives them from the mask (padding: 1).

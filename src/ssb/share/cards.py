@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ssb.report import _funnel_section, _paired_cells, _table, fmt_num, pct, pct_interval
+from ssb.report.formatting import fmt_num, pct, pct_interval, table
+from ssb.report.sections import funnel_section, paired_cells
 from ssb.share import PAIR_FIELDS
 from ssb.share.facts import MODEL_LICENCES, RunFacts, data_source
+from ssb.stages.eval_setup import bench_slug
 
 PAPER = "https://arxiv.org/abs/2512.05105"
 TAGS = ["ssb", "semantic-soft-bootstrapping", "distillation", "math", "reasoning"]
@@ -99,9 +101,9 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
         froms = ", ".join(f"`{i.get('from')}`" for i in facts.imported)
         rows.append(["imported with `ssb import-pairs`", froms])
         rows.append(["token ids for", f"`{facts.base_model}`"])
-    body += _table(["", "value"], rows) + [""]
+    body += table(["", "value"], rows) + [""]
     if facts.funnel:
-        body += _funnel_section(facts.funnel, plot=False)  # the report's table
+        body += funnel_section(facts.funnel, plot=False)  # the report's table
     else:
         body += ["## Pipeline funnel", "", "Not known: the pairs were imported.", ""]
     body += ["## Prompts", ""] + _prompt_lines(facts)
@@ -111,10 +113,10 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
     else:
         body += [
             f"- teacher context: `{b.teacher_context}`; teacher sampling: temperature "
-            f"{b.temperature}, top-k {b.top_k}, top-p {b.top_p}; {b.attempts} attempt(s) per "
+            f"{b.sampling.temperature}, top-k {b.sampling.top_k}, top-p {b.sampling.top_p}; {b.attempts} attempt(s) per "
             "problem",
             f"- rollouts: K={facts.cfg.rollout.num_samples} at temperature "
-            f"{facts.cfg.rollout.temperature}",
+            f"{facts.cfg.rollout.sampling.temperature}",
             "",
         ]
     if facts.pairs:
@@ -134,7 +136,7 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
         ]
         body += ["```", "", "</details>", ""]
     body += ["## Columns", ""]
-    body += _table(["column", "content"], [[f"`{c}`", _COLUMN_DOCS[c]] for c in PAIR_FIELDS])
+    body += table(["column", "content"], [[f"`{c}`", _COLUMN_DOCS[c]] for c in PAIR_FIELDS])
     body += [
         "",
         "Token ids are for the tokenizer named in `ssb_export.json` (its vocabulary hash). "
@@ -198,7 +200,6 @@ def _eval_results(facts: RunFacts, model: str) -> list[Any]:
     from huggingface_hub import EvalResult
 
     from ssb.problems import HUB_DATASETS
-    from ssb.stages.evaluate import bench_slug
 
     settings = facts.summary.get("settings") or {}
     metric = f"{settings.get('metric', 'accuracy')} ({settings.get('scoring', '')})"
@@ -221,8 +222,6 @@ def _eval_results(facts: RunFacts, model: str) -> list[Any]:
 
 
 def _eval_lines(summary: dict[str, Any]) -> list[str]:
-    from ssb.stages.evaluate import bench_slug
-
     results = summary.get("results") or {}
     if not results:
         return ["Not evaluated: run `ssb eval` before exporting to get this table.", ""]
@@ -242,9 +241,9 @@ def _eval_lines(summary: dict[str, Any]) -> list[str]:
             accuracy = f"{pct(r.get('accuracy'))} {pct_interval(r.get('interval'))}"
             cells = [fmt_num(r.get("n")), accuracy, pct(r.get("accuracy_reference"))]
             rows.append([model, bench_slug(bench), *cells])
-    lines += _table(header, rows) + [""]
+    lines += table(header, rows) + [""]
     crows = [
-        _paired_cells(f"{model} vs {c.get('vs', 'base')}", bench_slug(bench), c)
+        paired_cells(f"{model} vs {c.get('vs', 'base')}", bench_slug(bench), c)
         for model, benches in (summary.get("comparisons") or {}).items()
         for bench, c in benches.items()
     ]
@@ -255,7 +254,7 @@ def _eval_lines(summary: dict[str, Any]) -> list[str]:
             "",
         ]
         header = ["comparison", "benchmark", "n", "wins", "losses", "ties", "difference", "p"]
-        lines += _table(header, crows) + [""]
+        lines += table(header, crows) + [""]
     return lines
 
 
@@ -329,7 +328,7 @@ def model_card(
     ):
         if facts.train.get(key) is not None:
             rows.append([label, fmt_num(facts.train[key])])
-    body += _table(["setting", "value"], rows) + [""]
+    body += table(["setting", "value"], rows) + [""]
     body += ["## Evaluation", ""] + _eval_lines(facts.summary)
     body += (
         [

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import Config, ConfigError, load_config
+from ssb.models import EMBEDDED_MODEL_ID
+from ssb.report.data import funnel_counts
 from ssb.rundir import RunDir, read_jsonl
 from ssb.share import IMPORTS_KEY, PAIR_FIELDS, ShareError
 
@@ -64,9 +66,6 @@ class RunFacts:
 
 def read_run_facts(rundir: RunDir) -> RunFacts:
     """Everything the export and its cards need from the run directory (nothing is written)."""
-    from ssb.models import EMBEDDED_MODEL_ID
-    from ssb.report import funnel_counts
-
     if not rundir.config_path.is_file():
         raise ShareError(f"{rundir.path} has no config.yaml: not an ssb run directory")
     try:

@@ -134,10 +134,8 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                     for r, good, bad in mixed
                 ]
                 prompts = [render_prompt_ids(engine.tokenizer, m, cfg.prompt) for m in t_msgs]
-                params = SamplingParams(
-                    temperature=bcfg.temperature,
-                    top_p=bcfg.top_p,
-                    top_k=bcfg.top_k,
+                params = SamplingParams.of(
+                    bcfg.sampling,
                     max_new_tokens=cfg.generation.max_new_tokens,
                     n=bcfg.attempts,
                     stop_strings=engine.reply.stop_strings,

@@ -261,10 +261,10 @@ def check_grpo_config(cfg: Config) -> None:
             raise ConfigError(f"grpo.{key}: must be > 0, got {getattr(g, key)!r}")
     if g.num_generations < 2:
         raise ConfigError(f"grpo.num_generations: GRPO needs >= 2, got {g.num_generations}")
-    if g.temperature <= 0:
-        raise ConfigError(f"grpo.temperature: must be > 0 (GRPO samples), got {g.temperature}")
-    if not 0 < g.top_p <= 1:
-        raise ConfigError(f"grpo.top_p: must be in (0, 1], got {g.top_p}")
+    if g.sampling.temperature <= 0:
+        raise ConfigError(
+            f"grpo.sampling.temperature: must be > 0 (GRPO samples), got {g.sampling.temperature}"
+        )
     if g.beta < 0 or g.learning_rate <= 0 or g.format_reward_weight < 0:
         raise ConfigError(
             "grpo.beta and grpo.format_reward_weight must be >= 0, grpo.learning_rate > 0"
@@ -341,9 +341,9 @@ def grpo_arguments(
         max_grad_norm=g.max_grad_norm,
         beta=g.beta,
         loss_type=g.loss_type,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=0,
+        temperature=g.sampling.temperature,
+        top_p=g.sampling.top_p,
+        top_k=g.sampling.top_k,
         max_completion_length=g.max_completion_length,
         reward_weights=[1.0, g.format_reward_weight],
         generation_kwargs=generation_kwargs,

@@ -92,10 +92,8 @@ def run_rollout(
             generation_engine(cfg, rundir, {"policy": cfg.model.adapter}) as engine,
             engine.serving("policy") as generator,
         ):
-            params = SamplingParams(
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                top_k=cfg.rollout.top_k,
+            params = SamplingParams.of(
+                cfg.rollout.sampling,
                 max_new_tokens=cfg.generation.max_new_tokens,
                 n=k,
                 stop_strings=engine.reply.stop_strings,

@@ -1,0 +1,290 @@
+"""The report's markdown sections, each a list of lines built from data the report has read
+(an empty list when its source is missing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ssb.config import lookup
+from ssb.funnel import MIXED_STATUSES, REJECT_REASONS
+from ssb.report.data import (
+    LOSS_KEYS,
+    funnel_counts,
+    is_number,
+)
+from ssb.report.formatting import fmt_num, fmt_p, pct, pct_interval, pp, pp_interval, table
+from ssb.rundir import RunDir, read_jsonl
+
+HIGHLIGHTS = (
+    ("seed", "seed"),
+    ("data.train", "training problems"),
+    ("data.max_problems", "max training problems"),
+    ("prompt.format", "prompt format"),
+    ("generation.max_new_tokens", "max new tokens"),
+    ("rollout.num_samples", "rollouts per problem (K)"),
+    ("rollout.sampling.temperature", "rollout temperature"),
+    ("bootstrap.teacher_context", "teacher context"),
+    ("bootstrap.sampling.temperature", "teacher temperature"),
+    ("bootstrap.target_pairs", "target pairs"),
+    ("targets.mode", "teacher targets"),
+    ("targets.topk", "top-k"),
+    ("train.lora.r", "LoRA r"),
+    ("train.lora.alpha", "LoRA alpha"),
+    ("train.loss.divergence", "divergence"),
+    ("train.loss.temperature", "distillation temperature"),
+    ("train.learning_rate", "learning rate"),
+    ("train.epochs", "epochs"),
+    ("train.batch_size", "batch size"),
+    ("eval.benchmarks", "eval benchmarks"),
+    ("eval.num_samples", "eval samples per problem"),
+    ("eval.scoring", "eval scoring"),
+)
+
+
+def config_has(config: dict[str, Any], dotted: str) -> bool:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def funnel_section(funnel: dict[str, Any] | None, plot: bool) -> list[str]:
+    if not funnel:
+        return []
+    lines = ["## Pipeline funnel", "", f"Counted from `{funnel['source']}`.", ""]
+    rows = []
+    if funnel.get("problems") is not None:
+        rows.append(["problems rolled out", fmt_num(funnel["problems"])])
+    if funnel.get("decided") is not None:
+        rows.append(["decided by bootstrap", fmt_num(funnel["decided"])])
+    for key in (k for k in REJECT_REASONS if k not in MIXED_STATUSES):
+        rows.append([f"- {REJECT_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
+    rows.append(["mixed (sent to the hinted teacher)", fmt_num(funnel.get("mixed"))])
+    for key in (k for k in REJECT_REASONS if k in MIXED_STATUSES):
+        rows.append([f"- {REJECT_REASONS[key]}", fmt_num(funnel["rejected"].get(key, 0))])
+    rows.append(["kept pairs", fmt_num(funnel.get("kept"))])
+    problems, decided = funnel.get("problems"), funnel.get("decided")
+    if isinstance(problems, int) and isinstance(decided, int) and problems > decided:
+        rows.append(["not decided (pair target reached)", fmt_num(problems - decided)])
+    lines += table(["step", "problems"], rows) + [""]
+    if plot:
+        lines += ["![pipeline funnel](plots/funnel.png)", ""]
+    return lines
+
+
+def training_section(
+    records: list[dict[str, Any]],
+    series: dict[str, tuple[list[float], list[float]]],
+    plot: bool,
+) -> list[str]:
+    if not series:
+        return []
+    lines = ["## Training", "", f"{len(records)} records in `train_log.jsonl`.", ""]
+    rows = []
+    for name in (*LOSS_KEYS, "grad_norm", "reply_length", "learning_rate"):
+        if name not in series:
+            continue
+        xs, ys = series[name]
+        rows.append(
+            [
+                name,
+                fmt_num(len(ys)),
+                fmt_num(xs[-1]),
+                fmt_num(ys[0]),
+                fmt_num(ys[-1]),
+                fmt_num(min(ys)),
+                fmt_num(max(ys)),
+            ]
+        )
+    lines += table(["quantity", "points", "last step", "first", "last", "min", "max"], rows)
+    lines.append("")
+    if plot:
+        lines += ["![training dynamics](plots/training.png)", ""]
+    return lines
+
+
+def eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
+    results = summary.get("results") or {}
+    if not results:
+        return []
+    settings = summary.get("settings") or {}
+    metric = settings.get("metric", "accuracy")
+    scoring = settings.get("scoring", "")
+    lines = ["## Evaluation", ""]
+    desc = [f"metric {metric}", f"scoring {scoring}"]
+    if settings.get("max_new_tokens") is not None:
+        desc.append(f"max {settings['max_new_tokens']} new tokens")
+    if settings.get("greedy") is False:
+        desc.append(f"temperature {settings.get('temperature')}, top-p {settings.get('top_p')}")
+    lines += ["From `eval/summary.json`: " + ", ".join(desc) + ".", ""]
+    rows = []
+    for model, benches in results.items():
+        for bench, r in benches.items():
+            rows.append(
+                [
+                    model,
+                    bench,
+                    fmt_num(r.get("n")),
+                    f"{pct(r.get('accuracy'))} {pct_interval(r.get('interval'))}".strip(),
+                    pct(r.get("accuracy_math_verify")),
+                    pct(r.get("accuracy_reference")),
+                    pct(r.get("truncation_rate")),
+                    "n/a"
+                    if r.get("mean_output_tokens") is None
+                    else f"{r['mean_output_tokens']:.1f}",
+                ]
+            )
+    header = [
+        "model",
+        "benchmark",
+        "n",
+        f"{metric} [95% interval]",
+        "math-verify",
+        "reference harness",
+        "truncated",
+        "mean output tokens",
+    ]
+    lines += table(header, rows) + [""]
+    comparisons = summary.get("comparisons") or {}
+    crows = []
+    for model, benches in comparisons.items():
+        for bench, c in benches.items():
+            label = f"{model} vs {c.get('vs', 'base')}"
+            crows.append([*paired_cells(label, bench, c), pp(lookup(c, "reference.diff"))])
+    if crows:
+        lines += [
+            "### Paired comparison with base (same problems)",
+            "",
+            "Wins: problems the model scores higher on than base; p: exact McNemar test on the "
+            "discordant problems (a sign test for avg@k); difference interval: paired bootstrap "
+            "over problems.",
+            "",
+        ]
+        header = [
+            "comparison",
+            "benchmark",
+            "n",
+            "wins",
+            "losses",
+            "ties",
+            "difference [95% interval]",
+            "p",
+            "difference (reference harness)",
+        ]
+        lines += table(header, crows) + [""]
+    hrows = [
+        paired_cells(f"{h['model']} vs {h['vs']}", h["benchmark"], h)
+        for h in summary.get("head_to_head") or []
+    ]
+    if hrows:
+        lines += [
+            "### Head to head (same problems)",
+            "",
+            "SSB's student against the GRPO baseline, and each iterated round against the one "
+            "before; same statistics as above.",
+            "",
+        ]
+        header = ["comparison", "benchmark", "n", "wins", "losses", "ties", "difference", "p"]
+        lines += table(header, hrows) + [""]
+    if plot:
+        lines += ["![accuracy by benchmark](plots/accuracy.png)", ""]
+    return lines
+
+
+def paired_cells(label: str, bench: str, c: dict[str, Any]) -> list[str]:
+    """A paired comparison's table cells: label, benchmark, n, wins, losses, ties, difference
+    [95% interval], p."""
+    return [
+        label,
+        bench,
+        fmt_num(c.get("n")),
+        fmt_num(c.get("wins")),
+        fmt_num(c.get("losses")),
+        fmt_num(c.get("ties")),
+        f"{pp(c.get('diff'))} {pp_interval(c.get('diff_interval'))}".strip(),
+        fmt_p(c.get("mcnemar_p")),
+    ]
+
+
+def rounds_section(rundir: RunDir, summary: dict[str, Any]) -> list[str]:
+    """Iterated SSB: per round, the problems it scanned, its pair yield, its training loss and
+    its student's accuracy (from the run's evaluation)."""
+
+    rounds = []
+    r = 1
+    while r == 1 or rundir.round(r).path.is_dir():
+        rounds.append((r, rundir.round(r)))
+        r += 1
+    if len(rounds) < 2:
+        return []
+    results = summary.get("results") or {}
+    benches = sorted({b for m in results.values() for b in m})
+    lines = [
+        "## Iterated rounds",
+        "",
+        "Round r+1 samples, teaches and scores with round r's student (base + its adapter, "
+        "unmerged) on training problems no earlier round saw, and continues training that "
+        "adapter. Yield: pairs kept per problem scanned.",
+        "",
+    ]
+    rows = []
+    for r, sub in rounds:
+        funnel = funnel_counts(sub) or {}
+        scanned = sub.read_manifest().get("problems_scanned")
+        kept = funnel.get("kept")
+        losses = [x["loss"] for x in read_jsonl(sub.train_log_path) if is_number(x.get("loss"))]
+        row = [
+            str(r),
+            f"`{sub.path.name}`" if r > 1 else "`.`",
+            fmt_num(scanned),
+            fmt_num(funnel.get("mixed")),
+            fmt_num(kept),
+            pct(kept / scanned) if scanned and kept is not None else "n/a",
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "n/a",
+        ]
+        model = RunDir.round_model_name(r)
+        for bench in benches:
+            acc = (results.get(model) or {}).get(bench, {}).get("accuracy")
+            row.append(pct(acc) if acc is not None else "not evaluated")
+        rows.append(row)
+    header = ["round", "directory", "problems", "mixed", "pairs", "yield", "KD loss"]
+    header += [f"{b} accuracy" for b in benches]
+    base = [
+        "base",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        *[pct((results.get("base") or {}).get(b, {}).get("accuracy")) for b in benches],
+    ]
+    return lines + table(header, [base, *rows]) + [""]
+
+
+def stages_section(manifest: dict[str, Any]) -> list[str]:
+    stages = manifest.get("stages") or {}
+    if not stages:
+        return []
+    rows = []
+    total = 0.0
+    for name, info in stages.items():
+        if name == "report" and isinstance(info, dict) and info.get("status") == "running":
+            continue  # this very report, being written
+        seconds = info.get("seconds") if isinstance(info, dict) else None
+        if is_number(seconds):
+            total += seconds
+        rows.append(
+            [
+                name,
+                str(info.get("status", "")) if isinstance(info, dict) else "",
+                "n/a" if not is_number(seconds) else f"{seconds:.1f}",
+                fmt_num(info.get("tokens_per_second")) if isinstance(info, dict) else "",
+            ]
+        )
+    rows.append(["total", "", f"{total:.1f}", ""])
+    lines = ["## Stages", ""]
+    lines += table(["stage", "status", "wall time (s)", "generation tokens/s"], rows) + [""]
+    return lines
