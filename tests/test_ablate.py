@@ -296,3 +296,22 @@ def test_cli_arms_and_seeds_are_config_overrides():
     )
     cfg = resolve_config(args)
     assert cfg.ablate.arms == ["sft", "rft"] and cfg.ablate.seeds == 3
+
+
+def test_hard_labels_loss_is_cross_entropy_with_no_teacher():
+    import torch
+
+    from ssb.distill.losses import chunked_kd_loss
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(7, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.randint(0, 11, (7,))
+    out = chunked_kd_loss(
+        hidden, head, None, labels, mode="hidden", tau=2.0, kd_weight=0.0, ce_weight=1.0,
+        chunk_size=3,
+    )  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(hidden @ head.T, labels, reduction="sum")
+    torch.testing.assert_close(out.loss_sum.double(), ce)
+    assert out.kd_sum == 0 and out.num_tokens == 7
+    with pytest.raises(ValueError, match="only the CE term"):
+        chunked_kd_loss(hidden, head, None, labels, mode="hidden", tau=2.0, kd_weight=1.0)
