@@ -338,7 +338,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     # `ssb ablate` on the embedded gemma-3-270m, sized for 2 CPU cores: >= 100 pairs, every arm
-    # with 2 seeds, 300 held-out problems (the sizing arithmetic is in the README's "Ablations").
+    # with 2 seeds, 300 held-out problems. Estimated ~95 min on a 2-core AVX512-BF16 EPYC (Zen 4)
+    # from the quickstart's stage figures: data 7 + ssb/sft/rft 11 + onpolicy 10 + grpo 42 +
+    # two teacher contexts 12 + eval 12 (15 models x 300 problems) minutes; arithmetic in the
+    # README's "Ablations". An AVX2-only CPU (float32) needs 2.4-4x that.
     "ablation-cpu": {
         "name": "ablation-cpu",
         "model": {"name": "embedded", "dtype": "auto"},
