@@ -17,13 +17,13 @@ from ssb.generate import HFGenerator, SamplingParams
 from ssb.identity import model_identity
 from ssb.models import (
     ModelLoadError,
-    end_of_turn_token_id,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
     resolve_source,
     set_seed,
 )
+from ssb.prompts import end_of_turn_token_id
 
 # --------------------------------------------------------------------------- tiny models
 

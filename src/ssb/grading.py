@@ -61,8 +61,8 @@ def _math_verify() -> tuple[Any, Any, tuple[Any, ...], type[BaseException]]:
     math-verify pulls in sympy (~1 s); importing it lazily keeps `import ssb.problems` and the
     CLI's --help fast.
     """
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-    from math_verify.errors import TimeoutException
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify  # noqa: PLC0415 -- start-up: math-verify loads sympy (~1 s)
+    from math_verify.errors import TimeoutException  # noqa: PLC0415 -- start-up (see above)
 
     # Both configs: LaTeX (answers are wrapped in \boxed{} below) and plain expressions
     # ("1,000", "$18", "0.5"). boxed_match_priority=0 makes the boxed content win.
@@ -161,7 +161,7 @@ def _text_is_safe(s: str) -> bool:
 
 def _plain_number(expr: Any) -> float | None:
     """abs value of an atomic sympy number (Integer/Rational/Float), else None; never evaluates."""
-    import sympy
+    import sympy  # noqa: PLC0415 -- start-up: sympy comes with math-verify, on first use
 
     if isinstance(expr, (sympy.Integer, sympy.Rational, sympy.Float)):
         try:
@@ -173,7 +173,7 @@ def _plain_number(expr: Any) -> float | None:
 
 def _expr_is_safe(value: Any) -> bool:
     """Refuse parsed values whose exact evaluation would build astronomically large numbers."""
-    import sympy
+    import sympy  # noqa: PLC0415 -- start-up: sympy comes with math-verify, on first use
 
     if not isinstance(value, sympy.Basic):
         return True

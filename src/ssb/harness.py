@@ -121,8 +121,6 @@ def harness_verdict(output: str, gold: str, benchmark_slug: str) -> tuple[str | 
 def current_records(cfg: Any, run_path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """{model: {benchmark: records}}: the records eval/summary.json counts (made with the run's
     current settings, matched by fingerprint as `ssb eval` matches them), first per id."""
-    # ssb.harness stays light to import (the CLI reads its error type); the run's eval code loads
-    # torch, so it is imported here.
     from ssb.rundir import RunDir
     from ssb.stages.eval_setup import (
         available_models,
@@ -154,7 +152,7 @@ def current_records(cfg: Any, run_path: Path) -> dict[str, dict[str, list[dict[s
 def check_records(records: list[dict[str, Any]], benchmark: str) -> dict[str, Any]:
     """Both verdicts for every sample of `records`: ours (math-verify, as stored by `ssb eval`)
     and lm-eval's; counts and the samples on which they differ."""
-    from ssb.stages.eval_setup import bench_slug  # (see current_records)
+    from ssb.stages.eval_setup import bench_slug
 
     slug = bench_slug(benchmark)
     counts = {"samples": 0, "agree": 0, "ours_correct": 0, "harness_correct": 0}

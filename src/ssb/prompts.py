@@ -16,11 +16,14 @@ Two formats:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ssb.config import PromptConfig
 from ssb.problems import Problem
+
+log = logging.getLogger("ssb")
 
 Message = dict[str, str]
 
@@ -201,8 +204,45 @@ class ReplyFormat:
     stop_strings: list[str]  # and at any of these (few-shot only)
 
 
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    for idx, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(idx))
+    return ids
+
+
+def end_of_turn_token_id(tokenizer) -> int:
+    """The token that ends an assistant reply.
+
+    With a chat template: render user "Hi" + assistant "XYZ" and take the first special token
+    after the reply (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``, ``</s>``, ...). Without a
+    template (or when the template puts no special token there): ``tokenizer.eos_token_id``.
+    """
+    marker = "XYZ"
+    if getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": marker},
+        ]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template may reject this conversation
+            log.warning("chat template could not render a test conversation: %s", exc)
+            text = None
+        if isinstance(text, str) and marker in text:
+            suffix = text[text.rindex(marker) + len(marker) :]
+            ids = tokenizer.encode(suffix, add_special_tokens=False)
+            special = _special_ids(tokenizer)
+            for tid in ids:
+                if tid in special:
+                    return int(tid)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a chat template end-of-turn token nor eos")
+    return int(tokenizer.eos_token_id)
+
+
 def reply_format(tokenizer: Any, cfg: PromptConfig) -> ReplyFormat:
-    from ssb.models import end_of_turn_token_id
 
     chat = uses_chat_template(tokenizer, cfg)
     eos = tokenizer.eos_token_id

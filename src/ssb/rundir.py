@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ssb.config import (
     Config,
     ConfigError,
@@ -279,7 +281,7 @@ class RunDir:
     def trained_adapters(self) -> dict[str, Path]:
         """name -> adapter directory of every model trained in this run: "student" (adapter/)
         and "<name>" for any direct sub-directory holding `<name>/adapter/` (grpo, round2, ...)."""
-        from ssb.identity import has_adapter
+        from ssb.identity import has_adapter  # noqa: PLC0415 -- start-up: rundir is imported by the CLI, identity loads torch
 
         found = {"student": self.adapter_dir} if has_adapter(self.adapter_dir) else {}
         if self.path.is_dir():
@@ -389,7 +391,6 @@ class RunDir:
         )
 
     def _check_compatible(self, cfg: Config) -> None:
-        import yaml
 
         try:
             old = yaml.safe_load(self.config_path.read_text()) or {}

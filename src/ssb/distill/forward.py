@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
+from torch.distributed.tensor import DTensor
+from transformers import DynamicCache
 
 from ssb.distill.losses import project_logits
 from ssb.generate.batching import MIN_SHARED_PREFIX, shared_prefix_length
@@ -34,7 +37,6 @@ class OutputHead:
 def unwrap_model(model: Any) -> Any:
     """The model inside DDP / FSDP / DeepSpeed / torch.compile wrappers (a PeftModel stays a
     PeftModel: its attribute look-ups reach the transformers model it adapts)."""
-    from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(model)
 
@@ -61,10 +63,6 @@ def full_parameter(param: torch.Tensor) -> torch.Tensor:
     root module's lm_head once the forward has resharded it), the whole tensor all-gathered and
     detached. The lm_head is frozen, so the loss needs its value, not a gradient for it. The
     gather is a collective: every rank calls this the same number of times (once per loss)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed tensors
-        return param
     if isinstance(param, DTensor):
         return param.full_tensor().detach()
     return param
@@ -101,8 +99,6 @@ def final_hidden_states(
     handle = decoder.register_forward_hook(grab)
     try:
         if shared_prefix:
-            from transformers import DynamicCache
-
             n, (rows, width) = shared_prefix, input_ids.shape
             cache = DynamicCache(config=core.config)
             kwargs.update(use_cache=True, **{cache_kwarg(core): cache})

@@ -21,6 +21,8 @@ from ssb.generate.base import (
 )
 from ssb.generate.hf import HFGenerator
 from ssb.generate.vllm import VLLMGenerator, select_backend
+from ssb.hardware import dtype_name, pick_dtype
+from ssb.models import model_location
 
 __all__ = [
     "Completion",
@@ -72,8 +74,6 @@ def make_generator(
         if adapters:
             raise ValueError("the hf generation backend generates with the model it is given")
         return HFGenerator(model, tokenizer, cfg.generation.batch_size, stop_token_ids)
-    from ssb.hardware import dtype_name, pick_dtype
-    from ssb.models import model_location
 
     adapters = dict(adapters or {})
     return VLLMGenerator(

@@ -422,7 +422,7 @@ def load_hf(
     _check_limit(limit)
     label = f"hf:{dataset_id}" + (f":{config}" if config else "")
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 -- start-up: datasets (pyarrow, pandas) loads only for hf: sources
     except ImportError as exc:  # a core dependency, but say so plainly if it is missing
         raise ProblemsError(f"loading {label} needs the `datasets` package ({exc})") from None
     try:

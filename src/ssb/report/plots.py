@@ -23,8 +23,8 @@ def save_png(fig: Any, path: Path) -> None:
 
 
 def figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 -- start-up: matplotlib loads only when a plot is drawn
+    from matplotlib.figure import Figure  # noqa: PLC0415 -- start-up (see above)
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)

@@ -46,7 +46,7 @@ class ShareError(ValueError):
 def pair_features() -> Any:
     """The `datasets.Features` of an exported pair (explicit, so a column that is null in every
     row still gets its type, and ids are stored as int32)."""
-    from datasets import Features, List, Value
+    from datasets import Features, List, Value  # noqa: PLC0415 -- start-up: the CLI imports ssb.share; datasets loads pyarrow
 
     text = Value("string")
     ids = List(Value("int32"))

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+
+from ssb.generate import max_lora_rank
+from ssb.problems import HUB_DATASETS
 from ssb.report.formatting import fmt_num, pct, pct_interval, table
 from ssb.report.sections import funnel_section, paired_cells
 from ssb.share import PAIR_FIELDS
@@ -57,7 +61,6 @@ def _reply_writer(facts: RunFacts) -> str:
 
 def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
     """The dataset card (README.md of the exported dataset)."""
-    from huggingface_hub import DatasetCard, DatasetCardData
 
     src = data_source(facts)
     writer = _reply_writer(facts)
@@ -197,9 +200,6 @@ _COLUMN_DOCS = {
 
 
 def _eval_results(facts: RunFacts, model: str) -> list[Any]:
-    from huggingface_hub import EvalResult
-
-    from ssb.problems import HUB_DATASETS
 
     settings = facts.summary.get("settings") or {}
     metric = f"{settings.get('metric', 'accuracy')} ({settings.get('scoring', '')})"
@@ -262,7 +262,6 @@ def model_card(
     facts: RunFacts, model_repo: str | None, dataset_repo: str | None, lora_rank: int
 ) -> Any:
     """The model card (README.md of the exported adapter)."""
-    from huggingface_hub import ModelCard, ModelCardData
 
     cfg, t = facts.cfg, facts.cfg.train
     title = f"{facts.name}: SSB LoRA student of {facts.base_model}"
@@ -359,7 +358,6 @@ def model_card(
 
 def _usage_lines(facts: RunFacts, model_repo: str | None, lora_rank: int) -> list[str]:
     """Loading the adapter with PEFT, and serving it as a vLLM LoRA request."""
-    from ssb.generate import max_lora_rank  # vLLM's rank sizes, as ssb's own engine uses them
 
     cfg, base = facts.cfg, facts.base_model
     adapter = model_repo or "<this folder>"

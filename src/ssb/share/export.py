@@ -20,9 +20,16 @@ import logging
 import os
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import datasets
+from huggingface_hub import HfApi, get_token
+
+from ssb.config import to_dict
+from ssb.identity import adapter_hash, has_adapter
+from ssb.models import hub_reachable
 from ssb.rundir import RunDir
 from ssb.share import (
     DATASET_DIR,
@@ -49,7 +56,6 @@ def dataset_repo_name(model_repo: str) -> str:
 def check_eval_matches_adapter(rundir: RunDir, summary: dict[str, Any]) -> None:
     """Refuse a card whose evaluation numbers belong to another adapter (trained again after
     `ssb eval`)."""
-    from ssb.identity import adapter_hash
 
     evaluated = ((summary.get("models") or {}).get("student") or {}).get("adapter_hash")
     current = adapter_hash(rundir.adapter_dir)
@@ -71,7 +77,6 @@ def export_run(
     """Write `<out>/dataset` (and `<out>/model` when the run has an adapter); with
     `push_to_hub`, upload them to the model repo `push_to_hub` and the dataset repo
     `dataset_repo` (default `<push_to_hub>-pairs`). Returns a summary."""
-    from ssb.identity import has_adapter
 
     rundir = rundir if isinstance(rundir, RunDir) else RunDir(rundir)
     out = Path(out)
@@ -135,9 +140,6 @@ def _replace_dir(new: Path, final: Path) -> None:
 def export_meta(facts: RunFacts) -> dict[str, Any]:
     """ssb_export.json: what import-pairs needs to trust the stored token ids, and the origin a
     re-export's card names."""
-    from importlib import metadata
-
-    from ssb.config import to_dict
 
     return {
         "format": EXPORT_FORMAT,
@@ -154,7 +156,6 @@ def export_meta(facts: RunFacts) -> dict[str, Any]:
 
 
 def write_dataset(facts: RunFacts, directory: Path, dataset_repo: str | None) -> None:
-    import datasets
 
     directory.mkdir(parents=True)
     rows = [{f: pair[f] for f in PAIR_FIELDS} for pair in facts.pairs]
@@ -196,7 +197,6 @@ def write_model(
 
 def hub_token() -> str:
     """The Hugging Face token (HF_TOKEN or `hf auth login`), checked before any network call."""
-    from huggingface_hub import get_token
 
     token = get_token()
     if not token:
@@ -211,9 +211,6 @@ def upload(
     out: Path, model_repo: str | None, dataset_repo: str, token: str, private: bool
 ) -> dict[str, Any]:
     """Create the repos (if missing) and upload the exported folders."""
-    from huggingface_hub import HfApi
-
-    from ssb.models import hub_reachable
 
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     kept = f"the export is in {out}; rerun with --push-to-hub to upload it"

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import Config, ConfigError, load_config
-from ssb.models import EMBEDDED_MODEL_ID
+from ssb.models import EMBEDDED_MODEL_ID, load_tokenizer
+from ssb.problems import HUB_DATASETS
+from ssb.prompts import fewshot_text, uses_chat_template
 from ssb.report.data import funnel_counts
 from ssb.rundir import RunDir, read_jsonl
 from ssb.share import IMPORTS_KEY, PAIR_FIELDS, ShareError
@@ -126,8 +128,6 @@ def _prompt_example(cfg: Any, pair: dict[str, Any]) -> tuple[bool | None, str | 
     """(chat template or not, the pair's student prompt as the text its tokenizer encodes: the
     chat template's output, or the few-shot text). Needs the run's tokenizer; when it cannot be
     loaded here (the model is not on this machine) the cards say less."""
-    from ssb.models import load_tokenizer
-    from ssb.prompts import fewshot_text, uses_chat_template
 
     try:
         tokenizer = load_tokenizer(cfg.model)
@@ -144,7 +144,6 @@ def _prompt_example(cfg: Any, pair: dict[str, Any]) -> tuple[bool | None, str | 
 def data_source(facts: RunFacts) -> dict[str, Any]:
     """Where the training problems came from and under which licence:
     {"train", "split", "licence", "note", "hub_ids"}."""
-    from ssb.problems import HUB_DATASETS
 
     if facts.imported:
         origins = [(i.get("origin") or {}).get("data") for i in facts.imported]

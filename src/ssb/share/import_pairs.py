@@ -51,7 +51,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from ssb.config import Config
+from ssb.grading import extract_boxed
+from ssb.identity import vocab_hash
+from ssb.models import load_tokenizer
+from ssb.problems import Problem
+from ssb.prompts import render_prompt_ids, reply_format, student_messages
+from ssb.records import pair_record
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.share import (
     DATASET_DIR,
@@ -64,6 +72,7 @@ from ssb.share import (
     PAIR_FIELDS,
     ShareError,
 )
+from ssb.stages.common import check_model_identity
 
 log = logging.getLogger("ssb")
 APPEND_BATCH = 256  # pairs per fsynced append: a killed import loses at most this many
@@ -93,10 +102,6 @@ def run_import_pairs(
     student_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Append the pairs at `source` to the run's pairs.jsonl; returns a summary."""
-    from ssb.identity import vocab_hash
-    from ssb.models import load_tokenizer
-    from ssb.prompts import reply_format
-    from ssb.stages.common import check_model_identity
 
     source = Path(source)
     if fmt not in FORMATS:
@@ -172,9 +177,6 @@ def imported_pair(
     row: SourcePair, cfg: Config, tokenizer: Any, end_token_id: int, same_tokenizer: bool
 ) -> dict[str, Any]:
     """The pairs.jsonl record of one imported pair (`ssb.records.pair_record`)."""
-    from ssb.problems import Problem
-    from ssb.prompts import render_prompt_ids, student_messages
-    from ssb.records import pair_record
 
     s_msgs = student_messages(Problem(row.id, row.question, row.gold, row.source), cfg.prompt)
     try:
@@ -236,7 +238,6 @@ def read_ssb(path: Path) -> tuple[list[SourcePair], dict[str, Any], list[Path]]:
     """Rows of an ssb export (folder or parquet file) and its ssb_export.json ({} if absent)."""
     # pyarrow (a dependency of datasets) reads the files where they are; datasets'
     # load_dataset would first copy them into its cache.
-    import pyarrow.parquet as pq
 
     if path.is_file():
         files = [path]
@@ -320,7 +321,6 @@ def reference_files(path: Path, student_file: Path | None) -> tuple[Path, Path]:
 
 def read_reference(path: Path, student_file: Path | None) -> tuple[list[SourcePair], list[Path]]:
     """Pairs from the reference's aligned teacher and student JSON Lines files."""
-    from ssb.grading import extract_boxed
 
     teacher_file, student_file = reference_files(path, student_file)
     teachers = _jsonl_messages(teacher_file)

@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from ssb.config import Config, to_dict
+from ssb.generate import select_backend
+from ssb.grading import gold_is_parseable
+from ssb.hardware import hardware_info, pick_dtype
+from ssb.identity import has_adapter, model_identity
+from ssb.models import load_model_and_tokenizer, load_tokenizer
 from ssb.prompts import ReplyFormat, reply_format
 from ssb.rundir import RunDir, RunDirError
 
@@ -37,7 +43,6 @@ def _base_key(cfg: Config) -> str:
 
 def load_base(cfg: Config, rundir: RunDir | None = None) -> BaseModel:
     """Load the frozen base model and tokenizer once per process (stages of `ssb run` share it)."""
-    from ssb.models import load_model_and_tokenizer
 
     key = _base_key(cfg)
     if key not in _LOADED:
@@ -56,8 +61,6 @@ def load_base(cfg: Config, rundir: RunDir | None = None) -> BaseModel:
 def load_base_tokenizer(cfg: Config, rundir: RunDir | None = None) -> tuple[Any, ReplyFormat]:
     """The base model's tokenizer and reply format without its weights (a stage whose vLLM engine
     loads the weights itself)."""
-    from ssb.hardware import pick_dtype
-    from ssb.models import load_tokenizer
 
     loaded = _LOADED.get(_base_key(cfg))
     tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(cfg.model)
@@ -85,7 +88,6 @@ def release_accelerator(why: str = "") -> None:
 def record_hardware(rundir: RunDir, device: torch.device, dtype: torch.dtype) -> None:
     """manifest.json `hardware`: the device, dtype, CPU (torch's ISA level, native bf16) and
     threads the run's model computes with, as resolved here (the latest stage's)."""
-    from ssb.hardware import hardware_info
 
     info = hardware_info(device, dtype)
     if rundir.read_manifest().get("hardware") != info:
@@ -101,7 +103,6 @@ def attached_adapter(model: Any, adapter: Path | None) -> Iterator[Any]:
     if adapter is None:
         yield model
         return
-    from peft import PeftModel
 
     if hasattr(model, "peft_config"):
         raise RuntimeError("the base model already carries a PEFT adapter; cannot attach another")
@@ -120,8 +121,6 @@ def policy_model(cfg: Config, base: BaseModel) -> Iterator[Any]:
     (frozen, unmerged) when one is set (the previous round's student in iterated SSB)."""
     adapter = cfg.model.adapter
     if adapter is not None:
-        from ssb.identity import has_adapter
-
         if not has_adapter(adapter):
             raise FileNotFoundError(f"model.adapter: no PEFT adapter in {adapter}")
         log.info("model: base + adapter %s (frozen)", adapter)
@@ -133,7 +132,6 @@ def check_model_identity(rundir: RunDir, cfg: Config, tokenizer: Any) -> None:
     """Record the model and tokenizer a run is made with (manifest.json `model_identity`) and
     refuse to continue a run made with another one (unless `--force`): pairs, token ids and
     targets from one tokenizer are meaningless under another."""
-    from ssb.identity import model_identity
 
     ident = model_identity(cfg.model, tokenizer)
     recorded = rundir.read_manifest().get("model_identity")
@@ -164,7 +162,6 @@ def generation_chunk_size(cfg: Config, samples_per_problem: int) -> int:
     transformers: four batches of `generation.batch_size` rows, so a kill loses little. vLLM
     schedules its own batches and runs fastest on one large call: thousands of sequences.
     Samples are seeded per problem, so the chunk size never changes what is sampled."""
-    from ssb.generate import select_backend
 
     if select_backend(cfg.generation.backend) == "vllm":
         return max(1, 4096 // samples_per_problem)
@@ -215,7 +212,6 @@ def fitting_prompts(
 def drop_unparseable_golds(problems: list[Any], stage: str) -> tuple[list[Any], list[str]]:
     """Skip problems whose gold answer math-verify cannot parse (they could only be graded by
     string equality); each is logged. Returns the kept problems and the skipped ids."""
-    from ssb.grading import gold_is_parseable
 
     kept, skipped = [], []
     for problem in problems:

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import Config
+from ssb.generate.base import SamplingParams
+from ssb.problems import load_eval_problems
+from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import (
     RunDir,
     append_jsonl,
@@ -88,9 +91,6 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate `models` (default: every available one) on cfg.eval.benchmarks, then rewrite
     eval/summary.json from all records. Returns a compact summary (for the manifest)."""
-    from ssb.generate.base import SamplingParams
-    from ssb.problems import load_eval_problems
-    from ssb.prompts import render_prompt_ids, student_messages
 
     settings = eval_settings(cfg)
     if cfg.eval.scoring == "reference" and cfg.eval.num_samples > 1:

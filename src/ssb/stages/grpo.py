@@ -46,8 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
+from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, ConfigError, to_dict
+from ssb.generate import select_backend
+from ssb.generate.base import make_completion, stop_string_cut
+from ssb.generate.vllm import shutdown_llm
+from ssb.grading import extract_boxed, grade
+from ssb.problems import load_train_problems
+from ssb.prompts import fewshot_text, render_prompt_ids, student_messages, uses_chat_template
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import load_base, log
 from ssb.stages.lora_training import (
@@ -60,6 +68,7 @@ from ssb.stages.lora_training import (
     start_log,
     write_fingerprint,
 )
+from ssb.trackers import attach_trackers, check_report_to, tracker_run_name
 
 FINGERPRINT_NAME = "ssb_grpo.json"
 
@@ -75,21 +84,18 @@ def completion_text(
 ) -> str:
     """The text `ssb eval` would grade for these completion tokens (trimmed at the first stop
     token or stop string by the rule of `ssb.generate.base`)."""
-    from ssb.generate.base import make_completion
 
     return make_completion(completion_ids, tokenizer, stop_token_ids, stop_strings).text
 
 
 def correctness_reward(text: str, gold: str) -> float:
     """1.0 when the last `\\boxed{}` of `text` equals `gold` (ssb.grading.grade), else 0.0."""
-    from ssb.grading import grade
 
     return 1.0 if grade(text, str(gold)) else 0.0
 
 
 def boxed_reward(text: str) -> float:
     """1.0 when `text` has a (balanced) `\\boxed{}` answer, else 0.0."""
-    from ssb.grading import extract_boxed
 
     return 1.0 if extract_boxed(text) is not None else 0.0
 
@@ -124,8 +130,6 @@ def prompt_records(cfg: Config, tokenizer: Any) -> list[dict[str, Any]]:
     """One record per training problem: `prompt` in the form TRL is given (messages for chat
     models, the few-shot text otherwise), `prompt_ids` from `render_prompt_ids`, and the gold
     `answer`."""
-    from ssb.problems import load_train_problems
-    from ssb.prompts import fewshot_text, render_prompt_ids, student_messages, uses_chat_template
 
     chat = uses_chat_template(tokenizer, cfg.prompt)
     records = []
@@ -156,7 +160,7 @@ def _trainer_class() -> type:
     global _SSBGRPOTrainer
     if _SSBGRPOTrainer is not None:
         return _SSBGRPOTrainer
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer  # noqa: PLC0415 -- optional: trl is the grpo extra
 
     class SSBGRPOTrainer(GRPOTrainer):
         """TRL's GRPOTrainer plus three guards: the prompt ids TRL renders are checked against
@@ -227,7 +231,6 @@ def _trainer_class() -> type:
                 del model.generate  # the instance attribute; the class method shows again
 
         def _cut_at_stop_strings(self, completion_ids: list, logprobs: Any) -> tuple[list, Any]:
-            from ssb.generate.base import stop_string_cut
 
             out_ids, out_lp = [], [] if logprobs is not None else None
             for k, ids in enumerate(completion_ids):
@@ -280,7 +283,6 @@ def check_grpo_config(cfg: Config) -> None:
 
 def use_grpo_vllm(cfg: Config) -> bool:
     """GRPO generates with a colocated vLLM engine when generation.backend resolves to vllm."""
-    from ssb.generate import select_backend
 
     return select_backend(cfg.generation.backend) == "vllm"
 
@@ -295,9 +297,7 @@ def grpo_arguments(
     **overrides: Any,
 ) -> Any:
     """TRL GRPOConfig from `cfg.grpo` (`overrides` win; tests use them)."""
-    from trl import GRPOConfig
-
-    from ssb.trackers import check_report_to, tracker_run_name
+    from trl import GRPOConfig  # noqa: PLC0415 -- optional: trl is the grpo extra
 
     check_report_to(cfg.train.report_to)
     g = cfg.grpo
@@ -389,10 +389,6 @@ def make_grpo_trainer(
     **overrides: Any,
 ) -> Any:
     """An SSBGRPOTrainer on the (non-PEFT) base `model`; TRL wraps it with the LoRA config."""
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
-
-    from ssb.trackers import attach_trackers
 
     records = prompt_records(cfg, tokenizer)
     stop_ids = unique_token_ids(
@@ -508,7 +504,6 @@ def _stop_colocated_vllm(trainer: Any) -> None:
     llm = getattr(generation, "llm", None)
     if llm is None or trainer.accelerator.num_processes > 1:
         return
-    from ssb.generate.vllm import shutdown_llm
 
     generation.llm = None
     shutdown_llm(llm)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from peft import LoraConfig
 from transformers import TrainerCallback
 
 from ssb.config import Config, flatten
@@ -19,7 +20,6 @@ from ssb.rundir import append_jsonl, atomic_write_json, atomic_write_text, read_
 
 def lora_config(cfg: Config) -> Any:
     """PEFT's LoraConfig from `train.lora` (the one LoRA budget of SSB and GRPO)."""
-    from peft import LoraConfig
 
     lc = cfg.train.lora
     return LoraConfig(

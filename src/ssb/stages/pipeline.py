@@ -21,9 +21,18 @@ from collections.abc import Callable
 from typing import Any
 
 from ssb.config import Config
+from ssb.funnel import funnel
 from ssb.problems import load_train_problems
+from ssb.report import write_report
 from ssb.rundir import RunDir
+from ssb.stages.bootstrap import run_bootstrap
 from ssb.stages.common import log
+from ssb.stages.evaluate import run_eval
+from ssb.stages.grpo import run_grpo
+from ssb.stages.rollout import run_rollout
+from ssb.stages.targets import run_targets
+from ssb.stages.train import run_train
+from ssb.trackers import check_report_to, report_eval
 
 
 def _run(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -37,9 +46,6 @@ def _run(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[st
 def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     """Rollout + bootstrap; scans problems block by block when a pair target is set. Records
     how many training problems were scanned (`problems_scanned` in the manifest)."""
-    from ssb.funnel import funnel
-    from ssb.stages.bootstrap import run_bootstrap
-    from ssb.stages.rollout import run_rollout
 
     problems = load_train_problems(cfg)
     if not problems:
@@ -99,9 +105,6 @@ def round_config(cfg: Config, rundir: RunDir, round_index: int) -> Config:
 
 def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     """Pairs, teacher targets and the trained student of one round (each step resumable)."""
-    from ssb.funnel import funnel
-    from ssb.stages.targets import run_targets
-    from ssb.stages.train import run_train
 
     out = generate_pairs(cfg, rundir, progress)
     if cfg.model.adapter is not None and funnel(rundir)["kept"] == 0:
@@ -118,8 +121,6 @@ def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
 def run_eval_stage(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     """`ssb eval`: every model on every benchmark, then the accuracies to the trackers that
     `train.report_to` names, in the run training wrote to (ssb.trackers.report_eval)."""
-    from ssb.stages.evaluate import run_eval
-    from ssb.trackers import report_eval
 
     summary = run_eval(cfg, rundir, progress=progress)
     trackers = report_eval(cfg, rundir.path)
@@ -129,8 +130,6 @@ def run_eval_stage(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
 
 
 def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
-    from ssb.report import write_report
-    from ssb.trackers import check_report_to
 
     check_report_to(cfg.train.report_to)  # now, not after hours of rollouts
     out = train_round(cfg, rundir, progress)
@@ -146,8 +145,6 @@ def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
             log.warning("round %d kept no pairs: stopping after round %d", r, r - 1)
             break
     if cfg.grpo.enabled:
-        from ssb.stages.grpo import run_grpo
-
         if rundir.is_complete("grpo"):
             log.info("grpo: already complete")
         else:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 
@@ -56,7 +57,6 @@ def launched_ranks() -> Ranks:
     """The launch this process belongs to (WORLD_SIZE, set by accelerate launch and torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks()
-    from accelerate import PartialState
 
     # Without GPUs the ranks form a gloo (MULTI_CPU) group only when asked to.
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ssb.config import Config
@@ -27,6 +28,7 @@ from ssb.distill.forward import (
 )
 from ssb.distill.losses import dense_targets, topk_targets
 from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
+from ssb.identity import model_identity
 from ssb.prompts import render_prompt_ids
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import chunks, load_base, log, policy_model
@@ -78,7 +80,6 @@ def check_lora_targets(cfg: Config) -> None:
 
 
 def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
-    from ssb.identity import model_identity
 
     head = output_head(model)
     return {
@@ -248,7 +249,6 @@ def _score_distributed(
     meta: dict[str, Any],
     score: Callable[[Path, list[dict[str, Any]]], int],
 ) -> int:
-    from accelerate import PartialState
 
     # Without GPUs the ranks form a gloo (MULTI_CPU) group only when asked to.
     state = PartialState(cpu=not torch.cuda.is_available())

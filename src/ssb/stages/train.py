@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from ssb.config import Config, LossConfig
+from ssb.config import Config, LossConfig, to_dict
 from ssb.distill.forward import (
     can_share_prefix,
     final_hidden_states,
@@ -49,10 +50,11 @@ from ssb.stages.targets import (
     check_lora_targets,
     check_prompts,
     student_sequence,
+    targets_meta,
     teacher_sequence,
 )
 from ssb.target_modes import TARGET_MODES
-from ssb.trackers import attach_trackers, check_report_to
+from ssb.trackers import attach_trackers, check_report_to, tracker_run_name
 
 IGNORE = -100
 # Summed by SSBTrainer between logs: kd and ce (as shares of their step's per-token means), reply
@@ -313,7 +315,6 @@ def load_targets(cfg: Config, rundir: RunDir, model: Any, tokenizer: Any) -> Tar
     mode = cfg.targets.mode
     if not TARGET_MODES[mode].stored:
         return None
-    from ssb.stages.targets import targets_meta
 
     if not (rundir.targets_dir / "index.json").exists():
         raise FileNotFoundError(f"no targets in {rundir.targets_dir}: run `ssb targets` first")
@@ -346,7 +347,6 @@ def training_arguments(
     5.x folds `warmup_ratio` into a fractional `warmup_steps` and renames
     `gradient_checkpointing` to `activation_checkpointing`). `overrides` win (tests use them,
     e.g. `optim="sgd"`)."""
-    from ssb.trackers import tracker_run_name
 
     tc = cfg.train
     check_report_to(tc.report_to)
@@ -427,7 +427,6 @@ def make_trainer(
 def student_model(cfg: Config, base_model: Any) -> Any:
     """The trainable LoRA student on `base_model`: a fresh adapter from `train.lora`, or, with
     `model.adapter` set (iterated SSB), that adapter made trainable so training continues it."""
-    from peft import PeftModel, get_peft_model
 
     if cfg.model.adapter is None:
         return get_peft_model(base_model, lora_config(cfg))
@@ -516,7 +515,6 @@ FINGERPRINT_NAME = "ssb_train.json"
 
 
 def train_fingerprint(cfg: Config) -> dict[str, Any]:
-    from ssb.config import to_dict
 
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RESUME_FREE}
     return {
