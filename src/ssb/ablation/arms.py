@@ -29,8 +29,20 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ssb.ablation.onpolicy import run_onpolicy
 from ssb.config import Config, to_dict
+from ssb.funnel import funnel
+from ssb.models import set_seed
+from ssb.problems import Problem
+from ssb.prompts import render_prompt_ids, student_messages
+from ssb.records import pair_record
 from ssb.rundir import AblationDir, ArmDir, DataDir, RunDir, atomic_write_text, read_jsonl
+from ssb.stages.bootstrap import run_bootstrap
+from ssb.stages.common import load_base
+from ssb.stages.grpo import run_grpo
+from ssb.stages.targets import run_targets
+from ssb.stages.train import run_train
+from ssb.target_modes import TARGET_MODES
 
 KINDS = ("ssb", "sft", "rft", "onpolicy", "grpo")
 # Which kinds train on the (main or a context's) pairs.jsonl, and which need teacher targets.
@@ -94,9 +106,6 @@ def prepare_arm_data(
         return data, {"examples": len(pairs), "problems": problems}
     if arm.context is None:
         return rundir, {"examples": len(read_jsonl(rundir.pairs_path))}
-    from ssb.funnel import funnel
-    from ssb.stages.bootstrap import run_bootstrap
-    from ssb.stages.targets import run_targets
 
     data = ablation.arm_data(arm.name)
     data.path.mkdir(parents=True, exist_ok=True)
@@ -118,7 +127,6 @@ def prepare_arm_data(
 
 
 def needs_stored_targets(cfg: Config) -> bool:
-    from ssb.target_modes import TARGET_MODES
 
     return TARGET_MODES[cfg.targets.mode].stored
 
@@ -140,10 +148,6 @@ def write_rft_pairs(cfg: Config, rundir: RunDir, data: DataDir) -> int:
     """The rft arm's training examples as pairs.jsonl records (plain prompt for both roles, the
     rollout's own tokens as the reply, closed with the end token as every distilled reply is),
     written atomically to `data.pairs_path`. Returns how many."""
-    from ssb.problems import Problem
-    from ssb.prompts import render_prompt_ids, student_messages
-    from ssb.records import pair_record
-    from ssb.stages.common import load_base
 
     rollouts = read_jsonl(rundir.rollouts_path)
     if not rollouts:
@@ -238,23 +242,16 @@ def train_arm(
 ) -> dict[str, Any]:
     """Train one arm and seed into `armdir` (resuming its checkpoints), recorded as the stage
     "train" of the arm's manifest (wall time summed over attempts). Returns its summary."""
-    from ssb.models import set_seed
 
     armdir.path.mkdir(parents=True, exist_ok=True)
     set_seed(arm_cfg.seed)  # the LoRA initialisation
     with armdir.stage("train") as summary:
         if arm.kind == "grpo":
-            from ssb.stages.grpo import run_grpo
-
             g = dataclasses.replace(arm_cfg.grpo, max_steps=steps)
             summary.update(run_grpo(dataclasses.replace(arm_cfg, grpo=g), armdir, progress))
         elif arm.kind == "onpolicy":
-            from ssb.ablation.onpolicy import run_onpolicy
-
             summary.update(run_onpolicy(arm_cfg, armdir, steps, progress))
         else:
-            from ssb.stages.train import run_train
-
             summary.update(run_train(arm_cfg, armdir, progress, max_steps=steps))
     return armdir.stage_status("train")
 

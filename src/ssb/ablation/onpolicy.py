@@ -28,6 +28,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, to_dict
 from ssb.distill.forward import unwrap_model
+from ssb.generate import SamplingParams, make_generator
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.common import load_base, log, stable_seed
 from ssb.stages.lora_training import (
@@ -80,7 +81,6 @@ class ReplySampler:
     scored_replies: int = 0
 
     def __call__(self, model: Any, pairs: list[dict[str, Any]], step: int) -> dict[str, Any]:
-        from ssb.generate import SamplingParams, make_generator
 
         student = unwrap_model(model)
         was_training = student.training

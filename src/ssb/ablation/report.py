@@ -9,7 +9,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ssb.report.data import training_series
+from ssb.report.plots import figure, save_png
 from ssb.rundir import AblationDir, RunDir, atomic_write_text, read_jsonl
+from ssb.stages.eval_setup import bench_slug
 
 TRAINING_PLOT = "training.png"
 
@@ -43,8 +46,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None:
     """One panel per arm: each seed's training loss against the optimizer step."""
-    from ssb.report.data import training_series
-    from ssb.report.plots import figure, save_png
 
     arms = [a for a, e in summary["arms"].items() if e.get("seeds")]
     if not arms:
@@ -74,7 +75,6 @@ def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None
 
 def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##") -> list[str]:
     """The report section (markdown lines) for an ablation summary."""
-    from ssb.stages.eval_setup import bench_slug
 
     settings = summary.get("settings") or {}
     metric = settings.get("metric", "accuracy")

@@ -30,10 +30,15 @@ from ssb.ablation.arms import (
     train_arm,
     training_cost,
 )
+from ssb.ablation.report import write_ablation_report
+from ssb.ablation.summary import build_summary
 from ssb.config import Config
 from ssb.identity import has_adapter
 from ssb.rundir import AblationDir, ArmDir, RunDir, atomic_write_json, read_jsonl
 from ssb.stages.common import log
+from ssb.stages.evaluate import run_eval
+from ssb.stages.pipeline import _run, generate_pairs
+from ssb.stages.targets import run_targets
 
 # The run's stages whose output each kind of arm trains from (its data cost).
 DATA_STAGES = {
@@ -47,8 +52,6 @@ DATA_STAGES = {
 
 def prepare_run(cfg: Config, rundir: RunDir, arms: list[Arm], progress: bool = True) -> None:
     """Rollouts and pairs, and the teacher targets when the plain ssb arm trains on them."""
-    from ssb.stages.pipeline import _run, generate_pairs
-    from ssb.stages.targets import run_targets
 
     generate_pairs(cfg, rundir, progress)
     if any(a.kind == "ssb" and a.context is None for a in arms) and needs_stored_targets(cfg):
@@ -93,9 +96,6 @@ def data_cost(rundir: RunDir, ablation: AblationDir, arm: Arm, examples: int) ->
 
 
 def run_ablate(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
-    from ssb.ablation.report import write_ablation_report
-    from ssb.ablation.summary import build_summary
-    from ssb.stages.evaluate import run_eval
 
     arms = ablation_arms(cfg)
     ablation = rundir.ablation()
