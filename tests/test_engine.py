@@ -134,7 +134,7 @@ def test_rollout_on_vllm_never_loads_transformers_weights(monkeypatch, tmp_path,
     def no_weights(*args, **kwargs):
         raise AssertionError("a vLLM stage loaded transformers weights")
 
-    monkeypatch.setattr("ssb.models.load_model_and_tokenizer", no_weights)
+    monkeypatch.setattr("ssb.stages.common.load_model_and_tokenizer", no_weights)
     cfg = tiny_config(tiny_dir, "data.max_problems=3", "generation.max_new_tokens=6")
     cfg.model.adapter = str(_adapter(tiny_dir, tmp_path / "round1", 4))
     rundir = RunDir(tmp_path / "run")

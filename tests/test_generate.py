@@ -705,6 +705,6 @@ def test_generation_chunk_size_follows_the_backend(monkeypatch):
     cfg = load_config(preset="quickstart")  # 32 rows per batch
     assert common.generation_chunk_size(cfg, 4) == 32  # 8 problems x 4 samples, 4 batches
     assert common.generation_chunk_size(cfg, 1) == 128
-    monkeypatch.setattr("ssb.generate.select_backend", lambda name: "vllm")
+    monkeypatch.setattr("ssb.stages.common.select_backend", lambda name: "vllm")
     assert common.generation_chunk_size(cfg, 4) == 1024
     assert common.generation_chunk_size(cfg, 8192) == 1

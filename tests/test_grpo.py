@@ -114,7 +114,7 @@ def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
     assert not plain.use_vllm
     assert plain.generation_kwargs == {"eos_token_id": [7, 9], "stop_strings": ["\n\n"]}
 
-    monkeypatch.setattr("ssb.generate.select_backend", lambda name: "vllm")
+    monkeypatch.setattr("ssb.stages.grpo.select_backend", lambda name: "vllm")
     args = grpo.grpo_arguments(cfg, rundir, cpu, [7, 9], ["\n\n"], progress=False)
     assert args.use_vllm and args.vllm_mode == "colocate" and args.vllm_enable_sleep_mode
     assert args.vllm_gpu_memory_utilization == 0.25

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ssb.config import PRESETS, Config, ConfigError, dump_yaml, load_config
+from ssb.config import Config, ConfigError, dump_yaml, load_config
+from ssb.presets import PRESETS
 from ssb.rundir import RunDir, RunDirError
 from ssb.share import FORMATS, IMPORT_STAGE
 
