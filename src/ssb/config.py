@@ -237,8 +237,7 @@ class EvalConfig:
     scoring: str = "math-verify"  # math-verify | reference
 
 
-# The arms of `ssb ablate` (ssb.ablation.arms defines each), in report order.
-ABLATION_ARMS = ("ssb", "sft", "rft", "onpolicy", "grpo")
+ABLATION_ARMS = ("ssb", "sft", "rft", "onpolicy", "grpo")  # `ssb ablate`'s, in report order
 
 
 @dataclass
