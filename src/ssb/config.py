@@ -1,8 +1,8 @@
 """Typed configuration tree, YAML in and out, presets.
 
-Every stage reads one `Config`. Defaults live here (and only here); presets (`ssb.presets`) override a few
-keys; `--set a.b=value` overrides any key. Unknown keys and values of the wrong type are
-rejected with a message naming the dotted key.
+Every stage reads one `Config`. Defaults live here (and only here); presets (`ssb.presets`)
+override a few keys; `--set a.b=value` overrides any key. Unknown keys and values of the wrong
+type are rejected with a message naming the dotted key.
 """
 
 from __future__ import annotations
