@@ -34,14 +34,15 @@ from ssb.distill.forward import (
 from ssb.distill.losses import KDLossOutput, chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.common import load_base, log
+from ssb.sharding import FSDP2, full_parameter, is_sharded, launch_sharding, shard_report
+from ssb.stages.common import load_base, log, release_accelerator
 from ssb.stages.lora_training import (
     JsonlLogCallback,
     check_resumable,
     last_checkpoint,
     lora_config,
     restore_base,
-    save_adapter_atomically,
+    save_adapter,
     start_log,
     write_fingerprint,
 )
@@ -263,6 +264,9 @@ class SSBTrainer(Trainer):
         every process: gradients are synced by then). Kept to log the interval's mean, where
         Trainer logs only the last step's."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # Under FSDP2 the norm of sharded gradients is a DTensor whose local value is this rank's
+        # part; the whole norm (a collective; every rank is here) is what is logged.
+        norm = full_parameter(norm) if torch.is_tensor(norm) else norm
         if norm is not None:
             self._step_grad_norms.append(norm.detach() if torch.is_tensor(norm) else norm)
         return norm
@@ -417,7 +421,13 @@ def student_model(cfg: Config, base_model: Any) -> Any:
     from peft import PeftModel, get_peft_model
 
     if cfg.model.adapter is None:
-        return get_peft_model(base_model, lora_config(cfg))
+        # The new adapter's initial weights depend on the seed alone, not on what this process
+        # ran before, and are the same on every rank: FSDP2 shards each rank's own copy where
+        # it stands (there is no broadcast from rank 0 as under DDP).
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed)
+            return get_peft_model(base_model, lora_config(cfg))
     model = PeftModel.from_pretrained(base_model, cfg.model.adapter, is_trainable=True)
     lora = model.peft_config["default"]
     ours = cfg.train.lora
@@ -435,9 +445,19 @@ def student_model(cfg: Config, base_model: Any) -> Any:
     return model
 
 
-def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+def run_train(
+    cfg: Config,
+    rundir: RunDir,
+    progress: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """Train the student and save `adapter/`; resumes from the newest complete checkpoint.
+    `callbacks`: extra TrainerCallbacks (a notebook's, a test's). Under an FSDP2 launch
+    (`examples/accelerate_fsdp.yaml`) accelerate shards the base and the LoRA weights over the
+    processes; the adapter is still written once, in the same files."""
     check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
+    sharding = launch_sharding()  # refuses what ssb does not run (ZeRO-3, FSDP1)
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
@@ -464,14 +484,21 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
         # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
         # the frozen embeddings' outputs need not require grad.
         trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress)
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
+        if sharding == FSDP2 and not trainer.accelerator.is_fsdp2:
+            raise RuntimeError(
+                f"the launch asks for FSDP2 but accelerate runs "
+                f"{trainer.accelerator.distributed_type} (accelerate 1.x runs FSDP on GPUs "
+                "only; on CPU it would silently train unsharded under DDP)"
+            )
         if trainer.is_world_process_zero():
             if checkpoint is not None:
                 log.info("train: resuming from %s", checkpoint)
             start_log(rundir.train_log_path, checkpoint)
             write_fingerprint(fingerprint_path, train_fingerprint(cfg))
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if trainer.is_world_process_zero():
-            save_adapter_atomically(model, rundir.adapter_dir)
+        save_adapter(model, rundir.adapter_dir, trainer.is_world_process_zero())
         trainer.accelerator.wait_for_everyone()
         summary = {
             "steps": trainer.state.global_step,
@@ -479,6 +506,8 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
             "train_loss": round(float(result.training_loss), 6),
             "adapter": str(rundir.adapter_dir),
         }
+        if is_sharded(model):
+            summary["sharding"] = shard_report(model)  # this rank's share of the parameters
         if checkpoint is not None:
             summary["resumed_from"] = checkpoint.name
         losses = [r["loss"] for r in read_jsonl(rundir.train_log_path) if "loss" in r]
@@ -486,7 +515,12 @@ def run_train(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, A
             summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
         return summary
     finally:
-        restore_base(model, was_training=was_training, hooks_before=hooks_before)
+        if is_sharded(model):
+            # fully_shard changed the shared base in place (DTensor parameters, FSDP module
+            # classes); it cannot be given back as it was, so later stages load it afresh.
+            release_accelerator("after sharded training")
+        else:
+            restore_base(model, was_training=was_training, hooks_before=hooks_before)
 
 
 # What a checkpoint's optimizer state and step count depend on; logging, saving and the number
