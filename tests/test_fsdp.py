@@ -300,3 +300,27 @@ def test_train_under_fsdp2_killed_and_resumed_matches_one_process(tmp_path, laun
     for key in a:
         assert b[key].shape == a[key].shape and b[key].dtype == a[key].dtype == torch.float32
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP2 only"),
+    ],
+)
+def test_untested_sharding_is_refused_before_loading(tmp_path, monkeypatch, env, message):
+    """ZeRO-3 (its head gather has never run) and FSDP1 stop `ssb targets` and `ssb train` with
+    the reason, before a model is loaded; ZeRO-2 and FSDP2 do not."""
+    from ssb.sharding import launch_sharding
+
+    cfg, rundir, _ = make_run(tmp_path, "chatml", "targets.mode=hidden", n=2)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for stage in (run_targets, run_train):
+        with pytest.raises((NotImplementedError, ValueError), match=message):
+            stage(cfg, rundir, progress=False)
+    assert not (rundir.targets_dir / "index.json").exists()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert launch_sharding() in (None, "fsdp2")

@@ -149,7 +149,15 @@ def distillation_loss(
     at the reply positions against the batch's teacher targets (`target_mode`: the stored form,
     or "online": the same network with its adapter off), chunk by chunk (`chunked_kd_loss`).
     The caller normalises (`normalise`). `SSBTrainer.compute_loss` is the training caller;
-    `ssb bench` times this same function."""
+    `ssb bench` times this same function.
+
+    The output head under FSDP2: accelerate puts the lm_head (with the final norm, and the input
+    embeddings when tied) in an FSDP unit that stays gathered from the forward to the backward,
+    so `output_head` finds it whole and gathers nothing. Were it resharded (a DTensor),
+    `output_head` all-gathers it once per micro-batch. Either way one whole (V, H) head exists
+    per micro-batch, shared by every chunk of the loss (chunks split reply positions, and each
+    needs the whole vocabulary), and it is freed with the micro-batch's graph after the
+    backward; the (N, V) logits are only ever built one chunk at a time."""
     lc = loss_config
     prefix = int(inputs.get("shared_prefix", 0))
     if prefix and not can_share_prefix(model, num_processes):
