@@ -21,30 +21,35 @@ import torch
 FSDP2 = "fsdp2"
 
 
-def launch_sharding() -> str | None:
-    """The parameter sharding the current `accelerate launch` asks for: "fsdp2", or None (one
-    process, DDP, ZeRO-1/2: every rank holds the whole model). Refuses what ssb does not run."""
+def requested_sharding() -> str | None:
+    """What the current `accelerate launch` config asks for: "fsdp2", "fsdp1", "zero3", or None
+    (one process, DDP, ZeRO-1/2: every rank holds the whole model)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        version = os.environ.get("FSDP_VERSION", "1")
-        if version != "2":
-            raise ValueError(
-                f"FSDP version {version}: ssb supports FSDP2 only (fully_shard, DTensor "
-                "parameters); set `fsdp_version: 2` in the accelerate config "
-                "(examples/accelerate_fsdp.yaml)"
-            )
-        return FSDP2
+        return FSDP2 if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        if deepspeed_zero_stage() == 3:
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 is not supported yet: ssb's chunked KD loss projects through "
-                "the frozen lm_head outside the model's forward, which under ZeRO-3 needs "
-                "deepspeed.zero.GatheredParameters, and that path has never run: accelerate 1.x "
-                "turns DeepSpeed off on CPU, so it cannot be tested on the CPU machines ssb is "
-                "tested on. Use FSDP2 to shard "
-                "parameters (examples/accelerate_fsdp.yaml), or ZeRO-2 when the model fits one "
-                "GPU (examples/accelerate_zero2.yaml)"
-            )
+        return "zero3" if deepspeed_zero_stage() == 3 else None
     return None
+
+
+def launch_sharding() -> str | None:
+    """`requested_sharding()` for `ssb targets` and `ssb train`: "fsdp2" or None, refusing with
+    the reason what ssb does not run."""
+    kind = requested_sharding()
+    if kind == "fsdp1":
+        raise ValueError(
+            "FSDP version 1: ssb supports FSDP2 only (fully_shard, DTensor parameters); set "
+            "`fsdp_version: 2` in the accelerate config (examples/accelerate_fsdp.yaml)"
+        )
+    if kind == "zero3":
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-3 is not supported yet: ssb's chunked KD loss projects through "
+            "the frozen lm_head outside the model's forward, which under ZeRO-3 needs "
+            "deepspeed.zero.GatheredParameters, and that path has never run: accelerate 1.x "
+            "turns DeepSpeed off on CPU, so it cannot be tested on the CPU machines ssb is "
+            "tested on. Use FSDP2 to shard parameters (examples/accelerate_fsdp.yaml), or "
+            "ZeRO-2 when the model fits one GPU (examples/accelerate_zero2.yaml)"
+        )
+    return kind
 
 
 def deepspeed_zero_stage() -> int | None:

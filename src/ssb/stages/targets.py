@@ -165,7 +165,7 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
         }
 
     sharding = launch_sharding()  # refuses what ssb does not run (ZeRO-3, FSDP1)
-    base = load_base(cfg, rundir)
+    base = load_base(cfg, rundir, to_shard=sharding == FSDP2)
     check_prompts(pairs, base.tokenizer, cfg)
     pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     with policy_model(cfg, base) as model:

@@ -34,7 +34,14 @@ from ssb.distill.forward import (
 from ssb.distill.losses import KDLossOutput, chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
 from ssb.rundir import RunDir, read_jsonl
-from ssb.sharding import FSDP2, full_parameter, is_sharded, launch_sharding, shard_report
+from ssb.sharding import (
+    FSDP2,
+    full_parameter,
+    is_sharded,
+    launch_sharding,
+    requested_sharding,
+    shard_report,
+)
 from ssb.stages.common import load_base, log, release_accelerator
 from ssb.stages.lora_training import (
     JsonlLogCallback,
@@ -402,6 +409,11 @@ def make_trainer(
     """An SSBTrainer for a PEFT `model` (the LoRA student on the frozen base)."""
     check_head_frozen(model, cfg.targets.mode)
     device = next(model.parameters()).device
+    if requested_sharding() == FSDP2:
+        # Loaded on the host to be sharded (`load_base`): the Trainer computes on the device.
+        from ssb.hardware import pick_device
+
+        device = pick_device(cfg.model.device)
     collator = DistillCollator(
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         mode=cfg.targets.mode,
@@ -469,7 +481,7 @@ def run_train(
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
-    base = load_base(cfg, rundir)
+    base = load_base(cfg, rundir, to_shard=sharding == FSDP2)
     tokenizer = base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
     reader = load_targets(cfg, rundir, base.model, tokenizer)
