@@ -218,23 +218,29 @@ def assert_sharded(run_dir: Path, stage: str) -> None:
         report = json.loads((run_dir / f"summary-{stage}-rank{rank}.json").read_text())["sharding"]
         assert report["sharded_parameters"] == report["parameters"] > 0, report
         assert report["all_local_smaller"], report
+        # Gathered one unit at a time: each of the 2 decoder layers, the output layer, the root.
+        assert report["units"] >= 4, report
         # Two ranks: about half of every tensor each (dim 0 split, the odd row on rank 0).
         assert report["local_elements"] <= report["elements"] * 0.55, report
 
 
 def test_targets_under_fsdp2_match_one_process(tmp_path, launch_stage):
-    """`ssb targets` on a sharded teacher: the ranks split the pairs (one idle batch on rank 1:
-    forwards are collectives) and the merged store equals one process's."""
-    cfg, rundir, pairs = make_run(tmp_path, "chatml", "targets.mode=dense", n=5)
+    """`ssb targets` on a sharded teacher: the ranks split the pairs (rank 1 runs an idle batch:
+    forwards are collectives, so both ranks run as many) and the merged store equals one
+    process's."""
+    # Batches of 2: rank 0 scores 3 pairs in 2 batches, rank 1 2 pairs in 1 and then 1 idle.
+    overrides = ["targets.mode=dense", "targets.batch_size=2"]
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", *overrides, n=5)
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     shutil.copy(rundir.pairs_path, sharded / "pairs.jsonl")
     run_targets(cfg, rundir, progress=False)
 
-    proc = launch_stage("targets", cfg.model.name, sharded, ["targets.mode=dense"])
+    proc = launch_stage("targets", cfg.model.name, sharded, overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 0/2 scores 3 of 5 pairs" in proc.stderr
     assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
+    assert "1 idle batches, so every rank runs 2 forwards" in proc.stderr
     assert_sharded(sharded, "targets")
     one, two = TargetReader(rundir.targets_dir), TargetReader(sharded / "targets")
     assert sorted(one.ids()) == sorted(two.ids()) == sorted(p["id"] for p in pairs)

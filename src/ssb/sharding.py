@@ -92,12 +92,15 @@ def shard_report(model: Any) -> dict[str, Any]:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.reshard()
     params = list(model.parameters())
     dtensors = [p for p in params if isinstance(p, DTensor)]
     return {
+        # FSDP units, each gathered whole only while it computes: one per decoder layer, the
+        # output layer's, the root's.
+        "units": len(units),
         "parameters": len(params),
         "sharded_parameters": len(dtensors),
         "elements": sum(p.numel() for p in params),

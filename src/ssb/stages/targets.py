@@ -239,8 +239,11 @@ def score_into(
                 writer.add(pair["id"], teacher_sequence(pair)[1], tensors)
             bar.update(len(batch))
         bar.close()
-    for _ in range(len(own), batches or 0):
+    idle = max((batches or 0) - len(own), 0)
+    if idle:
         assert filler is not None
+        log.info("targets: %d idle batches, so every rank runs %d forwards", idle, batches)
+    for _ in range(idle):
         score_batch(model, [filler], pad_id, tcfg.mode, meta)  # the other ranks' collectives
     return len(todo)
 
