@@ -4,8 +4,9 @@ The student sees `[plain prompt || reply + end token]` (the prompt rendered by t
 inference uses) and, at every position that predicts a reply token, is pulled towards the
 teacher's distribution from `[hinted prompt || reply + end token]` at the same reply token.
 
-`SSBTrainer` is a `transformers.Trainer`, so `accelerate launch` (DDP, FSDP, DeepSpeed),
-checkpointing, resume and `report_to` backends come from the ecosystem. What it adds:
+`SSBTrainer` is a `transformers.Trainer`, so `accelerate launch` (DDP, DeepSpeed ZeRO-2, FSDP2;
+ZeRO-3 is refused, see `ssb.sharding`), checkpointing, resume and `report_to` backends come from
+the ecosystem. What it adds:
 - the loss (`ssb.distill.losses.chunked_kd_loss`) over reply positions only, chunk by chunk;
 - normalisation by the number of reply tokens in the whole optimizer step, across gradient
   accumulation and processes (the collator exposes the per-position targets as `shift_labels`,
