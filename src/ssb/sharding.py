@@ -43,10 +43,10 @@ def launch_sharding() -> str | None:
     if kind == "zero3":
         raise NotImplementedError(
             "DeepSpeed ZeRO-3 is not supported yet: ssb's chunked KD loss projects through "
-            "the frozen lm_head outside the model's forward, which under ZeRO-3 needs "
-            "deepspeed.zero.GatheredParameters, and that path has never run: accelerate 1.x "
-            "turns DeepSpeed off on CPU, so it cannot be tested on the CPU machines ssb is "
-            "tested on. Use FSDP2 to shard parameters (examples/accelerate_fsdp.yaml), or "
+            "the frozen lm_head outside the model's forward, and ZeRO-3 partitions it; the "
+            "gather (deepspeed.zero.GatheredParameters), the adapter's gather for saving and a "
+            "ZeRO-3 teacher for `ssb targets` are not written or tested. Use FSDP2 to shard "
+            "parameters (examples/accelerate_fsdp.yaml), or "
             "ZeRO-2 when the model fits one GPU (examples/accelerate_zero2.yaml)"
         )
     return kind
