@@ -258,7 +258,7 @@ def test_targets_under_fsdp2_match_one_process(tmp_path, launch_stage):
 TRAIN = ["targets.mode=hidden", "train.save_steps=1", "train.gradient_checkpointing=true"]
 
 
-@pytest.mark.slow  # three launches' worth of model loading: about a minute on 2 CPU cores
+@pytest.mark.slow  # 16-25 s on 2 quiet CPU cores, over a minute when they are shared
 def test_train_under_fsdp2_killed_and_resumed_matches_one_process(tmp_path, launch_stage):
     """6 pairs, 3 optimizer steps of 2 pairs (one process, batch 2; two ranks, batch 1 each).
     The sharded run is killed after checkpoint-1 and resumed from it; its loss curve and saved
