@@ -280,8 +280,8 @@ class SSBTrainer(Trainer):
         every process: gradients are synced by then). Kept to log the interval's mean, where
         Trainer logs only the last step's."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        # Under FSDP2 the norm of sharded gradients is a DTensor whose local value is this rank's
-        # part; the whole norm (a collective; every rank is here) is what is logged.
+        # Under FSDP2 the norm of the sharded gradients comes back as a DTensor (replicated,
+        # already reduced over the ranks); logged as a plain tensor.
         norm = full_parameter(norm) if torch.is_tensor(norm) else norm
         if norm is not None:
             self._step_grad_norms.append(norm.detach() if torch.is_tensor(norm) else norm)
