@@ -29,7 +29,11 @@ table is printed at the end. The exit code is 1 when any check failed.
    adapter files with every lora_B replaced by seeded random values about half as large, in
    effect, as the base layer they adapt. Four training steps move lora_B little from zero, so
    the student alone may change few outputs, too few to show that a LoRA is applied at all.
-9. bench: `ssb bench --sections gpu` on a GPU (KD step tokens/s and MFU counting recomputation,
+9. fsdp2: with 2 or more GPUs, `ssb targets` and `ssb train` again under `accelerate launch` with
+   examples/accelerate_fsdp.yaml on 2 GPUs (parameters sharded), in a copy of the run: every
+   pair scored, the adapter with the one-GPU adapter's keys and shapes, the loss curve next to
+   the one-GPU run's (`check_fsdp2`). On 1 GPU or CPU it is skipped, printing why.
+10. bench: `ssb bench --sections gpu` on a GPU (KD step tokens/s and MFU counting recomputation,
    transformers and vLLM generation tokens/s); on CPU the same code at tiny sizes
    (`ssb.bench.gpu.gpu_runs(..., "cpu")`; the vLLM figure is skipped there, saying why).
 
@@ -693,7 +697,87 @@ def check_lora_tokens(
     return summary, report
 
 
-# --------------------------------------------------------------------------- 9. bench
+# --------------------------------------------------------------------------- 9. fsdp2
+
+FSDP_GPUS = 2
+
+
+def check_fsdp2(out: Path, run: Path, overrides: list[str], logs: Path, device: str):
+    """`ssb targets` and `ssb train` under `accelerate launch` with examples/accelerate_fsdp.yaml
+    on 2 GPUs, in a copy of the run (its pairs; targets and training redone): every pair
+    scored, and with half the per-process batch (so the same optimizer steps on the same data
+    and the same seeded LoRA init) the adapter has the one-GPU adapter's keys and shapes and the
+    loss curve follows the one-GPU run's. Differences are reported; bf16 sums in other orders
+    on two GPUs, so only a first-step loss more than 10% off fails. Skipped, saying why, with
+    fewer than 2 GPUs (the CPU form of this check is tests/test_fsdp.py)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ssb.rundir import read_jsonl
+
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if gpus < FSDP_GPUS:
+        reason = (
+            "CPU form: accelerate runs FSDP on GPUs only (tests/test_fsdp.py runs FSDP2 on 2 CPU "
+            "processes)"
+            if device == "cpu"
+            else f"{gpus} GPU visible, FSDP2 needs {FSDP_GPUS}"
+        )
+        print(f"  skipped: {reason}", flush=True)
+        return f"skipped: {reason}", {"skipped": reason}
+    root = Path(__file__).resolve().parents[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    sharded = out / "run_fsdp2"
+    shutil.rmtree(sharded, ignore_errors=True)
+    sharded.mkdir()
+    for name in ("pairs.jsonl", "config.yaml", "manifest.json"):
+        if (run / name).exists():
+            shutil.copy(run / name, sharded / name)
+    launch = [
+        str(accelerate), "launch", f"--config_file={root / 'examples' / 'accelerate_fsdp.yaml'}",
+        f"--num_processes={FSDP_GPUS}", "--num_machines=1",
+        f"--gpu_ids={','.join(str(i) for i in range(FSDP_GPUS))}", "-m", "ssb",
+    ]  # fmt: skip
+    # model.device=auto: each process on the GPU of its local rank ("cuda" is GPU 0 for all).
+    sets = [x for item in [*overrides, "model.device=auto"] for x in ("--set", item)]
+    half = ["--set", f"train.batch_size={TRAIN_BATCH // FSDP_GPUS}"]
+    for stage, extra in (("targets", []), ("train", half)):
+        cmd = [*launch, stage, "--run-dir", str(sharded), *sets, *extra]
+        print(f"  $ accelerate launch (FSDP2, {FSDP_GPUS} GPUs) ssb {stage}", flush=True)
+        run_logged(cmd, logs / f"fsdp2_{stage}.log", f"FSDP2 ssb {stage}")
+
+    index = json.loads((sharded / "targets" / "index.json").read_text())
+    one_log = [r["loss"] for r in read_jsonl(run / "train_log.jsonl") if "loss" in r]
+    two_log = [r["loss"] for r in read_jsonl(sharded / "train_log.jsonl") if "loss" in r]
+    one = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    two_path = sharded / "adapter" / "adapter_model.safetensors"
+    two = load_file(str(two_path)) if two_path.exists() else {}
+    details = {
+        "gpus": FSDP_GPUS,
+        "targets": len(index["examples"]),
+        "losses_one_gpu": one_log,
+        "losses_fsdp2": two_log,
+        "adapter_max_abs_diff": max(
+            (float((two[k].float() - one[k].float()).abs().max()) for k in one if k in two),
+            default=None,
+        ),
+    }
+    if set(index["examples"]) != {p["id"] for p in read_jsonl(run / "pairs.jsonl")}:
+        raise CheckFailed("the sharded target store does not hold exactly the pairs", details)
+    if {k: v.shape for k, v in two.items()} != {k: v.shape for k, v in one.items()}:
+        raise CheckFailed("the FSDP2 adapter's keys or shapes differ from one GPU's", details)
+    if len(two_log) != len(one_log) or not all(math.isfinite(x) for x in two_log):
+        raise CheckFailed(f"expected {len(one_log)} finite losses, got {two_log}", details)
+    if abs(two_log[0] - one_log[0]) > 0.1 * abs(one_log[0]):
+        raise CheckFailed("first-step loss differs from one GPU's by more than 10%", details)
+    return (
+        f"{FSDP_GPUS} GPUs: {len(index['examples'])} targets, loss {two_log[0]:.4g} -> "
+        f"{two_log[-1]:.4g} (one GPU {one_log[0]:.4g} -> {one_log[-1]:.4g}), adapter max |diff| "
+        f"{details['adapter_max_abs_diff']:.3g}"
+    ), details
+
+
+# --------------------------------------------------------------------------- 10. bench
 
 
 def check_bench(out: Path, device: str, logs: Path) -> tuple[str, dict[str, Any]]:
@@ -845,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     steps.run(
         "lora_tokens", lambda: check_lora_tokens(run, model_dir, out, s, device), needs=("train",)
     )
+    steps.run("fsdp2", lambda: check_fsdp2(out, run, overrides, logs, device), needs=("train",))
     steps.run("bench", lambda: check_bench(out, device, logs))
 
     total = time.perf_counter() - start

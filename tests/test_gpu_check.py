@@ -26,6 +26,7 @@ STEPS = [
     "train",
     "eval",
     "lora_tokens",
+    "fsdp2",
     "bench",
 ]
 
@@ -66,6 +67,9 @@ def test_gpu_check_cpu_form(tmp_path):
         assert model["ours"] == model["reference"]
         assert any(model["ours"]), name  # not identical by being empty
     assert lora["changed_vs_base"]["boosted"] > 0
+
+    # FSDP2 needs 2 GPUs: skipped on CPU, saying why.
+    assert "GPUs only" in steps["fsdp2"]["details"]["skipped"]
 
     # The bench's GPU section ran its CPU form; vLLM's figure is skipped, saying why.
     bench = steps["bench"]["details"]

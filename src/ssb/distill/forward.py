@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from torch.distributed.tensor import DTensor
 from transformers import DynamicCache
 
 from ssb.distill.losses import project_logits
 from ssb.generate.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from ssb.models import cache_kwarg, checkpointing_enabled
+from ssb.sharding import full_parameter
 
 
 @dataclass
@@ -56,16 +56,6 @@ def output_head(model: Any) -> OutputHead:
     softcap = getattr(config, "final_logit_softcapping", None)
     bias = None if head.bias is None else full_parameter(head.bias)
     return OutputHead(full_parameter(head.weight), bias, softcap)
-
-
-def full_parameter(param: torch.Tensor) -> torch.Tensor:
-    """`param` itself, or, when FSDP2 (`fully_shard`) holds it sharded (a DTensor, e.g. the
-    root module's lm_head once the forward has resharded it), the whole tensor all-gathered and
-    detached. The lm_head is frozen, so the loss needs its value, not a gradient for it. The
-    gather is a collective: every rank calls this the same number of times (once per loss)."""
-    if isinstance(param, DTensor):
-        return param.full_tensor().detach()
-    return param
 
 
 def final_hidden_states(

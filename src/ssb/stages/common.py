@@ -18,7 +18,7 @@ from peft import PeftModel
 from ssb.config import Config, to_dict
 from ssb.generate import select_backend
 from ssb.grading import gold_is_parseable
-from ssb.hardware import hardware_info, pick_dtype
+from ssb.hardware import hardware_info, pick_device, pick_dtype
 from ssb.identity import has_adapter, model_identity
 from ssb.models import load_model_and_tokenizer, load_tokenizer
 from ssb.prompts import ReplyFormat, reply_format
@@ -41,20 +41,28 @@ def _base_key(cfg: Config) -> str:
     return json.dumps(to_dict(cfg.model), sort_keys=True) + json.dumps(to_dict(cfg.prompt))
 
 
-def load_base(cfg: Config, rundir: RunDir | None = None) -> BaseModel:
-    """Load the frozen base model and tokenizer once per process (stages of `ssb run` share it)."""
+def load_base(cfg: Config, rundir: RunDir | None = None, to_shard: bool = False) -> BaseModel:
+    """Load the frozen base model and tokenizer once per process (stages of `ssb run` share it).
 
-    key = _base_key(cfg)
+    `to_shard` (an FSDP2 launch): the weights are loaded into host memory, in the dtype the
+    device computes in, and `fully_shard` then moves only this rank's shard of each parameter
+    onto the device: a 70B model does not fit one 80 GB GPU whole."""
+
+    key = _base_key(cfg) + (" on the host, to shard" if to_shard else "")
+    device = pick_device(cfg.model.device) if to_shard else None
     if key not in _LOADED:
         release_accelerator()  # keep one model in memory at a time
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        placement = (
+            {"device": "cpu", "dtype": pick_dtype(cfg.model.dtype, device)} if device else {}
+        )
+        model, tokenizer = load_model_and_tokenizer(cfg.model, **placement)
         model.eval()
         _LOADED[key] = BaseModel(model, tokenizer, reply_format(tokenizer, cfg.prompt))
     base = _LOADED[key]
     if rundir is not None:
         check_model_identity(rundir, cfg, base.tokenizer)
         param = next(base.model.parameters())
-        record_hardware(rundir, param.device, param.dtype)
+        record_hardware(rundir, device or param.device, param.dtype)
     return base
 
 

@@ -64,7 +64,7 @@ from ssb.stages.lora_training import (
     last_checkpoint,
     lora_config,
     restore_base,
-    save_adapter_atomically,
+    save_adapter,
     start_log,
     write_fingerprint,
 )
@@ -476,8 +476,7 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
             start_log(log_path, checkpoint)
             write_fingerprint(fingerprint_path, grpo_fingerprint(cfg))
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if trainer.is_world_process_zero():
-            save_adapter_atomically(trainer.model, rundir.grpo_adapter_dir)
+        save_adapter(trainer.model, rundir.grpo_adapter_dir, trainer.is_world_process_zero())
         trainer.accelerator.wait_for_everyone()
         summary = _summary(trainer, result, read_jsonl(log_path), rundir.grpo_adapter_dir)
         if checkpoint is not None:

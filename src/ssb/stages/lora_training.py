@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from ssb.config import Config, flatten
 from ssb.models import disable_checkpointing
 from ssb.rundir import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from ssb.sharding import is_sharded, trainable_state_dict
 
 
 def lora_config(cfg: Config) -> Any:
@@ -99,19 +100,36 @@ def start_log(log_path: Path, checkpoint: Path | None) -> None:
 # --------------------------------------------------------------------------- adapter and base
 
 
-def save_adapter_atomically(model: Any, target: Path) -> None:
+def save_adapter_atomically(
+    model: Any, target: Path, state_dict: dict[str, Any] | None = None
+) -> None:
     """`save_pretrained` into a temporary sibling, then swap it in with renames: a crash leaves
-    the old adapter or the new one, never half of one."""
+    the old adapter or the new one, never half of one. `state_dict`: the weights to write instead
+    of the model's own (whole tensors gathered from sharded ones, see `save_adapter`)."""
     tmp = target.parent / ".adapter.tmp"
     old = target.parent / ".adapter.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp))
+    if state_dict is None:
+        model.save_pretrained(str(tmp))
+    else:
+        model.save_pretrained(str(tmp), state_dict=state_dict)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model: Any, target: Path, is_main_process: bool) -> None:
+    """Write the trained adapter of the PEFT `model` to `target` once (by the main process), in
+    the same files whether the LoRA weights are whole on every rank (one process, DDP, ZeRO-2)
+    or sharded by FSDP2. Every rank must call it: under FSDP2 the LoRA weights are first gathered
+    into whole tensors on rank 0 (a collective; the frozen base is not gathered)."""
+
+    state_dict = trainable_state_dict(model) if is_sharded(model) else None
+    if is_main_process:
+        save_adapter_atomically(model, target, state_dict)
 
 
 def restore_base(

@@ -31,7 +31,8 @@ from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
 from ssb.identity import model_identity
 from ssb.prompts import render_prompt_ids
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.common import chunks, load_base, log, policy_model
+from ssb.sharding import FSDP2, is_sharded, launch_sharding, shard_for_scoring, shard_report
+from ssb.stages.common import chunks, load_base, log, policy_model, release_accelerator
 from ssb.target_modes import TARGET_MODES
 
 # Where each rank writes its share under `accelerate launch`, before rank 0 merges them.
@@ -100,8 +101,10 @@ def teacher_rows(model: Any, batch: list[dict[str, Any]], pad_id: int) -> list[t
     ids, mask = right_pad(full, pad_id)
     device = next(model.parameters()).device
     # The teacher prompts' shared few-shot prefix runs once per batch (exact; no gradients here,
-    # so this also holds under a multi-process launch).
-    n = shared_prompt_prefix(full, [len(prompt) for prompt, _ in seqs])
+    # so this also holds under a multi-process launch). Not on a sharded model: every forward
+    # is a sequence of collectives, so every rank must run one forward per batch.
+    sharded = is_sharded(model)
+    n = 0 if sharded else shared_prompt_prefix(full, [len(prompt) for prompt, _ in seqs])
     hidden = final_hidden_states(model, ids.to(device), mask.to(device), shared_prefix=n)
     # The hidden states start at position n: as if each prompt were n tokens shorter.
     return [
@@ -162,27 +165,36 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
             "bytes_per_reply_token": 0.0,
         }
 
-    base = load_base(cfg, rundir)
+    sharding = launch_sharding()  # refuses what ssb does not run (ZeRO-3, FSDP1)
+    base = load_base(cfg, rundir, to_shard=sharding == FSDP2)
     check_prompts(pairs, base.tokenizer, cfg)
     pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     with policy_model(cfg, base) as model:
         meta = targets_meta(cfg, model, base.tokenizer)
+        if sharding == FSDP2:
+            # Sharded in place: the shared base cannot be used unsharded again in this process.
+            model = shard_for_scoring(model)
+            release_accelerator("targets: the base is sharded")
 
-        def score(directory: Path, todo: list[dict[str, Any]]) -> int:
-            return score_into(directory, model, todo, pad_id, tcfg, meta, progress)
+        def score(directory: Path, todo: list[dict[str, Any]], **lockstep: Any) -> int:
+            return score_into(directory, model, todo, pad_id, tcfg, meta, progress, **lockstep)
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            scored = _score_distributed(rundir, pairs, tcfg, meta, score)
+            scored = _score_distributed(rundir, pairs, tcfg, meta, score, is_sharded(model))
         else:
             merge_parts(rundir.targets_dir, tcfg, meta)  # left by a killed multi-process run
             scored = score(rundir.targets_dir, pairs)
+        sharded = shard_report(model) if is_sharded(model) else None
     reader = TargetReader(rundir.targets_dir)
-    return {
+    summary = {
         "mode": tcfg.mode,
         "examples": len(reader.ids()),
         "scored": scored,
         "bytes_per_reply_token": round(reader.bytes_per_token(), 1),
     }
+    if sharded is not None:
+        summary["sharding"] = sharded  # this rank's share of the parameters
+    return summary
 
 
 def teacher_length(pair: dict[str, Any]) -> int:
@@ -198,12 +210,18 @@ def score_into(
     tcfg: Any,
     meta: dict[str, Any],
     progress: bool = True,
+    batches: int | None = None,
+    filler: dict[str, Any] | None = None,
 ) -> int:
     """Score the pairs the store in `directory` does not hold yet; returns how many it scored.
 
     The writer flushes every `shard_size` examples, and on the way out (an error or Ctrl-C
     included: every buffered example is complete), so a resumed run redoes only the batch that
-    was being scored."""
+    was being scored.
+
+    `batches` (a sharded model, whose forwards are collectives): run exactly that many batches,
+    scoring `filler` and discarding it once this rank's own pairs are done, so that every rank
+    runs as many forwards as the rank with the most pairs."""
     with TargetWriter(directory, mode=tcfg.mode, meta=meta, shard_size=tcfg.shard_size) as writer:
         for shard, lost in writer.drop_damaged_shards().items():
             log.warning(
@@ -213,12 +231,21 @@ def score_into(
         todo = [p for p in pairs if p["id"] not in done]
         todo.sort(key=teacher_length)  # length-sorted batches waste little compute on padding
         log.info("targets (%s): %d pairs, %d already stored", tcfg.mode, len(pairs), len(done))
+        own = chunks(todo, tcfg.batch_size)
+        if batches is not None and len(own) > batches:
+            raise RuntimeError(f"{len(own)} batches to score, more than the {batches} agreed")
         bar = tqdm(total=len(todo), desc="teacher targets", unit="ex", disable=not progress)
-        for batch in chunks(todo, tcfg.batch_size):
+        for batch in own:
             for pair, tensors in zip(batch, score_batch(model, batch, pad_id, tcfg.mode, meta)):
                 writer.add(pair["id"], teacher_sequence(pair)[1], tensors)
             bar.update(len(batch))
         bar.close()
+    idle = max((batches or 0) - len(own), 0)
+    if idle:
+        assert filler is not None
+        log.info("targets: %d idle batches, so every rank runs %d forwards", idle, batches)
+    for _ in range(idle):
+        score_batch(model, [filler], pad_id, tcfg.mode, meta)  # the other ranks' collectives
     return len(todo)
 
 
@@ -247,7 +274,8 @@ def _score_distributed(
     pairs: list[dict[str, Any]],
     tcfg: Any,
     meta: dict[str, Any],
-    score: Callable[[Path, list[dict[str, Any]]], int],
+    score: Callable[..., int],
+    sharded: bool = False,
 ) -> int:
 
     # Without GPUs the ranks form a gloo (MULTI_CPU) group only when asked to.
@@ -263,7 +291,13 @@ def _score_distributed(
     todo.sort(key=teacher_length)
     mine = todo[rank::world]
     log.info("targets: rank %d/%d scores %d of %d pairs", rank, world, len(mine), len(todo))
-    score(rundir.targets_dir / PARTS_DIR / f"rank{rank}", mine)
+    lockstep: dict[str, Any] = {}
+    if sharded and todo:
+        # Rank 0 holds the largest share (the parts were merged away above, so each rank scores
+        # its whole share); the others run idle batches up to its count.
+        most = len(todo[0::world])
+        lockstep = {"batches": -(-most // tcfg.batch_size), "filler": todo[0]}
+    score(rundir.targets_dir / PARTS_DIR / f"rank{rank}", mine, **lockstep)
     state.wait_for_everyone()
     if state.is_main_process:
         merge_parts(rundir.targets_dir, tcfg, meta)

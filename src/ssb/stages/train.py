@@ -4,8 +4,9 @@ The student sees `[plain prompt || reply + end token]` (the prompt rendered by t
 inference uses) and, at every position that predicts a reply token, is pulled towards the
 teacher's distribution from `[hinted prompt || reply + end token]` at the same reply token.
 
-`SSBTrainer` is a `transformers.Trainer`, so `accelerate launch` (DDP, FSDP, DeepSpeed),
-checkpointing, resume and `report_to` backends come from the ecosystem. What it adds:
+`SSBTrainer` is a `transformers.Trainer`, so `accelerate launch` (DDP, DeepSpeed ZeRO-2, FSDP2;
+ZeRO-3 is refused, see `ssb.sharding`), checkpointing, resume and `report_to` backends come from
+the ecosystem. What it adds:
 - the loss (`ssb.distill.losses.chunked_kd_loss`) over reply positions only, chunk by chunk;
 - normalisation by the number of reply tokens in the whole optimizer step, across gradient
   accumulation and processes (the collator exposes the per-position targets as `shift_labels`,
@@ -34,15 +35,24 @@ from ssb.distill.forward import (
 )
 from ssb.distill.losses import KDLossOutput, chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
+from ssb.hardware import pick_device
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.common import load_base, log
+from ssb.sharding import (
+    FSDP2,
+    full_parameter,
+    is_sharded,
+    launch_sharding,
+    requested_sharding,
+    shard_report,
+)
+from ssb.stages.common import load_base, log, release_accelerator
 from ssb.stages.lora_training import (
     JsonlLogCallback,
     check_resumable,
     last_checkpoint,
     lora_config,
     restore_base,
-    save_adapter_atomically,
+    save_adapter,
     start_log,
     write_fingerprint,
 )
@@ -154,7 +164,15 @@ def distillation_loss(
     at the reply positions against the batch's teacher targets (`target_mode`: the stored form,
     or "online": the same network with its adapter off), chunk by chunk (`chunked_kd_loss`).
     The caller normalises (`normalise`). `SSBTrainer.compute_loss` is the training caller;
-    `ssb bench` times this same function."""
+    `ssb bench` times this same function.
+
+    The output head under FSDP2: accelerate puts the lm_head (with the final norm, and the input
+    embeddings when tied) in an FSDP unit that stays gathered from the forward to the backward,
+    so `output_head` finds it whole and gathers nothing. Were it resharded (a DTensor),
+    `output_head` all-gathers it once per micro-batch. Either way one whole (V, H) head exists
+    per micro-batch, shared by every chunk of the loss (chunks split reply positions, and each
+    needs the whole vocabulary), and it is freed with the micro-batch's graph after the
+    backward; the (N, V) logits are only ever built one chunk at a time."""
     lc = loss_config
     prefix = int(inputs.get("shared_prefix", 0))
     if prefix and not can_share_prefix(model, num_processes):
@@ -277,6 +295,9 @@ class SSBTrainer(Trainer):
         every process: gradients are synced by then). Kept to log the interval's mean, where
         Trainer logs only the last step's."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # Under FSDP2 the norm of the sharded gradients comes back as a DTensor (replicated,
+        # already reduced over the ranks); logged as a plain tensor.
+        norm = full_parameter(norm) if torch.is_tensor(norm) else norm
         if norm is not None:
             self._step_grad_norms.append(norm.detach() if torch.is_tensor(norm) else norm)
         return norm
@@ -402,6 +423,10 @@ def make_trainer(
     """An SSBTrainer for a PEFT `model` (the LoRA student on the frozen base)."""
     check_head_frozen(model, cfg.targets.mode)
     device = next(model.parameters()).device
+    if requested_sharding() == FSDP2:
+        # Loaded on the host to be sharded (`load_base`): the Trainer computes on the device.
+
+        device = pick_device(cfg.model.device)
     collator = DistillCollator(
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         mode=cfg.targets.mode,
@@ -429,7 +454,13 @@ def student_model(cfg: Config, base_model: Any) -> Any:
     `model.adapter` set (iterated SSB), that adapter made trainable so training continues it."""
 
     if cfg.model.adapter is None:
-        return get_peft_model(base_model, lora_config(cfg))
+        # The new adapter's initial weights depend on the seed alone, not on what this process
+        # ran before, and are the same on every rank: FSDP2 shards each rank's own copy where
+        # it stands (there is no broadcast from rank 0 as under DDP).
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed)
+            return get_peft_model(base_model, lora_config(cfg))
     model = PeftModel.from_pretrained(base_model, cfg.model.adapter, is_trainable=True)
     lora = model.peft_config["default"]
     ours = cfg.train.lora
@@ -448,16 +479,24 @@ def student_model(cfg: Config, base_model: Any) -> Any:
 
 
 def run_train(
-    cfg: Config, rundir: RunDir, progress: bool = True, **overrides: Any
+    cfg: Config,
+    rundir: RunDir,
+    progress: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Train the student on `rundir`'s pairs (and targets); `overrides` go to TrainingArguments
-    (`ssb ablate` sets `max_steps`, the one step count of all its arms)."""
+    """Train the student and save `adapter/`; resumes from the newest complete checkpoint.
+    `callbacks`: extra TrainerCallbacks (a notebook's, a test's). `overrides` go to
+    TrainingArguments (`ssb ablate` sets `max_steps`, the one step count of all its arms). Under
+    an FSDP2 launch (`examples/accelerate_fsdp.yaml`) accelerate shards the base and the LoRA
+    weights over the processes; the adapter is still written once, in the same files."""
     check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
+    sharding = launch_sharding()  # refuses what ssb does not run (ZeRO-3, FSDP1)
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
-    base = load_base(cfg, rundir)
+    base = load_base(cfg, rundir, to_shard=sharding == FSDP2)
     tokenizer = base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
     reader = (
@@ -483,14 +522,21 @@ def run_train(
         # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
         # the frozen embeddings' outputs need not require grad.
         trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress, **overrides)
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
+        if sharding == FSDP2 and not trainer.accelerator.is_fsdp2:
+            raise RuntimeError(
+                f"the launch asks for FSDP2 but accelerate runs "
+                f"{trainer.accelerator.distributed_type} (accelerate 1.x runs FSDP on GPUs "
+                "only; on CPU it would silently train unsharded under DDP)"
+            )
         if trainer.is_world_process_zero():
             if checkpoint is not None:
                 log.info("train: resuming from %s", checkpoint)
             start_log(rundir.train_log_path, checkpoint)
             write_fingerprint(fingerprint_path, fingerprint)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if trainer.is_world_process_zero():
-            save_adapter_atomically(model, rundir.adapter_dir)
+        save_adapter(model, rundir.adapter_dir, trainer.is_world_process_zero())
         trainer.accelerator.wait_for_everyone()
         summary = {
             "steps": trainer.state.global_step,
@@ -498,6 +544,8 @@ def run_train(
             "train_loss": round(float(result.training_loss), 6),
             "adapter": str(rundir.adapter_dir),
         }
+        if is_sharded(model):
+            summary["sharding"] = shard_report(model)  # this rank's share of the parameters
         if checkpoint is not None:
             summary["resumed_from"] = checkpoint.name
         losses = [r["loss"] for r in read_jsonl(rundir.train_log_path) if "loss" in r]
@@ -505,7 +553,12 @@ def run_train(
             summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
         return summary
     finally:
-        restore_base(model, was_training=was_training, hooks_before=hooks_before)
+        if is_sharded(model):
+            # fully_shard changed the shared base in place (DTensor parameters, FSDP module
+            # classes); it cannot be given back as it was, so later stages load it afresh.
+            release_accelerator("after sharded training")
+        else:
+            restore_base(model, was_training=was_training, hooks_before=hooks_before)
 
 
 # What a checkpoint's optimizer state and step count depend on; logging, saving and the number
