@@ -35,7 +35,8 @@ from ssb.stages.train import run_train
 from ssb.trackers import check_report_to, report_eval
 
 
-def _run(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def run_stage(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one stage `fn` as `name` in the manifest (status, wall time, its summary)."""
     start = time.time()
     with rundir.stage(name) as summary:
         summary.update(fn())
@@ -56,9 +57,13 @@ def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
     target = cfg.bootstrap.target_pairs
     if target is None or cfg.data.max_problems is not None:
         out = {
-            "rollout": _run(rundir, "rollout", lambda: run_rollout(cfg, rundir, problems, progress))
+            "rollout": run_stage(
+                rundir, "rollout", lambda: run_rollout(cfg, rundir, problems, progress)
+            )
         }
-        out["bootstrap"] = _run(rundir, "bootstrap", lambda: run_bootstrap(cfg, rundir, progress))
+        out["bootstrap"] = run_stage(
+            rundir, "bootstrap", lambda: run_bootstrap(cfg, rundir, progress)
+        )
         rundir.update_manifest(problems_scanned=len(problems))
         return out
     block = max(64, target)
@@ -67,10 +72,12 @@ def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
     while scanned < len(problems):
         scanned = min(len(problems), scanned + block)
         head = problems[:scanned]
-        out["rollout"] = _run(
+        out["rollout"] = run_stage(
             rundir, "rollout", lambda head=head: run_rollout(cfg, rundir, head, progress)
         )
-        out["bootstrap"] = _run(rundir, "bootstrap", lambda: run_bootstrap(cfg, rundir, progress))
+        out["bootstrap"] = run_stage(
+            rundir, "bootstrap", lambda: run_bootstrap(cfg, rundir, progress)
+        )
         kept = funnel(rundir)["kept"]
         log.info("scanned %d/%d problems, %d/%d pairs kept", scanned, len(problems), kept, target)
         if kept >= target:
@@ -110,11 +117,11 @@ def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     if cfg.model.adapter is not None and funnel(rundir)["kept"] == 0:
         # A later round with nothing to learn from (round 1 fails in train, saying so).
         return {**out, "stopped": "no pairs kept"}
-    out["targets"] = _run(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
+    out["targets"] = run_stage(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
     if rundir.is_complete("train") and rundir.adapter_dir.exists():
         log.info("train: already complete, adapter in %s", rundir.adapter_dir)
     else:
-        out["train"] = _run(rundir, "train", lambda: run_train(cfg, rundir, progress))
+        out["train"] = run_stage(rundir, "train", lambda: run_train(cfg, rundir, progress))
     return out
 
 
@@ -148,7 +155,7 @@ def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
         if rundir.is_complete("grpo"):
             log.info("grpo: already complete")
         else:
-            out["grpo"] = _run(rundir, "grpo", lambda: run_grpo(cfg, rundir, progress))
-    out["eval"] = _run(rundir, "eval", lambda: run_eval_stage(cfg, rundir, progress))
-    out["report"] = _run(rundir, "report", lambda: {"report": str(write_report(rundir, cfg))})
+            out["grpo"] = run_stage(rundir, "grpo", lambda: run_grpo(cfg, rundir, progress))
+    out["eval"] = run_stage(rundir, "eval", lambda: run_eval_stage(cfg, rundir, progress))
+    out["report"] = run_stage(rundir, "report", lambda: {"report": str(write_report(rundir, cfg))})
     return out
