@@ -37,7 +37,7 @@ from ssb.identity import has_adapter
 from ssb.rundir import AblationDir, ArmDir, RunDir, atomic_write_json, read_jsonl
 from ssb.stages.common import log
 from ssb.stages.evaluate import run_eval
-from ssb.stages.pipeline import generate_pairs, run_stage
+from ssb.stages.pipeline import generate_pairs, run_and_record
 from ssb.stages.targets import run_targets
 
 # The run's stages whose output each kind of arm trains from (its data cost).
@@ -55,7 +55,7 @@ def prepare_run(cfg: Config, rundir: RunDir, arms: list[Arm], progress: bool = T
 
     generate_pairs(cfg, rundir, progress)
     if any(a.kind == "ssb" and a.context is None for a in arms) and needs_stored_targets(cfg):
-        run_stage(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
+        run_and_record(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
 
 
 def finished(armdir: ArmDir, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ from ssb.stages.train import run_train
 from ssb.trackers import check_report_to, report_eval
 
 
-def run_stage(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def run_and_record(rundir: RunDir, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one stage `fn` as `name` in the manifest (status, wall time, its summary)."""
     start = time.time()
     with rundir.stage(name) as summary:
@@ -57,11 +57,11 @@ def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
     target = cfg.bootstrap.target_pairs
     if target is None or cfg.data.max_problems is not None:
         out = {
-            "rollout": run_stage(
+            "rollout": run_and_record(
                 rundir, "rollout", lambda: run_rollout(cfg, rundir, problems, progress)
             )
         }
-        out["bootstrap"] = run_stage(
+        out["bootstrap"] = run_and_record(
             rundir, "bootstrap", lambda: run_bootstrap(cfg, rundir, progress)
         )
         rundir.update_manifest(problems_scanned=len(problems))
@@ -72,10 +72,10 @@ def generate_pairs(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
     while scanned < len(problems):
         scanned = min(len(problems), scanned + block)
         head = problems[:scanned]
-        out["rollout"] = run_stage(
+        out["rollout"] = run_and_record(
             rundir, "rollout", lambda head=head: run_rollout(cfg, rundir, head, progress)
         )
-        out["bootstrap"] = run_stage(
+        out["bootstrap"] = run_and_record(
             rundir, "bootstrap", lambda: run_bootstrap(cfg, rundir, progress)
         )
         kept = funnel(rundir)["kept"]
@@ -117,11 +117,11 @@ def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     if cfg.model.adapter is not None and funnel(rundir)["kept"] == 0:
         # A later round with nothing to learn from (round 1 fails in train, saying so).
         return {**out, "stopped": "no pairs kept"}
-    out["targets"] = run_stage(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
+    out["targets"] = run_and_record(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
     if rundir.is_complete("train") and rundir.adapter_dir.exists():
         log.info("train: already complete, adapter in %s", rundir.adapter_dir)
     else:
-        out["train"] = run_stage(rundir, "train", lambda: run_train(cfg, rundir, progress))
+        out["train"] = run_and_record(rundir, "train", lambda: run_train(cfg, rundir, progress))
     return out
 
 
@@ -155,7 +155,9 @@ def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
         if rundir.is_complete("grpo"):
             log.info("grpo: already complete")
         else:
-            out["grpo"] = run_stage(rundir, "grpo", lambda: run_grpo(cfg, rundir, progress))
-    out["eval"] = run_stage(rundir, "eval", lambda: run_eval_stage(cfg, rundir, progress))
-    out["report"] = run_stage(rundir, "report", lambda: {"report": str(write_report(rundir, cfg))})
+            out["grpo"] = run_and_record(rundir, "grpo", lambda: run_grpo(cfg, rundir, progress))
+    out["eval"] = run_and_record(rundir, "eval", lambda: run_eval_stage(cfg, rundir, progress))
+    out["report"] = run_and_record(
+        rundir, "report", lambda: {"report": str(write_report(rundir, cfg))}
+    )
     return out
