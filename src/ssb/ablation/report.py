@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ssb.report.data import training_series
+from ssb.report.formatting import pct, pct_interval, table
 from ssb.report.plots import figure, save_png
 from ssb.rundir import AblationDir, RunDir, atomic_write_text, read_jsonl
 from ssb.stages.eval_setup import bench_slug
@@ -21,14 +22,6 @@ def _fmt(template: str, x: float | None) -> str:
     return "n/a" if x is None else template.format(x)
 
 
-def _pct(x: float | None) -> str:
-    return _fmt("{:.1%}", x)
-
-
-def _interval(iv: list[float] | None) -> str:
-    return "" if not iv else f"[{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]"
-
-
 def _diff(c: dict[str, Any] | None) -> str:
     if not c or c.get("diff") is None:
         return "n/a"
@@ -37,11 +30,6 @@ def _diff(c: dict[str, Any] | None) -> str:
         f"{100 * c['diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}], "
         f"{c['wins']}/{c['losses']}, p={c['mcnemar_p']:.3g}"
     )
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None:
@@ -58,8 +46,8 @@ def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None
         ax.set_visible(False)
     for ax, arm in zip(axes, arms):
         for seed in summary["arms"][arm]["seeds"]:
-            path = ablation.path / arm / f"seed{seed}" / "train_log.jsonl"
-            series = training_series(read_jsonl(path)).get("loss")
+            arm_dir = ablation.arm_dir(arm, int(seed), ablation.run)
+            series = training_series(read_jsonl(arm_dir.train_log_path)).get("loss")
             if series:
                 ax.plot(*series, marker="o" if len(series[0]) < 30 else None, ms=2, label=seed)
         kind = summary["arms"][arm]["kind"]
@@ -90,7 +78,7 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
         lines += [
             f"{level}# {bench_slug(bench)}",
             "",
-            f"Base: {_pct(base.get('accuracy'))} {_interval(base.get('interval'))} "
+            f"Base: {pct(base.get('accuracy'))} {pct_interval(base.get('interval'))} "
             f"(n = {base.get('n')}). Across seeds: mean ± sample sd [min, max] of the seeds' "
             "accuracies; pooled: each problem's score averaged over the seeds, paired "
             "(difference [95% bootstrap], wins/losses, p of the sign test).",
@@ -100,8 +88,8 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
         for arm, entry in summary["arms"].items():
             across = entry["across_seeds"].get(bench)
             per_seed = "; ".join(
-                f"{seed}: {_pct(s['results'][bench]['accuracy'])} "
-                f"{_interval(s['results'][bench]['interval'])}"
+                f"{seed}: {pct(s['results'][bench]['accuracy'])} "
+                f"{pct_interval(s['results'][bench]['interval'])}"
                 for seed, s in entry["seeds"].items()
                 if bench in s["results"]
             )
@@ -112,8 +100,8 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
                 [
                     arm,
                     per_seed,
-                    f"{_pct(across['mean'])} ± {100 * across['std']:.1f} "
-                    f"[{_pct(across['min'])}, {_pct(across['max'])}]",
+                    f"{pct(across['mean'])} ± {100 * across['std']:.1f} "
+                    f"[{pct(across['min'])}, {pct(across['max'])}]",
                     _diff(across.get("pooled_vs_base")),
                     _diff(across.get("pooled_vs_ssb")),
                 ]
@@ -125,7 +113,7 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
             "pooled vs base",
             "pooled vs ssb",
         ]
-        lines += _table(header, rows) + [""]
+        lines += table(header, rows) + [""]
         rows = []
         for arm, entry in summary["arms"].items():
             for seed, s in entry["seeds"].items():
@@ -136,7 +124,7 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
             "Per seed, paired (difference [95% bootstrap], wins/losses, exact McNemar p):",
             "",
         ]
-        lines += _table(["arm", "seed", "vs base", "vs ssb (same seed)"], rows) + [""]
+        lines += table(["arm", "seed", "vs base", "vs ssb (same seed)"], rows) + [""]
     rows = []
     for arm, entry in summary["arms"].items():
         cost = entry.get("cost") or {}
@@ -146,7 +134,7 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
             [
                 arm,
                 str(data.get("examples", "n/a")),
-                _pct(yield_) if yield_ is not None else "",
+                pct(yield_) if yield_ is not None else "",
                 _fmt("{:.0f}", cost.get("train_seconds_mean")),
                 _fmt("{:.0f}", cost.get("generated_tokens_mean")),
                 _fmt("{:.0f}", cost.get("teacher_forwards_mean")),
@@ -172,7 +160,7 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
         "data stages",
         "data s",
     ]
-    lines += _table(header, rows) + [""]
+    lines += table(header, rows) + [""]
     if plot:
         lines += [f"![training dynamics of every arm]({plot})", ""]
     return lines
