@@ -159,7 +159,8 @@ def test_merge_parts_keeps_order_skips_held_records_and_honours_a_limit(tmp_path
     append_jsonl(rundir.rank_part(final, 0), [{"id": "e", "v": 2}, {"id": "a", "v": 3}])
     order = ["a", "b", "c", "d", "e"]
     assert merge_parts(rundir, final, order, limit=2) == 2
-    assert read_jsonl(final) == [{"id": "b", "v": 0}, {"id": "a", "v": 3}, {"id": "d", "v": 1}]
+    # In problem order, whatever the file held before ("b" was merged by an earlier launch).
+    assert read_jsonl(final) == [{"id": "a", "v": 3}, {"id": "b", "v": 0}, {"id": "d", "v": 1}]
     assert rundir.rank_parts(final) == []
     assert merge_parts(rundir, final, order) == 0  # nothing left: a repeat is harmless
 
@@ -181,3 +182,36 @@ def test_each_local_rank_gets_its_own_gpus_for_vllm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     gpus_for_this_rank(8)  # no launch: untouched
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5"
+
+
+def test_a_merge_after_a_killed_launch_keeps_problem_order(tmp_path):
+    """Rank 1 wrote its first problems before the launch died, rank 0 nothing: the next launch
+    merges rank 1's records first, then rank 0's earlier problems; the file must still read in
+    problem order, as one process writes it (the race behind a flaky two-process test)."""
+    from ssb.stages.ranks import merge_parts
+
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    final = rundir.rollouts_path
+    order = [f"p{i}" for i in range(6)]
+
+    def part(rank: int, ids: list[int]) -> None:
+        append_jsonl(rundir.rank_part(final, rank), [{"id": f"p{i}", "rank": rank} for i in ids])
+
+    part(1, [1, 3])
+    assert merge_parts(rundir, final, order) == 2  # the leftovers of the killed launch
+    assert [r["id"] for r in read_jsonl(final)] == ["p1", "p3"]
+    part(0, [0, 2, 4])
+    part(1, [5])
+    assert merge_parts(rundir, final, order) == 4
+    assert [r["id"] for r in read_jsonl(final)] == order
+    assert not rundir.rank_parts(final)
+    # The usual case appends: records after all held ones leave the file's bytes before them.
+    before = final.read_bytes()
+    part(0, [6])
+    assert merge_parts(rundir, final, [*order, "p6"]) == 1
+    assert final.read_bytes().startswith(before)
+    # Repeating a merge adds nothing (a crash between appending and deleting the parts).
+    part(0, [2])
+    assert merge_parts(rundir, final, [*order, "p6"]) == 0
+    assert [r["id"] for r in read_jsonl(final)] == [*order, "p6"]

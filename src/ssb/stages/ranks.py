@@ -13,6 +13,7 @@ vLLM, on its batch; transformers' batched numerics may move a low bit with other
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from ssb.rundir import RunDir, append_jsonl, read_jsonl
+from ssb.rundir import RunDir, append_jsonl, atomic_write_text, read_jsonl
 
 log = logging.getLogger("ssb")
 
@@ -70,23 +71,39 @@ def merge_parts(
     limit: int | None = None,
     keep: Callable[[dict[str, Any]], bool] | None = None,
 ) -> int:
-    """Append to `final` the records of every rank's part of it that `final` does not hold yet
-    (by id), in `order` (problem ids), then delete the parts; returns how many were appended.
-    `keep` filters the records, `limit` keeps only the first ones (in `order`). Safe to repeat
-    after a crash: records already appended are skipped."""
+    """Add to `final` the records of every rank's part of it that `final` does not hold yet
+    (by id), keeping `final` in `order` (problem ids) as one process writes it, then delete the
+    parts; returns how many were added. `keep` filters the records, `limit` keeps only the first
+    ones (in `order`). Safe to repeat after a crash: records already merged are skipped.
+
+    Usually the new records all come after those `final` holds and are appended. After a killed
+    launch they may not (a rank that died early left a gap that a later launch fills): then
+    `final` is rewritten in order, atomically."""
     parts = rundir.rank_parts(final)
     if not parts:
         return 0
-    held = {str(r["id"]) for r in read_jsonl(final)}
+    existing = read_jsonl(final)
+    held = {str(r["id"]) for r in existing}
     position = {str(pid): i for i, pid in enumerate(order)}
+
+    def place(record: dict[str, Any]) -> int:
+        return position.get(str(record["id"]), len(position))
+
     new: dict[str, dict[str, Any]] = {}
     for part in parts:
         for record in read_jsonl(part):
             key = str(record["id"])
             if key not in held and (keep is None or keep(record)):
                 new.setdefault(key, record)
-    records = sorted(new.values(), key=lambda r: position.get(str(r["id"]), len(position)))
-    appended = append_jsonl(final, records if limit is None else records[:limit])
+    records = sorted(new.values(), key=place)
+    records = records if limit is None else records[:limit]
+    last_held = max((place(r) for r in existing), default=-1)
+    if all(place(r) > last_held for r in records):
+        appended = append_jsonl(final, records)
+    else:
+        merged = sorted([*existing, *records], key=place)  # stable: ties keep their order
+        atomic_write_text(final, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+        appended = len(records)
     for part in parts:
         part.unlink()
     if appended:

@@ -182,7 +182,7 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             scored = _score_distributed(rundir, pairs, tcfg, meta, score, is_sharded(model))
         else:
-            merge_parts(rundir.targets_dir, tcfg, meta)  # left by a killed multi-process run
+            merge_target_parts(rundir.targets_dir, tcfg, meta)  # left by a killed multi-process run
             scored = score(rundir.targets_dir, pairs)
         sharded = shard_report(model) if is_sharded(model) else None
     reader = TargetReader(rundir.targets_dir)
@@ -249,7 +249,7 @@ def score_into(
     return len(todo)
 
 
-def merge_parts(targets_dir: Path, tcfg: Any, meta: dict[str, Any]) -> int:
+def merge_target_parts(targets_dir: Path, tcfg: Any, meta: dict[str, Any]) -> int:
     """Move every rank's part store into the main one (then delete the parts); returns the
     number of examples copied. Safe to repeat after a crash: copied examples are skipped."""
     parts = targets_dir / PARTS_DIR
@@ -282,7 +282,7 @@ def _score_distributed(
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     if state.is_main_process:
-        merge_parts(rundir.targets_dir, tcfg, meta)  # parts a killed run left behind
+        merge_target_parts(rundir.targets_dir, tcfg, meta)  # parts a killed run left behind
     state.wait_for_everyone()
     stored = (rundir.targets_dir / INDEX_NAME).exists()
     done = set(TargetReader(rundir.targets_dir).ids()) if stored else set()
@@ -300,6 +300,6 @@ def _score_distributed(
     score(rundir.targets_dir / PARTS_DIR / f"rank{rank}", mine, **lockstep)
     state.wait_for_everyone()
     if state.is_main_process:
-        merge_parts(rundir.targets_dir, tcfg, meta)
+        merge_target_parts(rundir.targets_dir, tcfg, meta)
     state.wait_for_everyone()
     return len(todo)
