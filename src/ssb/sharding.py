@@ -222,16 +222,12 @@ def size_zero3_as_transformers(accelerator: Any) -> None:
         zero.setdefault(key, "auto")
 
 
-def zero3_for_scoring(model: Any) -> Any:
-    """A DeepSpeed ZeRO-3 engine around the frozen `model` (no optimizer: DeepSpeed's ZeRO
-    inference), its parameters partitioned in place. The partitioning and offload settings are
-    the launch's (accelerate's DeepSpeed plugin reads them from the config), with the defaults
-    transformers gives a Trainer; the batch size is DeepSpeed's bookkeeping only. The engine's
-    forward is the model's, with DeepSpeed gathering each module's parameters around it."""
-    import deepspeed  # noqa: PLC0415 -- optional; only a ZeRO-3 launch gets here
-
+def _zero3_config(model: Any) -> dict[str, Any]:
+    """A DeepSpeed config for partitioning `model` outside the Trainer: the launch's ZeRO
+    settings (accelerate's DeepSpeed plugin reads them from its config) with the sizes the
+    Trainer would fill in (`zero3_sizes`); the batch size is DeepSpeed's bookkeeping only."""
     zero = dict(DeepSpeedPlugin().deepspeed_config["zero_optimization"])
-    # Nothing is trained or saved here.
+    # The optimizer's offload is the Trainer's business; saving is ssb's (`save_adapter`).
     for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
         zero.pop(key, None)
     hidden = int(model.config.get_text_config().hidden_size)
@@ -239,15 +235,40 @@ def zero3_for_scoring(model: Any) -> Any:
         if zero.get(key, "auto") == "auto":
             zero[key] = value
     dtype = next(model.parameters()).dtype
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        config={
-            "train_micro_batch_size_per_gpu": 1,
-            "zero_optimization": zero,
-            "bf16": {"enabled": dtype == torch.bfloat16},
-            "fp16": {"enabled": dtype == torch.float16},
-            "steps_per_print": 2**62,
-        },
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 2**62,
+    }
+
+
+def partition_for_zero3(model: Any) -> None:
+    """Partition `model`'s parameters in place with `deepspeed.zero.Init(module=...)`: one
+    parameter at a time is moved to this rank's device, broadcast from rank 0 and cut to this
+    rank's slice. ssb loads the base whole into host memory (`load_base(to_shard=True)`); left
+    whole, DeepSpeed's engine would first move the whole model onto the device
+    (`module.to(device)`, skipped only for a model already partitioned), which a base larger
+    than one GPU does not survive. A collective: every rank calls it."""
+    import deepspeed  # noqa: PLC0415 -- optional; only a ZeRO-3 launch gets here
+
+    dtype = next(model.parameters()).dtype
+    config = _zero3_config(model)
+    # mem_efficient_linear would replace torch.nn.functional.linear for the whole process.
+    deepspeed.zero.Init(
+        module=model, config_dict_or_path=config, dtype=dtype, mem_efficient_linear=False
     )
+
+
+def zero3_for_scoring(model: Any) -> Any:
+    """A DeepSpeed ZeRO-3 engine around the frozen `model` (no optimizer: DeepSpeed's ZeRO
+    inference), its parameters partitioned in place first (`partition_for_zero3`). The engine's
+    forward is the model's, with DeepSpeed gathering each module's parameters around it."""
+    import deepspeed  # noqa: PLC0415 -- optional; only a ZeRO-3 launch gets here
+
+    config = _zero3_config(model)
+    partition_for_zero3(model)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine

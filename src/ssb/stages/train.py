@@ -44,6 +44,7 @@ from ssb.sharding import (
     full_parameter,
     is_sharded,
     launch_sharding,
+    partition_for_zero3,
     requested_sharding,
     shard_report,
     size_zero3_as_transformers,
@@ -524,6 +525,10 @@ def run_train(
     hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
     model = student_model(cfg, base.model)
     try:
+        if sharding == ZERO3:
+            # Partitioned now, one parameter at a time, rather than moved whole onto the device
+            # when the Trainer starts DeepSpeed.
+            partition_for_zero3(model)
         # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
         # the frozen embeddings' outputs need not require grad.
         trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress, **overrides)
