@@ -39,8 +39,8 @@ def requested_sharding() -> str | None:
     (one process, DDP, ZeRO-1/2: every rank holds the whole model)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return FSDP2 if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return "zero3" if deepspeed_zero_stage() == 3 else None
+    if deepspeed_launch():
+        return ZERO3 if deepspeed_zero_stage() == 3 else None
     return None
 
 
