@@ -206,7 +206,10 @@ TRAIN = ["targets.mode=hidden", "train.save_steps=1", "train.gradient_checkpoint
 
 
 @pytest.mark.slow  # 32 s on 2 quiet CPU cores, 53 s when they are shared
-def test_train_under_zero3_killed_and_resumed_matches_one_process(tmp_path, launch_stage):  # noqa: F811
+def test_train_under_zero3_killed_and_resumed_matches_one_process(
+    tmp_path,
+    launch_stage,  # noqa: F811 -- the fixture imported above
+):
     """6 pairs, 3 optimizer steps of 2 pairs (one process, batch 2; two ranks, batch 1 each).
     The partitioned run is killed after checkpoint-1 and resumed from it (DeepSpeed's own
     checkpoint); its loss curve and saved adapter equal one process's uninterrupted run."""

@@ -495,7 +495,8 @@ def run_train(
     `callbacks`: extra TrainerCallbacks (a notebook's, a test's). `overrides` go to
     TrainingArguments (`ssb ablate` sets `max_steps`, the one step count of all its arms). Under
     an FSDP2 or ZeRO-3 launch (`examples/accelerate_fsdp.yaml`, `examples/accelerate_zero3.yaml`)
-    accelerate shards the base and the LoRA weights over the processes; the adapter is still written once, in the same files."""
+    the base and the LoRA weights are sharded over the processes; the adapter is still written
+    once, in the same files."""
     check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
     sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
@@ -571,7 +572,8 @@ def run_train(
     finally:
         if is_sharded(model):
             # fully_shard / ZeRO-3 changed the shared base in place (DTensor or partitioned
-            # parameters, FSDP module classes, DeepSpeed hooks); it cannot be given back as it was, so later stages load it afresh.
+            # parameters, FSDP module classes, DeepSpeed hooks); it cannot be given back as it
+            # was, so later stages load it afresh.
             release_accelerator("after sharded training")
         else:
             restore_base(model, was_training=was_training, hooks_before=hooks_before)
