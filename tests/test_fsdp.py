@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -140,6 +141,10 @@ sys.path.insert(0, sys.argv[1])
 from fsdp_on_cpu import allow_fsdp_on_cpu
 
 allow_fsdp_on_cpu()
+if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    from deepspeed_on_cpu import allow_deepspeed_on_cpu
+
+    allow_deepspeed_on_cpu()
 import torch.distributed as dist
 from transformers import TrainerCallback
 
@@ -177,12 +182,12 @@ os._exit(0)
 """
 
 
-def fsdp_launch(accelerate: str) -> list[str]:
-    """`accelerate launch` with the FSDP2 example config, two processes on this machine."""
+def example_launch(accelerate: str, config: str) -> list[str]:
+    """`accelerate launch` with an example config, two processes on this machine."""
     return [
         accelerate,
         "launch",
-        f"--config_file={EXAMPLES / 'accelerate_fsdp.yaml'}",
+        f"--config_file={EXAMPLES / config}",
         "--num_processes=2",
         "--num_machines=1",
         "--dynamo_backend=no",
@@ -198,11 +203,11 @@ def launch_stage(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text(STAGE_SCRIPT)
 
-    def run(stage, model_dir, run_dir, overrides, **env):
+    def run(stage, model_dir, run_dir, overrides, config="accelerate_fsdp.yaml", **env):
         args = [str(script), str(TESTS), stage, str(model_dir), str(run_dir), json.dumps(overrides)]
         full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **env)
         return subprocess.run(
-            fsdp_launch(accelerate) + args,
+            example_launch(accelerate, config) + args,
             env=full_env,
             timeout=HANG_GUARD_S,
             capture_output=True,
@@ -309,15 +314,22 @@ def test_train_under_fsdp2_killed_and_resumed_matches_one_process(tmp_path, laun
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
+DEEPSPEED_MISSING = importlib.util.find_spec("deepspeed") is None
+
+
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3"),
+        pytest.param(
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "deepspeed is not installed",
+            marks=pytest.mark.skipif(not DEEPSPEED_MISSING, reason="deepspeed is installed"),
+        ),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP2 only"),
     ],
 )
-def test_untested_sharding_is_refused_before_loading(tmp_path, monkeypatch, env, message):
-    """ZeRO-3 (its head gather has never run) and FSDP1 stop `ssb targets` and `ssb train` with
+def test_unsupported_sharding_is_refused_before_loading(tmp_path, monkeypatch, env, message):
+    """FSDP1, and ZeRO-3 without deepspeed installed, stop `ssb targets` and `ssb train` with
     the reason, before a model is loaded; ZeRO-2 and FSDP2 do not."""
     from ssb.sharding import launch_sharding
 
@@ -325,7 +337,7 @@ def test_untested_sharding_is_refused_before_loading(tmp_path, monkeypatch, env,
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     for stage in (run_targets, run_train):
-        with pytest.raises((NotImplementedError, ValueError), match=message):
+        with pytest.raises((ImportError, ValueError), match=message):
             stage(cfg, rundir, progress=False)
     assert not (rundir.targets_dir / "index.json").exists()
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")

@@ -44,9 +44,10 @@ def _base_key(cfg: Config) -> str:
 def load_base(cfg: Config, rundir: RunDir | None = None, to_shard: bool = False) -> BaseModel:
     """Load the frozen base model and tokenizer once per process (stages of `ssb run` share it).
 
-    `to_shard` (an FSDP2 launch): the weights are loaded into host memory, in the dtype the
-    device computes in, and `fully_shard` then moves only this rank's shard of each parameter
-    onto the device: a 70B model does not fit one 80 GB GPU whole."""
+    `to_shard` (an FSDP2 or ZeRO-3 launch): the weights are loaded into host memory, in the
+    dtype the device computes in, and `fully_shard` or `deepspeed.zero.Init` then moves only
+    this rank's shard of each parameter onto the device: a 70B model does not fit one 80 GB GPU
+    whole."""
 
     key = _base_key(cfg) + (" on the host, to shard" if to_shard else "")
     device = pick_device(cfg.model.device) if to_shard else None

@@ -31,7 +31,7 @@ from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
 from ssb.identity import model_identity
 from ssb.prompts import render_prompt_ids
 from ssb.rundir import RunDir, read_jsonl
-from ssb.sharding import FSDP2, is_sharded, launch_sharding, shard_for_scoring, shard_report
+from ssb.sharding import is_sharded, launch_sharding, shard_for_scoring, shard_report
 from ssb.stages.common import chunks, load_base, log, policy_model, release_accelerator
 from ssb.target_modes import TARGET_MODES
 
@@ -165,13 +165,13 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
             "bytes_per_reply_token": 0.0,
         }
 
-    sharding = launch_sharding()  # refuses what ssb does not run (ZeRO-3, FSDP1)
-    base = load_base(cfg, rundir, to_shard=sharding == FSDP2)
+    sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
+    base = load_base(cfg, rundir, to_shard=sharding is not None)
     check_prompts(pairs, base.tokenizer, cfg)
     pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     with policy_model(cfg, base) as model:
         meta = targets_meta(cfg, model, base.tokenizer)
-        if sharding == FSDP2:
+        if sharding is not None:
             # Sharded in place: the shared base cannot be used unsharded again in this process.
             model = shard_for_scoring(model)
             release_accelerator("targets: the base is sharded")

@@ -4,8 +4,8 @@ The student sees `[plain prompt || reply + end token]` (the prompt rendered by t
 inference uses) and, at every position that predicts a reply token, is pulled towards the
 teacher's distribution from `[hinted prompt || reply + end token]` at the same reply token.
 
-`SSBTrainer` is a `transformers.Trainer`, so `accelerate launch` (DDP, DeepSpeed ZeRO-2, FSDP2;
-ZeRO-3 is refused, see `ssb.sharding`), checkpointing, resume and `report_to` backends come from
+`SSBTrainer` is a `transformers.Trainer`, so `accelerate launch` (DDP, DeepSpeed ZeRO-2 and
+ZeRO-3, FSDP2; see `ssb.sharding`), checkpointing, resume and `report_to` backends come from
 the ecosystem. What it adds:
 - the loss (`ssb.distill.losses.chunked_kd_loss`) over reply positions only, chunk by chunk;
 - normalisation by the number of reply tokens in the whole optimizer step, across gradient
@@ -39,11 +39,15 @@ from ssb.hardware import pick_device
 from ssb.rundir import RunDir, read_jsonl
 from ssb.sharding import (
     FSDP2,
+    ZERO3,
+    deepspeed_launch,
     full_parameter,
     is_sharded,
     launch_sharding,
+    partition_for_zero3,
     requested_sharding,
     shard_report,
+    size_zero3_as_transformers,
 )
 from ssb.stages.common import load_base, log, release_accelerator
 from ssb.stages.lora_training import (
@@ -166,7 +170,9 @@ def distillation_loss(
     The caller normalises (`normalise`). `SSBTrainer.compute_loss` is the training caller;
     `ssb bench` times this same function.
 
-    The output head under FSDP2: accelerate puts the lm_head (with the final norm, and the input
+    The output head under ZeRO-3 is partitioned and released after the forward:
+    `output_head` gathers it with `deepspeed.zero.GatheredParameters` and copies it out, once per
+    micro-batch. Under FSDP2 accelerate puts the lm_head (with the final norm, and the input
     embeddings when tied) in an FSDP unit that stays gathered from the forward to the backward,
     so `output_head` finds it whole and gathers nothing. Were it resharded (a DTensor),
     `output_head` all-gathers it once per micro-batch. Either way one whole (V, H) head exists
@@ -402,7 +408,8 @@ def training_arguments(
         remove_unused_columns=False,
         # Normalise by the reply tokens of all processes (see SSBTrainer.compute_loss).
         average_tokens_across_devices=True,
-        use_cpu=device.type == "cpu",
+        # Not under DeepSpeed: on CPU processes accelerate would then run plain DDP instead.
+        use_cpu=device.type == "cpu" and not deepspeed_launch(),
         dataloader_num_workers=0,
         disable_tqdm=not progress,
     )
@@ -423,9 +430,8 @@ def make_trainer(
     """An SSBTrainer for a PEFT `model` (the LoRA student on the frozen base)."""
     check_head_frozen(model, cfg.targets.mode)
     device = next(model.parameters()).device
-    if requested_sharding() == FSDP2:
+    if requested_sharding() is not None:
         # Loaded on the host to be sharded (`load_base`): the Trainer computes on the device.
-
         device = pick_device(cfg.model.device)
     collator = DistillCollator(
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -488,15 +494,16 @@ def run_train(
     """Train the student and save `adapter/`; resumes from the newest complete checkpoint.
     `callbacks`: extra TrainerCallbacks (a notebook's, a test's). `overrides` go to
     TrainingArguments (`ssb ablate` sets `max_steps`, the one step count of all its arms). Under
-    an FSDP2 launch (`examples/accelerate_fsdp.yaml`) accelerate shards the base and the LoRA
-    weights over the processes; the adapter is still written once, in the same files."""
+    an FSDP2 or ZeRO-3 launch (`examples/accelerate_fsdp.yaml`, `examples/accelerate_zero3.yaml`)
+    the base and the LoRA weights are sharded over the processes; the adapter is still written
+    once, in the same files."""
     check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
-    sharding = launch_sharding()  # refuses what ssb does not run (ZeRO-3, FSDP1)
+    sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
     pairs = read_jsonl(rundir.pairs_path)
     if not pairs:
         raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
-    base = load_base(cfg, rundir, to_shard=sharding == FSDP2)
+    base = load_base(cfg, rundir, to_shard=sharding is not None)
     tokenizer = base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
     reader = (
@@ -519,6 +526,10 @@ def run_train(
     hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
     model = student_model(cfg, base.model)
     try:
+        if sharding == ZERO3:
+            # Partitioned now, one parameter at a time, rather than moved whole onto the device
+            # when the Trainer starts DeepSpeed.
+            partition_for_zero3(model)
         # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
         # the frozen embeddings' outputs need not require grad.
         trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress, **overrides)
@@ -530,6 +541,12 @@ def run_train(
                 f"{trainer.accelerator.distributed_type} (accelerate 1.x runs FSDP on GPUs "
                 "only; on CPU it would silently train unsharded under DDP)"
             )
+        if sharding == ZERO3 and trainer.accelerator.state.deepspeed_plugin is None:
+            raise RuntimeError(
+                f"the launch asks for DeepSpeed ZeRO-3 but accelerate runs "
+                f"{trainer.accelerator.distributed_type} (unpartitioned)"
+            )
+        size_zero3_as_transformers(trainer.accelerator)
         if trainer.is_world_process_zero():
             if checkpoint is not None:
                 log.info("train: resuming from %s", checkpoint)
@@ -554,8 +571,9 @@ def run_train(
         return summary
     finally:
         if is_sharded(model):
-            # fully_shard changed the shared base in place (DTensor parameters, FSDP module
-            # classes); it cannot be given back as it was, so later stages load it afresh.
+            # fully_shard / ZeRO-3 changed the shared base in place (DTensor or partitioned
+            # parameters, FSDP module classes, DeepSpeed hooks); it cannot be given back as it
+            # was, so later stages load it afresh.
             release_accelerator("after sharded training")
         else:
             restore_base(model, was_training=was_training, hooks_before=hooks_before)

@@ -1,0 +1,263 @@
+"""Parameter partitioning with DeepSpeed ZeRO-3, two CPU processes (gloo).
+
+1. The gathers alone: `partition_for_zero3` leaves every parameter of a LoRA model an empty
+   DeepSpeed parameter holding a slice; `full_parameter` gives the whole frozen lm_head back and
+   `trainable_state_dict` the whole LoRA weights on rank 0, equal to the model's before it was
+   partitioned, and the KD loss through the gathered head equals the unpartitioned one.
+2. `ssb targets` and `ssb train` end to end under `accelerate launch` with
+examples/accelerate_zero3.yaml (the config users run on GPUs), DeepSpeed on its CPU accelerator
+(`DS_ACCELERATOR=cpu`). accelerate records one process on CPU under DeepSpeed, so the launched
+script first calls `deepspeed_on_cpu.allow_deepspeed_on_cpu()` (see there). Every test checks on
+every rank that DeepSpeed really partitioned the model: each parameter holds a slice
+(`ds_tensor`) smaller than its whole size (`ds_numel`), and no data outside a forward unless it
+is small enough to persist. Partitioned targets equal one process's; a partitioned training run
+killed after its first checkpoint and resumed gives the loss curve and the adapter (same files,
+keys, shapes) one process gives.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from limits import HANG_GUARD_S
+from pairs_fixture import make_run, tiny_config
+from safetensors.torch import load_file
+from test_fsdp import (
+    TESTS,
+    free_port,
+    launch_stage,  # noqa: F401 -- the fixture, shared with the FSDP2 tests
+)
+
+from ssb.distill.store import TargetReader
+from ssb.rundir import read_jsonl
+from ssb.stages.targets import run_targets
+from ssb.stages.train import run_train
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install 'ssb[deepspeed]')",
+)
+
+ZERO3 = {"config": "accelerate_zero3.yaml", "DS_ACCELERATOR": "cpu"}
+
+SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+
+from tiny_models import build_tiny_model, build_tokenizer
+from ssb.distill.forward import final_hidden_states, output_head
+from ssb.distill.losses import chunked_kd_loss
+from ssb.sharding import (
+    full_parameter, partition_for_zero3, shard_report, trainable_state_dict, zero3_for_scoring
+)
+
+tok = build_tokenizer("chatml")
+torch.manual_seed(0)
+ids = torch.randint(5, len(tok), (2, 12))
+mask = torch.ones_like(ids)
+reply = torch.zeros_like(ids, dtype=torch.bool)
+reply[:, 6:11] = True
+teacher_logp = torch.log_softmax(torch.randn(int(reply.sum()), len(tok)) * 2, dim=-1)
+
+base = build_tiny_model("llama", tok, seed=1)  # llama: a separate (untied) lm_head
+model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+torch.manual_seed(2)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.1)
+
+
+def kd_loss(runner):
+    hidden = final_hidden_states(runner, ids, mask)
+    head = output_head(model)
+    out = chunked_kd_loss(hidden[reply], head.weight, {"logp": teacher_logp}, mode="dense",
+                          tau=2.0, chunk_size=3)
+    return float(out.loss_sum / out.num_tokens)
+
+
+ref_loss = kd_loss(model)
+ref_head = base.lm_head.weight.detach().clone()
+ref_lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+partition_for_zero3(model)  # initialises the process group (gloo) too
+rank = dist.get_rank()
+report = shard_report(model)
+head = full_parameter(base.lm_head.weight)
+lora = trainable_state_dict(model)
+engine = zero3_for_scoring(model)  # DeepSpeed's hooks gather each module around its forward
+with torch.no_grad():
+    loss = kd_loss(engine)
+    # The model itself carries DeepSpeed's hooks: called directly, as the online teacher is.
+    direct = kd_loss(model)
+result = {
+    "report": report,
+    "head_equal": bool(torch.equal(head, ref_head)),
+    "head_empty_after": base.lm_head.weight.numel() == 0,
+    "lora_keys": sorted(lora),
+    "lora_equal": all(torch.equal(lora[n], ref_lora[n]) for n in lora),
+    "ref_keys": sorted(ref_lora),
+    "ref_loss": ref_loss,
+    "loss": loss,
+    "direct": direct,
+}
+json.dump(result, open(f"{sys.argv[2]}.rank{rank}", "w"))
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+import os
+os._exit(0)
+"""
+
+
+def test_gathers_under_zero3_give_the_whole_tensors(tmp_path):
+    """The head and LoRA gathers, and the KD loss through the gathered head, on a model
+    partitioned by ZeRO-3 over two ranks; fails if the model is not actually partitioned."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    script = tmp_path / "zero3.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out.json"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        DS_ACCELERATOR="cpu",
+        # What `accelerate launch --config_file examples/accelerate_zero3.yaml` exports.
+        ACCELERATE_USE_DEEPSPEED="true",
+        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+    )
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", str(script)]
+    proc = subprocess.run(
+        [*cmd, str(TESTS), str(out)], env=env, timeout=HANG_GUARD_S, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads(Path(f"{out}.rank{rank}").read_text())
+        report = r["report"]
+        # Partitioned, nothing persistent yet (that is the engine's decision): every parameter
+        # empty at rest, holding half of its elements (rounded up) as its slice.
+        assert report["sharded_parameters"] == report["parameters"] > 0, report
+        assert report["persistent_parameters"] == 0 and report["all_local_smaller"], report
+        assert report["local_elements"] <= report["elements"] * 0.51, report
+        assert r["head_equal"] and r["head_empty_after"]
+        # The whole LoRA weights on rank 0 only, under the model's own names.
+        assert r["lora_keys"] == (r["ref_keys"] if rank == 0 else [])
+        assert r["lora_equal"]
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
+        assert r["direct"] == pytest.approx(r["ref_loss"], rel=1e-5)
+
+
+def assert_partitioned(run_dir: Path, stage: str) -> None:
+    """Every rank held the model partitioned by ZeRO-3: every parameter a DeepSpeed one, every
+    slice smaller than the whole, about half of all elements held at rest."""
+    for rank in (0, 1):
+        report = json.loads((run_dir / f"summary-{stage}-rank{rank}.json").read_text())["sharding"]
+        assert report["kind"] == "zero3", report
+        assert report["sharded_parameters"] == report["parameters"] > 0, report
+        # Only the small ones (norms, LoRA matrices: <= 10 x hidden elements) persist whole.
+        assert report["persistent_parameters"] < report["parameters"], report
+        assert report["all_local_smaller"], report
+        assert report["local_elements"] <= report["elements"] * 0.55, report
+
+
+def test_targets_under_zero3_match_one_process(tmp_path, launch_stage):  # noqa: F811
+    """`ssb targets` on a partitioned teacher: the ranks split the pairs (rank 1 runs an idle
+    batch: forwards gather parameters, so both ranks run as many) and the merged store equals one
+    process's."""
+    overrides = ["targets.mode=dense", "targets.batch_size=2"]
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", *overrides, n=5)
+    sharded = tmp_path / "zero3"
+    sharded.mkdir()
+    shutil.copy(rundir.pairs_path, sharded / "pairs.jsonl")
+    run_targets(cfg, rundir, progress=False)
+
+    proc = launch_stage("targets", cfg.model.name, sharded, overrides, **ZERO3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0/2 scores 3 of 5 pairs" in proc.stderr
+    assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
+    assert "1 idle batches, so every rank runs 2 forwards" in proc.stderr
+    assert_partitioned(sharded, "targets")
+    one, two = TargetReader(rundir.targets_dir), TargetReader(sharded / "targets")
+    assert sorted(one.ids()) == sorted(two.ids()) == sorted(p["id"] for p in pairs)
+    two.verify()
+    for example_id in one.ids():
+        reply_a, a = one.get(example_id)
+        reply_b, b = two.get(example_id)
+        assert reply_a == reply_b
+        # float32 log-probs; only the batch mates (padding) and the summation order differ.
+        torch.testing.assert_close(b["logp"], a["logp"], rtol=1e-4, atol=1e-5)
+
+
+# As in test_fsdp: clipping active, activation checkpointing on.
+TRAIN = ["targets.mode=hidden", "train.save_steps=1", "train.gradient_checkpointing=true"]
+
+
+@pytest.mark.slow  # 32 s on 2 quiet CPU cores, 53 s when they are shared
+def test_train_under_zero3_killed_and_resumed_matches_one_process(
+    tmp_path,
+    launch_stage,  # noqa: F811 -- the fixture imported above
+):
+    """6 pairs, 3 optimizer steps of 2 pairs (one process, batch 2; two ranks, batch 1 each).
+    The partitioned run is killed after checkpoint-1 and resumed from it (DeepSpeed's own
+    checkpoint); its loss curve and saved adapter equal one process's uninterrupted run."""
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", *TRAIN, n=6)
+    run_targets(cfg, rundir, progress=False)
+    sharded = tmp_path / "zero3"
+    shutil.copytree(rundir.path, sharded)
+    one = run_train(
+        tiny_config(cfg.model.name, *TRAIN, "train.batch_size=2"), rundir, progress=False
+    )
+    assert one["steps"] == 3
+
+    overrides = [*TRAIN, "train.batch_size=1"]
+    killed = launch_stage(
+        "train", cfg.model.name, sharded, overrides, KILL_AFTER_CHECKPOINT="1", **ZERO3
+    )
+    assert killed.returncode != 0
+    checkpoint = sharded / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "trainer_state.json").exists()
+    assert list(checkpoint.glob("global_step*")), "not a DeepSpeed checkpoint"
+    assert not (sharded / "adapter").exists()
+    proc = launch_stage("train", cfg.model.name, sharded, overrides, **ZERO3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((sharded / "summary-train-rank0.json").read_text())
+    assert summary["resumed_from"] == "checkpoint-1" and summary["steps"] == 3
+    assert_partitioned(sharded, "train")
+
+    # The loss curve: each step logged once, equal to one process's.
+    log_one, log_two = read_jsonl(rundir.train_log_path), read_jsonl(sharded / "train_log.jsonl")
+    assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == [1, 2, 3]
+    for a, b in zip(log_one, log_two):
+        for key in ("loss", "kd", "grad_norm", "reply_len"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+    # The adapter: the same files, keys, shapes and dtypes as one process writes, and the same
+    # values (float32 LoRA weights; summation order differs between one and two ranks).
+    a_dir, b_dir = rundir.adapter_dir, sharded / "adapter"
+    assert sorted(p.name for p in b_dir.iterdir()) == sorted(p.name for p in a_dir.iterdir())
+    config_a = json.loads((a_dir / "adapter_config.json").read_text())
+    config_b = json.loads((b_dir / "adapter_config.json").read_text())
+    # peft writes target_modules from a set: its order varies with the interpreter's hash seed.
+    assert set(config_a.pop("target_modules")) == set(config_b.pop("target_modules"))
+    assert config_a == config_b
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    b_moved = torch.cat([t.flatten() for k, t in b.items() if "lora_B" in k])
+    assert b_moved.abs().max() > 1e-5  # trained (lora_B starts at zero)
+    for key in a:
+        assert b[key].shape == a[key].shape and b[key].dtype == a[key].dtype == torch.float32
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
