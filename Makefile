@@ -10,7 +10,13 @@ PYTEST_ARGS ?=
 COMPAT_TRANSFORMERS ?= 5.20.2
 COMPAT_DIR := .compat/transformers-$(COMPAT_TRANSFORMERS)
 
-.PHONY: install demo test test-main test-compat lint format bench clean
+# DeepSpeed for the ZeRO-3 tests only, put on the path of their own pass (pinned with the small
+# packages it needs beyond the venv's; DS_BUILD_OPS=0: no ops built at install).
+DEEPSPEED_DIR := .compat/deepspeed-0.19.8
+DEEPSPEED_PACKAGES := deepspeed==0.19.8 einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 \
+	py-cpuinfo==9.0.0
+
+.PHONY: install demo test test-main test-compat test-zero3 lint format bench clean
 
 # torch is installed first, pinned, so pip never pulls a CUDA build as a dependency of
 # transformers/peft on a CPU-only machine.
@@ -30,8 +36,8 @@ $(COMPAT_DIR)/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --target $(COMPAT_DIR) transformers==$(COMPAT_TRANSFORMERS)
 	touch $@
 
-# Everything, then the fast tests again on the compat transformers.
-test: test-main test-compat
+# Everything, then the fast tests again on the compat transformers, then ZeRO-3 with DeepSpeed.
+test: test-main test-compat test-zero3
 
 # pytest exits 5 when no test was collected; that is not a failure of the project.
 test-main: install
@@ -40,6 +46,17 @@ test-main: install
 test-compat: $(COMPAT_DIR)/.installed
 	PYTHONPATH=$(COMPAT_DIR) SSB_EXPECT_TRANSFORMERS=$(COMPAT_TRANSFORMERS) $(PY) -m pytest -q -ra \
 		-m "not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+$(DEEPSPEED_DIR)/.installed: $(VENV)/.installed
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-deps --target $(DEEPSPEED_DIR) $(DEEPSPEED_PACKAGES)
+	touch $@
+
+# The ZeRO-3 tests skip without deepspeed (in test-main); here it is importable, and its
+# ninja on PATH builds the one CPU op DeepSpeed compiles on first use.
+test-zero3: $(DEEPSPEED_DIR)/.installed
+	PATH=$(CURDIR)/$(DEEPSPEED_DIR)/bin:$$PATH PYTHONPATH=$(DEEPSPEED_DIR) SSB_EXPECT_DEEPSPEED=1 \
+		$(PY) -m pytest -q -ra tests/test_zero3.py $(PYTEST_ARGS); rc=$$?; \
+		if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
