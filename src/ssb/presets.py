@@ -47,19 +47,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     # `ssb ablate` on the embedded gemma-3-270m, sized for 2 CPU cores: >= 100 pairs, every arm
-    # with 2 seeds, 300 held-out problems. Estimated ~95 min on a 2-core AVX512-BF16 EPYC (Zen 4)
-    # from the quickstart's stage figures: data 7 + ssb/sft/rft 11 + onpolicy 10 + grpo 42 +
-    # two teacher contexts 12 + eval 12 (15 models x 300 problems) minutes; arithmetic in the
+    # with 2 seeds, 300 held-out problems. Estimated ~97 min on a 2-core AVX512-BF16 EPYC (Zen 4)
+    # from the quickstart's stage figures: data 9 + ssb/sft/rft 11 + onpolicy 10 + grpo 42 +
+    # two teacher contexts 12 + eval 12 (15 models x 300 problems) minutes (~97); arithmetic in the
     # README's "Ablations". An AVX2-only CPU (float32) needs 2.4-4x that.
     "ablation-cpu": {
         "name": "ablation-cpu",
         "model": {"name": "embedded", "dtype": "auto"},
-        # The quickstart keeps ~1 pair per 4 problems (32-35 of 128): 448 problems for >= 100.
-        "data": {"train": "synthetic", "max_problems": 448, "synthetic": {"difficulty": 1}},
+        # Problems are scanned in blocks of 112 until 112 pairs are kept: measured 96 pairs from
+        # the first 448 problems (21%), so ~560 are rolled out; 640 at most.
+        "data": {"train": "synthetic", "max_problems": 640, "synthetic": {"difficulty": 1}},
         "prompt": {"format": "fewshot", "num_fewshot": 6},
         "generation": {"batch_size": 32, "max_new_tokens": 48},
         "rollout": {"num_samples": 4, "sampling": {"temperature": 0.5}},
-        "bootstrap": {"sampling": {"temperature": 0.4}, "attempts": 2},
+        "bootstrap": {"sampling": {"temperature": 0.4}, "attempts": 2, "target_pairs": 112},
         "targets": {"mode": "hidden", "batch_size": 4},
         # One epoch over the pairs: S = ceil(pairs / 4) optimizer steps for every arm.
         "train": {
