@@ -30,7 +30,7 @@ from pairs_fixture import make_run, tiny_config
 from safetensors.torch import load_file
 
 from ssb.distill.store import TargetReader
-from ssb.rundir import read_jsonl
+from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train
 
@@ -288,6 +288,12 @@ def test_train_under_fsdp2_killed_and_resumed_matches_one_process(tmp_path, laun
     assert summary["resumed_from"] == "checkpoint-1" and summary["steps"] == 3
     assert_sharded(sharded, "train")
 
+    assert_training_matches_one_process(rundir, sharded)
+
+
+def assert_training_matches_one_process(rundir: RunDir, sharded: Path) -> None:
+    """A sharded training run (FSDP2 or ZeRO-3) in `sharded` against one process's in `rundir`:
+    the loss curve, and the adapter's files, config and float32 weights."""
     # The loss curve: each step logged once, equal to one process's.
     log_one, log_two = read_jsonl(rundir.train_log_path), read_jsonl(sharded / "train_log.jsonl")
     assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == [1, 2, 3]
