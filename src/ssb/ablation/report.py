@@ -5,13 +5,12 @@ dynamics on one figure), and the same section inside the run's report.md. Built 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from ssb.report.data import training_series
 from ssb.report.formatting import pct, pct_interval, table
-from ssb.report.plots import figure, save_png
+from ssb.report.plots import panel_grid, save_png
 from ssb.rundir import AblationDir, RunDir, atomic_write_text, read_jsonl
 from ssb.stages.eval_setup import bench_slug
 
@@ -38,12 +37,7 @@ def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None
     arms = [a for a, e in summary["arms"].items() if e.get("seeds")]
     if not arms:
         return None
-    ncols = min(3, len(arms))
-    nrows = math.ceil(len(arms) / ncols)
-    fig = figure(4.2 * ncols, 3.0 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(arms) :]:
-        ax.set_visible(False)
+    fig, axes = panel_grid(len(arms), 3, 4.2, 3.0)
     for ax, arm in zip(axes, arms):
         for seed in summary["arms"][arm]["seeds"]:
             arm_dir = ablation.arm_dir(arm, int(seed), ablation.run)

@@ -31,6 +31,18 @@ def figure(width: float, height: float) -> Any:
     return fig
 
 
+def panel_grid(count: int, max_cols: int, width: float, height: float) -> tuple[Any, list[Any]]:
+    """A figure of `count` panels, at most `max_cols` a row, each `width` x `height` inches; the
+    grid's unused cells are hidden. Returns (figure, the `count` axes)."""
+    ncols = min(max_cols, count)
+    nrows = math.ceil(count / ncols)
+    fig = figure(width * ncols, height * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, list(axes[:count])
+
+
 def plot_training(series: dict[str, tuple[list[float], list[float]]], path: Path) -> bool:
     panels = []
     losses = [k for k in LOSS_KEYS if k in series]
@@ -43,12 +55,7 @@ def plot_training(series: dict[str, tuple[list[float], list[float]]], path: Path
         panels.append(("learning rate", ["learning_rate"]))
     if not panels:
         return False
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = figure(4.6 * ncols, 3.2 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
+    fig, axes = panel_grid(len(panels), 2, 4.6, 3.2)
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             xs, ys = series[name]
