@@ -57,9 +57,9 @@ rounding divergences are reported (`unexplained`, `close_call`, `min_margin` per
 failed. Either way the boosted adapter must change the reference output of at least one prompt,
 or the check could not tell an applied LoRA from an ignored one.
 
-Budget: under 5 minutes on one H100/H200 (a target: the GPU form has not been timed yet; the
-6 GB model is built and saved once, and four vLLM engines start: rollout, eval, lora_tokens and
-the bench's); about 1.5 minutes on 2 CPU cores for the tiny form.
+Budget: 313 s measured on one H200 without vLLM (2026-12-04; README "Checking a GPU machine");
+with vLLM, four engines start (rollout, eval, lora_tokens and the bench's), a minute or two more;
+about 1.5 minutes on 2 CPU cores for the tiny form.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def test_quick_bench_structure(tmp_path):
     assert sum(r["value"] for r in stages) == pytest.approx(1.0)
 
     gpu = res["sections"]["gpu"]
-    assert "skipped" in gpu or gpu.get("untested_on_gpu")
+    assert "skipped" in gpu or gpu.get("vllm_untested_on_gpu")
 
 
 def test_time_budget_skips_and_says_so(tmp_path):

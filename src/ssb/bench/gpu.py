@@ -3,8 +3,9 @@ vs ours (`ssb.bench.kd_step`) on a random-init Qwen2.5-3B-shaped model with LoRA
 generation tokens/s: transformers at batch 1 and batch N, and vLLM (`VLLMGenerator`, as the
 stages use it) on the same N prompts (skipped, saying why, without vLLM).
 
-Written without access to a GPU: ``benchmarks/gpu_check.sh`` runs it on one, and its CPU form
-(the same code at tiny sizes, ``gpu_runs(..., "cpu")``) runs in the tests.
+``benchmarks/gpu_check.sh`` runs it on a GPU (the KD step and transformers generation ran on an
+H200 on 2026-12-04, figures in the README; the vLLM part has not run on a GPU yet), and its CPU
+form (the same code at tiny sizes, ``gpu_runs(..., "cpu")``) runs in the tests.
 """
 
 from __future__ import annotations
@@ -222,7 +223,11 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
         device=device,
         gradient_checkpointing=True,  # the reference trains with (unsloth) checkpointing too
     )
-    data: dict[str, Any] = {"untested_on_gpu": True, "model": "random-init, Qwen2 architecture"}
+    # The KD step and transformers generation ran on an H200 (README); the vLLM part never has.
+    data: dict[str, Any] = {
+        "vllm_untested_on_gpu": True,
+        "model": "random-init, Qwen2 architecture",
+    }
     data.update(spec)
     rows = []
     for variant in ("reference", "ours"):

@@ -165,8 +165,8 @@ def markdown(results: dict[str, Any]) -> str:
                 if "skipped" in info or "error" in info:
                     lines.append(f"  - S={seq} {side}: {info.get('skipped') or info.get('error')}")
     gpu = results["sections"].get("gpu")
-    if isinstance(gpu, dict) and gpu.get("untested_on_gpu"):
-        lines.append("- `gpu`: written without GPU access; only its CPU form was ever run.")
+    if isinstance(gpu, dict) and gpu.get("vllm_untested_on_gpu"):
+        lines.append("- `gpu`: the vLLM generation figure has never been measured on a GPU.")
         vgen = gpu.get("generation_vllm", {})
         if "skipped" in vgen or "error" in vgen:
             lines.append(f"  - vLLM generation: {vgen.get('skipped') or vgen.get('error')}")

@@ -356,7 +356,8 @@ class HFGenerator:
         # Positions as transformers' generate derives them from the mask (padding: 1).
         position_ids = attention_mask.cumsum(-1) - 1
         position_ids = position_ids.masked_fill(attention_mask == 0, 1)
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        # On the logits' device: a CPU generator cannot draw from CUDA probabilities.
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         stop_ids = torch.tensor(self.stop_token_ids, device=self.device)
         window = tail_window(params.stop_strings)
         alive = list(range(len(batch_prompts)))  # batch rows still decoding, in cache order
