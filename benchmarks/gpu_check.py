@@ -29,13 +29,19 @@ table is printed at the end. The exit code is 1 when any check failed.
    adapter files with every lora_B replaced by seeded random values about half as large, in
    effect, as the base layer they adapt. Four training steps move lora_B little from zero, so
    the student alone may change few outputs, too few to show that a LoRA is applied at all.
+   lora_tokens_fp32 (GPU only): the same comparison with both sides in float32 on the GPU,
+   through ssb's transformers decode loop (vLLM's LoRA kernels take only half precision). In
+   bf16 a random model's top logits often tie exactly (an H200 run found ties at the first
+   divergence of 7 of 8 prompts), so the bf16 step alone cannot tell a rounding flip from a
+   small bug; in float32 nothing but a near-exact tie may part the two.
 9. fsdp2: with 2 or more GPUs, `ssb targets` and `ssb train` again under `accelerate launch` with
    examples/accelerate_fsdp.yaml on 2 GPUs (parameters sharded), in a copy of the run: every
    pair scored, the adapter with the one-GPU adapter's keys and shapes, the loss curve next to
    the one-GPU run's (`check_fsdp2`). On 1 GPU or CPU it is skipped, printing why.
 10. bench: `ssb bench --sections gpu` on a GPU (KD step tokens/s and MFU counting recomputation,
-   transformers and vLLM generation tokens/s); on CPU the same code at tiny sizes
-   (`ssb.bench.gpu.gpu_runs(..., "cpu")`; the vLLM figure is skipped there, saying why).
+   transformers and vLLM generation tokens/s, ssb's decode loop against transformers'
+   generate); on CPU the same code at tiny sizes (`ssb.bench.gpu.gpu_runs(..., "cpu")`; the
+   vLLM figure is skipped there, saying why).
 
 What is real: the model architecture and its sizes, the tokenizer files, every stage except
 bootstrap (real CLI subprocesses on the real config), the engine, adapters written by `ssb train`,
@@ -54,7 +60,8 @@ took there is, in the reference's logits at that step, less than `CLOSE_MARGIN` 
 deviations of those logits below the reference's own choice. A model fails when more than half
 of the prompts diverge, not by rounding, within their first `EARLY_TOKENS` (8) tokens; later or
 rounding divergences are reported (`unexplained`, `close_call`, `min_margin` per prompt), not
-failed. Either way the boosted adapter must change the reference output of at least one prompt,
+failed. lora_tokens_fp32: every divergence must be a close call at `FP32_CLOSE_MARGIN` (0.001)
+stds. Either way the boosted adapter must change the reference output of at least one prompt,
 or the check could not tell an applied LoRA from an ignored one.
 
 Budget: 313 s measured on one H200 without vLLM (2026-12-04; README "Checking a GPU machine");
@@ -65,6 +72,7 @@ about 1.5 minutes on 2 CPU cores for the tiny form.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -123,6 +131,8 @@ EARLY_TOKENS = 8
 # A first divergence at a step whose top-1/top-2 logit margin is below this many logit stds, to
 # the reference's runner-up, counts as rounding (bf16) rather than a bug (see close_call).
 CLOSE_MARGIN = 0.1
+# The same in float32 on a GPU: only kernels' summation orders differ (~1e-6 relative).
+FP32_CLOSE_MARGIN = 1e-3
 TOP_K = 5  # reference candidates kept per step for that test
 BOOST = 0.5  # the boosted LoRA's output / the adapted layer's output, roughly
 TRAIN_BATCH = 2
@@ -582,20 +592,27 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def close_call(ours: list[int], steps: list[dict[str, list]], at: int, stops: list[int]) -> bool:
+def close_call(
+    ours: list[int],
+    steps: list[dict[str, list]],
+    at: int,
+    stops: list[int],
+    margin: float = CLOSE_MARGIN,
+) -> bool:
     """Whether the first divergence, at step `at`, looks like rounding: the token ours took (a
-    stop token when ours ended there) is, in the reference, less than CLOSE_MARGIN logit stds
+    stop token when ours ended there) is, in the reference, less than `margin` logit stds
     below the reference's own choice."""
     if at >= len(steps):
         return False
     step = steps[at]
     taken = {ours[at]} if at < len(ours) else set(stops)
-    return any(t in taken and g < CLOSE_MARGIN for t, g in zip(step["top"][1:], step["gap"][1:]))
+    return any(t in taken and g < margin for t, g in zip(step["top"][1:], step["gap"][1:]))
 
 
 def check_lora_tokens(
-    run: Path, model_dir: Path, out: Path, s: dict[str, int], device: str
+    run: Path, model_dir: Path, out: Path, s: dict[str, int], device: str, float32: bool = False
 ) -> tuple[str, dict[str, Any]]:
+    """Step 8 (`float32`: its float32 form on a GPU, see the module's docstring)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -609,6 +626,12 @@ def check_lora_tokens(
     from ssb.stages.engine import generation_engine
 
     cfg = load_config(config_file=run / "config.yaml")
+    if float32:
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, dtype="float32"),
+            generation=dataclasses.replace(cfg.generation, backend="hf"),
+        )
     init_std = json.loads((model_dir / "config.json").read_text())["initializer_range"]
     boosted = boost_adapter(run / "adapter", out / "lora_check" / "boosted", init_std)
     served = {"base": None, "student": run / "adapter", "boosted": boosted}
@@ -656,8 +679,9 @@ def check_lora_tokens(
     failures = []
     for name in served:
         div = [first_divergence(a, b) for a, b in zip(ours[name], ref[name])]
+        margin = FP32_CLOSE_MARGIN if float32 else CLOSE_MARGIN
         close = [
-            d is not None and close_call(o, st, d, stops)
+            d is not None and close_call(o, st, d, stops, margin)
             for d, o, st in zip(div, ours[name], ref_steps[name])
         ]
         unexplained = [d is not None and not c for d, c in zip(div, close)]
@@ -675,7 +699,9 @@ def check_lora_tokens(
         }
         if device == "cpu" and identical != len(prompts):
             failures.append(f"{name}: {len(prompts) - identical} prompts differ (float32)")
-        if device != "cpu" and early > len(prompts) / 2:
+        if float32 and sum(unexplained):
+            failures.append(f"{name}: {sum(unexplained)} prompts differ in float32, not by a tie")
+        if device != "cpu" and not float32 and early > len(prompts) / 2:
             failures.append(
                 f"{name}: {early} prompts differ within {EARLY_TOKENS} tokens, not by rounding"
             )
@@ -695,6 +721,16 @@ def check_lora_tokens(
     if failures:
         raise CheckFailed("; ".join(failures) + f"; {summary}", report)
     return summary, report
+
+
+def check_lora_tokens_fp32(
+    run: Path, model_dir: Path, out: Path, s: dict[str, int], device: str
+) -> tuple[str, dict[str, Any]]:
+    if device == "cpu":
+        reason = "on CPU, lora_tokens runs in float32 already"
+        print(f"  skipped: {reason}", flush=True)
+        return f"skipped: {reason}", {"skipped": reason}
+    return check_lora_tokens(run, model_dir, out, s, device, float32=True)
 
 
 # --------------------------------------------------------------------------- 9. fsdp2
@@ -807,6 +843,7 @@ def check_bench(out: Path, device: str, logs: Path) -> tuple[str, dict[str, Any]
         "transformers_generation_tokens_per_s": data.get("generation", {}).get(
             "batched_tokens_per_s"
         ),
+        "decode_loop_tokens_per_s": data.get("generation", {}).get("loop_tokens_per_s"),
         "vllm_generation_tokens_per_s": data.get("generation_vllm", {}).get("tokens_per_s"),
         "vllm_generation": data.get("generation_vllm"),
         "rows": [{k: r[k] for k in ("what", "baseline", "ours", "value", "unit")} for r in rows],
@@ -831,6 +868,9 @@ def check_bench(out: Path, device: str, logs: Path) -> tuple[str, dict[str, Any]
     text += (
         f"; generation {figures['transformers_generation_tokens_per_s']:.0f} tok/s (transformers)"
     )
+    loops = figures["decode_loop_tokens_per_s"] or {}
+    if loops:
+        text += f", ssb's decode loop {loops['ssb']:.0f} vs {loops['transformers']:.0f}"
     vllm_tps = figures["vllm_generation_tokens_per_s"]
     text += f", {vllm_tps:.0f} tok/s (vLLM)" if vllm_tps else ", vLLM skipped"
     return text, figures
@@ -928,6 +968,11 @@ def main(argv: list[str] | None = None) -> int:
     steps.run("eval", lambda: check_eval(run, overrides, logs, s, backend), needs=("train",))
     steps.run(
         "lora_tokens", lambda: check_lora_tokens(run, model_dir, out, s, device), needs=("train",)
+    )
+    steps.run(
+        "lora_tokens_fp32",
+        lambda: check_lora_tokens_fp32(run, model_dir, out, s, device),
+        needs=("train",),
     )
     steps.run("fsdp2", lambda: check_fsdp2(out, run, overrides, logs, device), needs=("train",))
     steps.run("bench", lambda: check_bench(out, device, logs))

@@ -16,72 +16,51 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from limits import HANG_GUARD_S
 from pairs_fixture import make_run, tiny_config
-from safetensors.torch import load_file
+from two_ranks import (
+    assert_same_targets,
+    assert_training_matches_one_process,
+    torchrun_two_ranks,
+)
 
-from ssb.distill.store import TargetReader
-from ssb.rundir import RunDir, read_jsonl
 from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train
-
-TESTS = Path(__file__).parent
 
 SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist
-from peft import LoraConfig, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from tiny_models import build_tiny_model, build_tokenizer
-from ssb.distill.forward import final_hidden_states, output_head
-from ssb.distill.losses import chunked_kd_loss
+from rank_scripts import finish, kd_batch, kd_loss, lora_model, tokenizer
+from tiny_models import build_tiny_model
+from ssb.distill.forward import output_head
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-tok = build_tokenizer("chatml")
-torch.manual_seed(0)
-ids = torch.randint(5, len(tok), (2, 12))
-mask = torch.ones_like(ids)
-reply = torch.zeros_like(ids, dtype=torch.bool)
-reply[:, 6:11] = True
-vocab = len(tok)
-teacher_logp = torch.log_softmax(torch.randn(int(reply.sum()), vocab) * 2, dim=-1)
+batch = kd_batch()
 
 
 def loss_of(shard):
-    base = build_tiny_model("qwen2", tok, seed=1)
+    base = build_tiny_model("qwen2", tokenizer(), seed=1)
     base.config.tie_word_embeddings = False  # a separate frozen lm_head, sharded on its own
     base.lm_head.weight = torch.nn.Parameter(base.lm_head.weight.detach().clone())
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = lora_model(base)
     if shard:
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for layer in base.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh, reshard_after_forward=True)
-    hidden = final_hidden_states(model, ids, mask)
-    weight_type = type(base.lm_head.weight).__name__
+    loss = kd_loss(model, model, batch)
+    # After the forward (resharded): the head's own type, and what output_head gathers from it.
     head = output_head(model)
-    out = chunked_kd_loss(hidden[reply], head.weight, {"logp": teacher_logp}, mode="dense",
-                          tau=2.0, chunk_size=3)
-    loss = out.loss_sum / out.num_tokens
-    return float(loss), weight_type, type(head.weight).__name__, head.weight.requires_grad
+    weight_type = type(base.lm_head.weight).__name__
+    return loss, weight_type, type(head.weight).__name__, head.weight.requires_grad
 
 
 ref_loss, ref_type, _, _ = loss_of(shard=False)
@@ -90,36 +69,15 @@ with torch.no_grad():
 if rank == 0:
     json.dump({"ref_loss": ref_loss, "loss": loss, "weight_type": weight_type, "ref_type": ref_type,
                "gathered_type": gathered_type, "gathered_grad": gathered_grad}, open(sys.argv[2], "w"))
-# Both ranks finish their collectives before either tears gloo down, and then leave without the
-# interpreter's teardown: about one run in thirty, a rank aborted there in gloo's threads
-# ("terminate called without an active exception") after its results were complete.
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-import os
-os._exit(0)
+finish()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_kd_loss_under_fsdp2_matches_unsharded(tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed next to this Python")
     script = tmp_path / "fsdp2.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", str(script)]
-    proc = subprocess.run(
-        [*cmd, str(TESTS), str(out)], env=env, timeout=HANG_GUARD_S, capture_output=True, text=True
-    )
+    proc = torchrun_two_ranks(script, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())
     # The sharded run really projected through a sharded head (gathered by output_head).
@@ -129,92 +87,6 @@ def test_kd_loss_under_fsdp2_matches_unsharded(tmp_path):
 
 
 # ------------------------------------------------------------------ end to end under accelerate
-
-EXAMPLES = TESTS.parent / "examples"
-
-STAGE_SCRIPT = r"""
-import json, logging, os, sys
-from pathlib import Path
-
-logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, sys.argv[1])
-from fsdp_on_cpu import allow_fsdp_on_cpu
-
-allow_fsdp_on_cpu()
-if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-    from deepspeed_on_cpu import allow_deepspeed_on_cpu
-
-    allow_deepspeed_on_cpu()
-import torch.distributed as dist
-from transformers import TrainerCallback
-
-from pairs_fixture import tiny_config
-from ssb.rundir import RunDir
-
-stage, model_dir, run = sys.argv[2:5]
-cfg = tiny_config(model_dir, *json.loads(sys.argv[5]))
-rank = int(os.environ["RANK"])
-
-
-class DieAfterCheckpoint(TrainerCallback):
-    # Rank 0 dies once checkpoint-<KILL_AFTER_CHECKPOINT> is written; rank 1 then fails in its
-    # next collective and the launch ends.
-    def on_save(self, args, state, control, **kw):
-        if rank == 0 and str(state.global_step) == os.environ.get("KILL_AFTER_CHECKPOINT"):
-            os._exit(9)
-
-
-if stage == "targets":
-    from ssb.stages.targets import run_targets
-
-    summary = run_targets(cfg, RunDir(run), progress=False)
-else:
-    from ssb.stages.train import run_train
-
-    summary = run_train(cfg, RunDir(run), progress=False, callbacks=[DieAfterCheckpoint()])
-Path(run, f"summary-{stage}-rank{rank}.json").write_text(json.dumps(summary))
-# As above: both ranks done with their collectives, then out without the interpreter teardown.
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
-"""
-
-
-def example_launch(accelerate: str, config: str) -> list[str]:
-    """`accelerate launch` with an example config, two processes on this machine."""
-    return [
-        accelerate,
-        "launch",
-        f"--config_file={EXAMPLES / config}",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--dynamo_backend=no",
-        f"--main_process_port={free_port()}",
-    ]
-
-
-@pytest.fixture
-def launch_stage(tmp_path):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    if accelerate is None:
-        pytest.skip("the accelerate CLI is not installed")
-    script = tmp_path / "stage.py"
-    script.write_text(STAGE_SCRIPT)
-
-    def run(stage, model_dir, run_dir, overrides, config="accelerate_fsdp.yaml", **env):
-        args = [str(script), str(TESTS), stage, str(model_dir), str(run_dir), json.dumps(overrides)]
-        full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **env)
-        return subprocess.run(
-            example_launch(accelerate, config) + args,
-            env=full_env,
-            timeout=HANG_GUARD_S,
-            capture_output=True,
-            text=True,
-        )
-
-    return run
 
 
 def assert_sharded(run_dir: Path, stage: str) -> None:
@@ -247,15 +119,9 @@ def test_targets_under_fsdp2_match_one_process(tmp_path, launch_stage):
     assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
     assert "1 idle batches, so every rank runs 2 forwards" in proc.stderr
     assert_sharded(sharded, "targets")
-    one, two = TargetReader(rundir.targets_dir), TargetReader(sharded / "targets")
-    assert sorted(one.ids()) == sorted(two.ids()) == sorted(p["id"] for p in pairs)
-    two.verify()
-    for example_id in one.ids():
-        reply_a, a = one.get(example_id)
-        reply_b, b = two.get(example_id)
-        assert reply_a == reply_b
-        # float32 log-probs; only the batch mates (padding) and the summation order differ.
-        torch.testing.assert_close(b["logp"], a["logp"], rtol=1e-4, atol=1e-5)
+    # float32 log-probs; only the batch mates (padding) and the summation order differ.
+    ids = [p["id"] for p in pairs]
+    assert_same_targets(rundir.targets_dir, sharded / "targets", ids, rtol=1e-4, atol=1e-5)
 
 
 # The default gradient clipping (max_grad_norm 1.0) is active: the first steps' norms exceed it.
@@ -289,35 +155,6 @@ def test_train_under_fsdp2_killed_and_resumed_matches_one_process(tmp_path, laun
     assert_sharded(sharded, "train")
 
     assert_training_matches_one_process(rundir, sharded)
-
-
-def assert_training_matches_one_process(rundir: RunDir, sharded: Path) -> None:
-    """A sharded training run (FSDP2 or ZeRO-3) in `sharded` against one process's in `rundir`:
-    the loss curve, and the adapter's files, config and float32 weights."""
-    # The loss curve: each step logged once, equal to one process's.
-    log_one, log_two = read_jsonl(rundir.train_log_path), read_jsonl(sharded / "train_log.jsonl")
-    assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == [1, 2, 3]
-    for a, b in zip(log_one, log_two):
-        for key in ("loss", "kd", "grad_norm", "reply_len"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
-
-    # The adapter: the same files, keys, shapes and dtypes as one process writes, and the same
-    # values (float32 LoRA weights; summation order differs between one and two ranks).
-    a_dir, b_dir = rundir.adapter_dir, sharded / "adapter"
-    assert sorted(p.name for p in b_dir.iterdir()) == sorted(p.name for p in a_dir.iterdir())
-    config_a = json.loads((a_dir / "adapter_config.json").read_text())
-    config_b = json.loads((b_dir / "adapter_config.json").read_text())
-    # peft writes target_modules from a set: its order varies with the interpreter's hash seed.
-    assert set(config_a.pop("target_modules")) == set(config_b.pop("target_modules"))
-    assert config_a == config_b
-    a = load_file(a_dir / "adapter_model.safetensors")
-    b = load_file(b_dir / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and a
-    b_moved = torch.cat([t.flatten() for k, t in b.items() if "lora_B" in k])
-    assert b_moved.abs().max() > 1e-5  # trained (lora_B starts at zero)
-    for key in a:
-        assert b[key].shape == a[key].shape and b[key].dtype == a[key].dtype == torch.float32
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
 DEEPSPEED_MISSING = importlib.util.find_spec("deepspeed") is None

@@ -26,6 +26,7 @@ STEPS = [
     "train",
     "eval",
     "lora_tokens",
+    "lora_tokens_fp32",
     "fsdp2",
     "bench",
 ]
@@ -67,6 +68,9 @@ def test_gpu_check_cpu_form(tmp_path):
         assert model["ours"] == model["reference"]
         assert any(model["ours"]), name  # not identical by being empty
     assert lora["changed_vs_base"]["boosted"] > 0
+
+    # The float32 form of the comparison is the CPU form itself: skipped, saying why.
+    assert "float32 already" in steps["lora_tokens_fp32"]["details"]["skipped"]
 
     # FSDP2 needs 2 GPUs: skipped on CPU, saying why.
     assert "GPUs only" in steps["fsdp2"]["details"]["skipped"]

@@ -21,22 +21,16 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from limits import HANG_GUARD_S
 from pairs_fixture import make_run, tiny_config
-from test_fsdp import (
-    TESTS,
+from two_ranks import (
+    assert_same_targets,
     assert_training_matches_one_process,
-    free_port,
-    launch_stage,  # noqa: F401 -- the fixture, shared with the FSDP2 tests
+    torchrun_two_ranks,
 )
 
-from ssb.distill.store import TargetReader
 from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train
 
@@ -59,41 +53,18 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist
-from peft import LoraConfig, get_peft_model
 
-from tiny_models import build_tiny_model, build_tokenizer
-from ssb.distill.forward import final_hidden_states, output_head
-from ssb.distill.losses import chunked_kd_loss
+from rank_scripts import finish, kd_batch, kd_loss, lora_model, tokenizer
+from tiny_models import build_tiny_model
 from ssb.sharding import (
     full_parameter, partition_for_zero3, shard_report, trainable_state_dict, zero3_for_scoring
 )
 
-tok = build_tokenizer("chatml")
-torch.manual_seed(0)
-ids = torch.randint(5, len(tok), (2, 12))
-mask = torch.ones_like(ids)
-reply = torch.zeros_like(ids, dtype=torch.bool)
-reply[:, 6:11] = True
-teacher_logp = torch.log_softmax(torch.randn(int(reply.sum()), len(tok)) * 2, dim=-1)
+batch = kd_batch()
+base = build_tiny_model("llama", tokenizer(), seed=1)  # llama: a separate (untied) lm_head
+model = lora_model(base)
 
-base = build_tiny_model("llama", tok, seed=1)  # llama: a separate (untied) lm_head
-model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-torch.manual_seed(2)
-with torch.no_grad():
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.normal_(0, 0.1)
-
-
-def kd_loss(runner):
-    hidden = final_hidden_states(runner, ids, mask)
-    head = output_head(model)
-    out = chunked_kd_loss(hidden[reply], head.weight, {"logp": teacher_logp}, mode="dense",
-                          tau=2.0, chunk_size=3)
-    return float(out.loss_sum / out.num_tokens)
-
-
-ref_loss = kd_loss(model)
+ref_loss = kd_loss(model, model, batch)
 ref_head = base.lm_head.weight.detach().clone()
 ref_lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -104,9 +75,9 @@ head = full_parameter(base.lm_head.weight)
 lora = trainable_state_dict(model)
 engine = zero3_for_scoring(model)  # DeepSpeed's hooks gather each module around its forward
 with torch.no_grad():
-    loss = kd_loss(engine)
+    loss = kd_loss(engine, model, batch)
     # The model itself carries DeepSpeed's hooks: called directly, as the online teacher is.
-    direct = kd_loss(model)
+    direct = kd_loss(model, model, batch)
 result = {
     "report": report,
     "head_equal": bool(torch.equal(head, ref_head)),
@@ -119,36 +90,23 @@ result = {
     "direct": direct,
 }
 json.dump(result, open(f"{sys.argv[2]}.rank{rank}", "w"))
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-import os
-os._exit(0)
+finish()
 """
 
 
 def test_gathers_under_zero3_give_the_whole_tensors(tmp_path):
     """The head and LoRA gathers, and the KD loss through the gathered head, on a model
     partitioned by ZeRO-3 over two ranks; fails if the model is not actually partitioned."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed next to this Python")
     script = tmp_path / "zero3.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out.json"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
+    proc = torchrun_two_ranks(
+        script,
+        out,
         DS_ACCELERATOR="cpu",
         # What `accelerate launch --config_file examples/accelerate_zero3.yaml` exports.
         ACCELERATE_USE_DEEPSPEED="true",
         ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
-    )
-    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", str(script)]
-    proc = subprocess.run(
-        [*cmd, str(TESTS), str(out)], env=env, timeout=HANG_GUARD_S, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
@@ -180,7 +138,7 @@ def assert_partitioned(run_dir: Path, stage: str) -> None:
         assert report["local_elements"] <= report["elements"] * 0.55, report
 
 
-def test_targets_under_zero3_match_one_process(tmp_path, launch_stage):  # noqa: F811
+def test_targets_under_zero3_match_one_process(tmp_path, launch_stage):
     """`ssb targets` on a partitioned teacher: the ranks split the pairs (rank 1 runs an idle
     batch: forwards gather parameters, so both ranks run as many) and the merged store equals one
     process's."""
@@ -197,15 +155,9 @@ def test_targets_under_zero3_match_one_process(tmp_path, launch_stage):  # noqa:
     assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
     assert "1 idle batches, so every rank runs 2 forwards" in proc.stderr
     assert_partitioned(sharded, "targets")
-    one, two = TargetReader(rundir.targets_dir), TargetReader(sharded / "targets")
-    assert sorted(one.ids()) == sorted(two.ids()) == sorted(p["id"] for p in pairs)
-    two.verify()
-    for example_id in one.ids():
-        reply_a, a = one.get(example_id)
-        reply_b, b = two.get(example_id)
-        assert reply_a == reply_b
-        # float32 log-probs; only the batch mates (padding) and the summation order differ.
-        torch.testing.assert_close(b["logp"], a["logp"], rtol=1e-4, atol=1e-5)
+    # float32 log-probs; only the batch mates (padding) and the summation order differ.
+    ids = [p["id"] for p in pairs]
+    assert_same_targets(rundir.targets_dir, sharded / "targets", ids, rtol=1e-4, atol=1e-5)
 
 
 # As in test_fsdp: clipping active, activation checkpointing on.
@@ -213,10 +165,7 @@ TRAIN = ["targets.mode=hidden", "train.save_steps=1", "train.gradient_checkpoint
 
 
 @pytest.mark.slow  # 32 s on 2 quiet CPU cores, 53 s when they are shared
-def test_train_under_zero3_killed_and_resumed_matches_one_process(
-    tmp_path,
-    launch_stage,  # noqa: F811 -- the fixture imported above
-):
+def test_train_under_zero3_killed_and_resumed_matches_one_process(tmp_path, launch_stage):
     """6 pairs, 3 optimizer steps of 2 pairs (one process, batch 2; two ranks, batch 1 each).
     The partitioned run is killed after checkpoint-1 and resumed from it (DeepSpeed's own
     checkpoint); its loss curve and saved adapter equal one process's uninterrupted run."""

@@ -43,10 +43,13 @@ PEAK_BF16_FLOPS = [
 
 
 def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
-    """Generation tokens/s of a random-init Qwen2.5-3B-shaped model, batch 1 vs batch N,
-    fixed-length sampled continuations of 256-token prompts. Written for CUDA without access to
-    a GPU; the tests run it on CPU at tiny sizes (``spec["device"] = "cpu"``)."""
+    """Generation tokens/s of a random-init Qwen2.5-3B-shaped model: transformers' generate at
+    batch 1 vs batch N, fixed-length sampled continuations of 256-token prompts; then ssb's
+    decode loop vs transformers' generate at batch N through `HFGenerator`. The tests run it on
+    CPU at tiny sizes (``spec["device"] = "cpu"``)."""
     import torch
+
+    from ssb.generate import HFGenerator, SamplingParams
 
     device = torch.device(spec.get("device", "cuda"))
     cuda = device.type == "cuda"
@@ -86,10 +89,28 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     seq_prompts = max(1, spec["gen_prompts"] // 4)
     seq_s = sum(run(prompts[i : i + 1]) for i in range(seq_prompts))
     bat_s = run(prompts)
+
+    # ssb's own decode loop (the stages', onpolicy's and eval's without vLLM) against
+    # transformers' generate, both through HFGenerator: the same batch, prompts and sampling.
+    tokenizer = _byte_tokenizer(spec["vocab"])
+    params = SamplingParams(0.8, top_k=50, max_new_tokens=new, seed=0)
+    loops = {}
+    for loop in ("transformers", "ssb"):
+        generator = HFGenerator(model, tokenizer, len(prompts), stop_token_ids=[0], loop=loop)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outputs = generator.generate(prompts.tolist(), params, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        made = sum(len(per_prompt[0].token_ids) for per_prompt in outputs)
+        loops[loop] = made / (time.perf_counter() - start)
     return {
         "device_name": torch.cuda.get_device_name() if cuda else str(device),
         "sequential_tokens_per_s": seq_prompts * new / seq_s,
         "batched_tokens_per_s": spec["gen_prompts"] * new / bat_s,
+        "loop_tokens_per_s": loops,
         "batch": spec["gen_prompts"],
         "new_tokens": new,
     }
@@ -301,6 +322,18 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                 "ours/baseline",
                 unit="tok/s",
                 goal=(">=", 4.0),
+            )
+        )
+        loops = gen["loop_tokens_per_s"]
+        rows.append(
+            row(
+                "gpu",
+                f"decode loop tokens/s, ssb / transformers generate, batch {gen['batch']}",
+                loops["transformers"],
+                loops["ssb"],
+                "ours/baseline",
+                unit="tok/s",
+                goal=(">=", 1.0),
             )
         )
     log(progress, "gpu: generation, vLLM")
