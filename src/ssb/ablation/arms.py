@@ -105,7 +105,9 @@ def prepare_arm_data(
         problems = len({p["problem_id"] for p in pairs})
         return data, {"examples": len(pairs), "problems": problems}
     if arm.context is None:
-        return rundir, {"examples": len(read_jsonl(rundir.pairs_path))}
+        if arm.kind == "grpo":  # trains on the rolled-out problems, not on pairs
+            return rundir, {"examples": len(read_jsonl(rundir.pairs_path))}
+        return rundir, pair_yield(funnel(rundir), cfg.bootstrap.teacher_context)
 
     data = ablation.arm_data(arm.name)
     data.path.mkdir(parents=True, exist_ok=True)
@@ -114,16 +116,21 @@ def prepare_arm_data(
         with data.stage("bootstrap") as summary:
             summary.update(run_bootstrap(ctx_cfg, data, progress))
     counts = funnel(data)
-    info = {
-        "examples": counts["kept"],
-        "teacher_context": arm.context,
-        "mixed": counts["mixed"],
-        "pair_yield": counts["kept"] / counts["mixed"] if counts["mixed"] else None,
-    }
+    info = pair_yield(counts, arm.context)
     if counts["kept"] and needs_stored_targets(cfg) and not data.is_complete("targets"):
         with data.stage("targets") as summary:
             summary.update(run_targets(ctx_cfg, data, progress))
     return data, info
+
+
+def pair_yield(counts: dict[str, Any], context: str) -> dict[str, Any]:
+    """An arm's pairs (from a bootstrap `funnel`) and their yield per mixed problem."""
+    return {
+        "examples": counts["kept"],
+        "teacher_context": context,
+        "mixed": counts["mixed"],
+        "pair_yield": counts["kept"] / counts["mixed"] if counts["mixed"] else None,
+    }
 
 
 def needs_stored_targets(cfg: Config) -> bool:
