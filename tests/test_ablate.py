@@ -205,12 +205,12 @@ def test_ablate_every_arm_two_seeds_killed_and_resumed(run_root, monkeypatch):
     onpolicy_cost = summary["arms"]["onpolicy"]["seeds"]["0"]["cost"]
     assert onpolicy_cost["teacher_forwards"] == steps * 2 and onpolicy_cost["generated_tokens"] > 0
     assert summary["arms"]["grpo"]["seeds"]["0"]["cost"]["generated_tokens"] > 0
-    # The run's own pairs (ssb, sft, onpolicy) with their context; written here without a
-    # bootstrap, so no mixed problems and no yield. grpo trains on problems, not pairs.
+    # The run's own pairs (ssb, sft, onpolicy) with their context and yield (the fixture's
+    # bootstrap log: 6 problems, all kept). grpo trains on problems, not pairs.
     for arm in ("ssb", "sft", "onpolicy"):
         data = summary["arms"][arm]["data"]
         assert data["teacher_context"] == "correct_and_incorrect" and data["examples"] == 6
-        assert data["mixed"] == 0 and data["pair_yield"] is None
+        assert data["mixed"] == 6 and data["pair_yield"] == 1.0
     assert "pair_yield" not in summary["arms"]["grpo"]["data"]
     # Teacher contexts: their own bootstraps on the run's rollouts, with their pair yield.
     for context in ("correct_only", "gold"):
