@@ -123,17 +123,25 @@ def run_every_stage(tmp: Path) -> dict[str, Any]:
     }
 
 
-def _assert_close(got: Any, want: Any, where: str) -> None:
+# Relative tolerance of the float values: 1e-4, except what the store keeps in float16, where one
+# unit in the last place (up to 2^-10 relative) is the resolution, and the KD loss computed from
+# it: float32 kernels of another CPU move a value across a rounding boundary now and then (an
+# Intel AMX Xeon against the AMD EPYC this was recorded on: logp 8.8e-4, loss 1.3e-4 apart, every
+# token id equal).
+CLOSE_REL = {"target_logp": 1.5e-3, "train_loss": 1e-3}
+
+
+def _assert_close(got: Any, want: Any, where: str, rel: float = 1e-4) -> None:
     if isinstance(want, dict):
         assert sorted(got) == sorted(want), where
         for key in want:
-            _assert_close(got[key], want[key], f"{where}.{key}")
+            _assert_close(got[key], want[key], f"{where}.{key}", CLOSE_REL.get(key, rel))
     elif isinstance(want, list):
         assert len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want)):
-            _assert_close(g, w, f"{where}[{i}]")
+            _assert_close(g, w, f"{where}[{i}]", rel)
     elif isinstance(want, float) or isinstance(got, float):
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
+        assert got == pytest.approx(want, rel=rel, abs=1e-6), where
     else:
         assert got == want, where
 
