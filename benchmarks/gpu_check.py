@@ -677,9 +677,9 @@ def check_lora_tokens(
     report["new_tokens"] = n
     report["models"] = {}
     failures = []
+    margin = FP32_CLOSE_MARGIN if float32 else CLOSE_MARGIN
     for name in served:
         div = [first_divergence(a, b) for a, b in zip(ours[name], ref[name])]
-        margin = FP32_CLOSE_MARGIN if float32 else CLOSE_MARGIN
         close = [
             d is not None and close_call(o, st, d, stops, margin)
             for d, o, st in zip(div, ours[name], ref_steps[name])

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ssb.bench.children import run_child
+from ssb.bench.generation import decode_loop_speeds
 from ssb.bench.report import log, row
 
 # Environment that makes torch (ATen), oneDNN and MKL use AVX2 kernels only.
@@ -83,7 +84,7 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ssb.bench.pairs import make_pairs
     from ssb.config import load_config
-    from ssb.generate import HFGenerator, SamplingParams
+    from ssb.generate import SamplingParams
     from ssb.hardware import hardware_info
     from ssb.problems import load_train_problems
     from ssb.prompts import render_prompt_ids, student_messages
@@ -120,17 +121,9 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
         stop_strings=base.reply.stop_strings,
         seed=1,
     )
-    gen: dict[str, Any] = {}
-    for loop in ("transformers", "ssb"):
-        generator = HFGenerator(
-            model, tok, cfg.generation.batch_size, base.reply.stop_token_ids, loop=loop
-        )
-        t0 = time.perf_counter()
-        outputs = generator.generate(prompts, params, progress=False)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(c.token_ids) for outs in outputs for c in outs)
-        gen[loop] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
-    result["generation"] = gen
+    result["generation"] = decode_loop_speeds(
+        model, tok, prompts, params, cfg.generation.batch_size, base.reply.stop_token_ids
+    )
 
     if spec.get("train"):
         from peft import get_peft_model

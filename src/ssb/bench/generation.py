@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ssb.bench.report import cpu_note, row
@@ -25,6 +26,37 @@ def _remove_contiguous_head_input(model: Any) -> None:
 
 def _count_kept(results: list[list[Any]]) -> int:
     return sum(len(c.token_ids) for per_prompt in results for c in per_prompt)
+
+
+def decode_loop_speeds(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    params: Any,
+    batch_size: int,
+    stop_token_ids: Sequence[int],
+) -> dict[str, dict[str, float]]:
+    """ssb's decode loop against transformers' generate, both through `HFGenerator`, on the same
+    prompts, batch and sampling: seconds, kept tokens and tokens/s per loop (the `cpu` and `gpu`
+    sections' comparison)."""
+    import torch
+
+    from ssb.generate import HFGenerator
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    speeds = {}
+    for loop in ("transformers", "ssb"):
+        generator = HFGenerator(model, tokenizer, batch_size, stop_token_ids, loop=loop)
+        if cuda:  # time the kernels, not their launch
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = generator.generate(prompts, params, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        tokens = _count_kept(outputs)
+        speeds[loop] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    return speeds
 
 
 def measure_generation(

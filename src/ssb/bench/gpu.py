@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ssb.bench.children import run_child
+from ssb.bench.generation import decode_loop_speeds
 from ssb.bench.kd_step import build_qwen2, qwen2_config
 from ssb.bench.report import log, row
 from ssb.bench.sizes import QWEN25_3B
@@ -49,7 +50,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     CPU at tiny sizes (``spec["device"] = "cpu"``)."""
     import torch
 
-    from ssb.generate import HFGenerator, SamplingParams
+    from ssb.generate import SamplingParams
 
     device = torch.device(spec.get("device", "cuda"))
     cuda = device.type == "cuda"
@@ -91,26 +92,16 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     bat_s = run(prompts)
 
     # ssb's own decode loop (the stages', onpolicy's and eval's without vLLM) against
-    # transformers' generate, both through HFGenerator: the same batch, prompts and sampling.
-    tokenizer = _byte_tokenizer(spec["vocab"])
+    # transformers' generate at the same batch, prompts and sampling.
     params = SamplingParams(0.8, top_k=50, max_new_tokens=new, seed=0)
-    loops = {}
-    for loop in ("transformers", "ssb"):
-        generator = HFGenerator(model, tokenizer, len(prompts), stop_token_ids=[0], loop=loop)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            outputs = generator.generate(prompts.tolist(), params, progress=False)
-        if cuda:
-            torch.cuda.synchronize()
-        made = sum(len(per_prompt[0].token_ids) for per_prompt in outputs)
-        loops[loop] = made / (time.perf_counter() - start)
+    loops = decode_loop_speeds(
+        model, _byte_tokenizer(spec["vocab"]), prompts.tolist(), params, len(prompts), [0]
+    )
     return {
         "device_name": torch.cuda.get_device_name() if cuda else str(device),
         "sequential_tokens_per_s": seq_prompts * new / seq_s,
         "batched_tokens_per_s": spec["gen_prompts"] * new / bat_s,
-        "loop_tokens_per_s": loops,
+        "loop_tokens_per_s": {loop: speed["tokens_per_s"] for loop, speed in loops.items()},
         "batch": spec["gen_prompts"],
         "new_tokens": new,
     }
