@@ -136,6 +136,24 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+# Text that ends the sentence before the one holding the final answer ("... left. The answer
+# is \\boxed{9}.").
+SENTENCE_BREAKS = (". ", ".\n", "\n", ": ", "! ", "? ")
+
+
+def answer_sentence_start(text: str) -> int | None:
+    """Index of the first character of the sentence that holds the last `\\boxed` (the break's
+    last character, e.g. the space of ". "; 0 when the box is in the first sentence), or None
+    without a box. The hinted prompt cuts a wrong rollout there, and `ssb.distill.hint_leaks`
+    finds the row where a reply starts writing its answer."""
+    matches = list(_BOX_RE.finditer(text or ""))
+    if not matches:
+        return None
+    at = matches[-1].start()
+    ends = [text.rfind(b, 0, at) + len(b) - 1 for b in SENTENCE_BREAKS if text.rfind(b, 0, at) >= 0]
+    return max(ends, default=0)
+
+
 # --------------------------------------------------------------------------- guards
 
 

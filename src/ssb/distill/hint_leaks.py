@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ssb.grading import answer_sentence_start
+
 BOXED = "\\boxed{"
-# Text that starts the sentence holding the final answer ("... left. The answer is \boxed{9}").
-SENTENCE_BREAKS = (". ", ".\n", "\n", ": ", "! ", "? ")
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,9 @@ def answer_rows(reply_ids: Sequence[int], tokenizer: Any) -> tuple[int | None, i
     boxed_row = _first_prefix(
         n, lambda i: _decode(tokenizer, reply_ids[:i]).count(BOXED) >= 1 + text[:at].count(BOXED)
     )
-    start = max(
-        (text.rfind(b, 0, at) + len(b) - 1 for b in SENTENCE_BREAKS if text.rfind(b, 0, at) >= 0),
-        default=-1,
-    )
+    start = answer_sentence_start(text)
     phrase_row = None
-    if start >= 0:
+    if start is not None:
         # The token that covers the character after the break starts the sentence.
         first_past = _first_prefix(n, lambda i: len(_decode(tokenizer, reply_ids[:i])) > start)
         phrase_row = None if first_past is None else first_past - 1
