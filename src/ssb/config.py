@@ -135,6 +135,10 @@ class BootstrapConfig:
     target_pairs: int | None = None
     # Which rollouts the teacher sees: correct_and_incorrect (the paper) | correct_only | gold.
     teacher_context: str = "correct_and_incorrect"
+    # How the hinted prompt lays them out (ssb.prompts.HINT_STYLES): inline (rollouts whole, on
+    # the question line in the few-shot format) | separate (rollouts on labelled lines of their
+    # own, the wrong one cut before its answer sentence and its answer named as wrong).
+    hint_style: str = "inline"
     # Teacher samples tried per problem before giving up (each must still be correct).
     attempts: int = 1
 
@@ -178,6 +182,14 @@ class LossConfig:
     ce_weight: float = 0.0
     chunk_size: int = 256  # reply positions per chunk of vocabulary-sized work
     clip: float | None = None  # per-token divergence clip (None = off)
+    # Take out of the teacher's targets what the hint teaches wrongly (ssb.distill.hint_leaks):
+    # the stop tokens' mass at every reply row but the last, and the hint's wrong answer where
+    # the reply writes its own; the rest renormalised. Needs pairs that record the wrong answer.
+    target_filter: bool = False
+    # Weight each row's KD by the teacher's advantage on the reply token (at the KD temperature):
+    # none | gate (1 where the teacher gives it more probability than the student, else 0) |
+    # weight (1 - p_S/p_T, clipped to [0, 1]); ssb.distill.losses.advantage_weights.
+    advantage_weighting: str = "none"
 
 
 @dataclass
@@ -292,8 +304,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prompt.format": ("auto", "chat", "fewshot"),
     "generation.backend": ("auto", "hf", "vllm"),
     "bootstrap.teacher_context": ("correct_and_incorrect", "correct_only", "gold"),
+    "bootstrap.hint_style": ("inline", "separate"),
     "targets.mode": tuple(TARGET_MODES),
     "train.loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
+    "train.loss.advantage_weighting": ("none", "gate", "weight"),
     "eval.scoring": ("math-verify", "reference"),
 }
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssb.config import PromptConfig
+from ssb.grading import answer_sentence_start, extract_boxed
 from ssb.problems import Problem
 
 log = logging.getLogger("ssb")
@@ -59,20 +60,54 @@ GOLD_TEACHER_TEMPLATE = (
     "\\boxed{}."
 )
 
-# A small base model cannot follow long instructions; in the few-shot format the hint rides on
-# the question line so the context stays "Question: ... Answer: ...".
+SEPARATE_TEACHER_TEMPLATE = (
+    "Problem:\n{question}\n\n"
+    "A correct student solution:\n<<<\n{correct}\n>>>\n\n"
+    "An incorrect student attempt; its final answer, {incorrect_answer}, is wrong:\n"
+    "<<<\n{incorrect_steps}\n>>>\n\n"
+    "Write one robust, standalone, step-by-step solution to the problem. Where the incorrect "
+    "attempt went wrong, make the right step explicit and warn about the pitfall, but do not "
+    "mention the students or their solutions. Your final answer must equal the correct "
+    "solution's final answer, written within \\boxed{}."
+)
+
+# How the hint is laid out (`bootstrap.hint_style`), per prompt format and teacher context.
+# inline (the first design): in the few-shot format the hint rides on the question line, both
+# rollouts whole, each ending "The answer is \\boxed{...}". Measured on gemma-3-270m (DESIGN
+# section 9) it teaches a premature stop before the answer sentence and the wrong rollout's
+# answer. separate: the rollouts on lines of their own, labelled, and the wrong one cut before
+# its answer sentence, its answer named as wrong (`incorrect_steps`, `incorrect_answer`), so
+# no "\\boxed{wrong}" is ever shown.
+HINT_STYLES = ("inline", "separate")
 FEWSHOT_TEACHER_TEMPLATES = {
-    "correct_and_incorrect": (
-        "{question} (Hint: a correct solution is: {correct} A common mistake is: {incorrect} "
-        "Avoid that mistake.)"
-    ),
-    "correct_only": "{question} (Hint: a correct solution is: {correct})",
-    "gold": "{question} (Hint: a reference solution is: {gold_solution})",
+    "inline": {
+        "correct_and_incorrect": (
+            "{question} (Hint: a correct solution is: {correct} A common mistake is: {incorrect} "
+            "Avoid that mistake.)"
+        ),
+        "correct_only": "{question} (Hint: a correct solution is: {correct})",
+        "gold": "{question} (Hint: a reference solution is: {gold_solution})",
+    },
+    "separate": {
+        "correct_and_incorrect": (
+            "{question}\nCorrect solution: {correct}\n"
+            "Wrong attempt, whose answer {incorrect_answer} is wrong: {incorrect_steps}"
+        ),
+        "correct_only": "{question}\nCorrect solution: {correct}",
+        "gold": "{question}\nReference solution: {gold_solution}",
+    },
 }
 CHAT_TEACHER_TEMPLATES = {
-    "correct_and_incorrect": DEFAULT_TEACHER_TEMPLATE,
-    "correct_only": CORRECT_ONLY_TEACHER_TEMPLATE,
-    "gold": GOLD_TEACHER_TEMPLATE,
+    "inline": {
+        "correct_and_incorrect": DEFAULT_TEACHER_TEMPLATE,
+        "correct_only": CORRECT_ONLY_TEACHER_TEMPLATE,
+        "gold": GOLD_TEACHER_TEMPLATE,
+    },
+    "separate": {
+        "correct_and_incorrect": SEPARATE_TEACHER_TEMPLATE,
+        "correct_only": CORRECT_ONLY_TEACHER_TEMPLATE,
+        "gold": GOLD_TEACHER_TEMPLATE,
+    },
 }
 
 # Worked examples for the few-shot format: one line each, final answer boxed. Written in a style
@@ -141,15 +176,17 @@ def teacher_messages(
     context: str = "correct_and_incorrect",
     correct: str | None = None,
     incorrect: str | None = None,
+    style: str = "inline",
 ) -> list[Message]:
-    """The hinted prompt: the problem plus the hints chosen by `context`."""
+    """The hinted prompt: the problem plus the hints chosen by `context`, laid out by `style`
+    (HINT_STYLES; `prompt.teacher_template`, when set, replaces the built-in layout)."""
     if cfg.teacher_template is not None:
         template = cfg.teacher_template
     else:
         templates = CHAT_TEACHER_TEMPLATES if chat else FEWSHOT_TEACHER_TEMPLATES
-        template = templates[context]
+        template = templates[style][context]
     needed = {
-        "correct_and_incorrect": ("correct", "incorrect"),
+        "correct_and_incorrect": ("correct", "incorrect"),  # and what `style` derives from it
         "correct_only": ("correct",),
         "gold": ("gold_solution",),
     }[context]
@@ -157,6 +194,8 @@ def teacher_messages(
         "question": problem.question,
         "correct": (correct or "").strip(),
         "incorrect": (incorrect or "").strip(),
+        "incorrect_steps": without_answer_sentence(incorrect or ""),
+        "incorrect_answer": extract_boxed(incorrect or "") or "",
         "gold_solution": (problem.solution or "").strip(),
     }
     for name in needed:
@@ -170,6 +209,12 @@ def teacher_messages(
         messages.append({"role": "system", "content": cfg.system_prompt})
     messages.append({"role": "user", "content": text})
     return messages
+
+
+def without_answer_sentence(text: str) -> str:
+    """A rollout cut before the sentence that holds its final `\\boxed{}` answer."""
+    start = answer_sentence_start(text)
+    return (text if start is None else text[:start]).strip()
 
 
 def render_prompt_ids(tokenizer: Any, messages: list[Message], cfg: PromptConfig) -> list[int]:

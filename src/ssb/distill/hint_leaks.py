@@ -122,3 +122,16 @@ def suppressed_tokens(
             ids.append(leaks.wrong_answer_token)
         rows.append(sorted({t for t in ids if t != labels[row]}))
     return rows
+
+
+def suppression_table(
+    pairs: Sequence[dict[str, Any]], tokenizer: Any, stop_token_ids: Sequence[int]
+) -> dict[str, list[list[int]]]:
+    """Pair id -> :func:`suppressed_tokens` of each of its rows: what the target filter takes
+    out of the teacher's targets (the stop tokens, and the pair's own end token)."""
+    table = {}
+    for pair in pairs:
+        labels = list(pair["reply_ids"]) + [pair["end_token_id"]]
+        stops = sorted({*stop_token_ids, int(pair["end_token_id"])})
+        table[pair["id"]] = suppressed_tokens(leak_rows(pair, tokenizer), stops, labels)
+    return table

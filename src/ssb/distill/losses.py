@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from ssb.target_modes import STORED_MODES, TARGET_MODES
 
 __all__ = [
+    "ADVANTAGE_WEIGHTINGS",
     "DIVERGENCES",
     "MODES",
     "TARGET_KEYS",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+ADVANTAGE_WEIGHTINGS = ("none", "gate", "weight")
 MODES = STORED_MODES
 # The keys of the `targets` mapping each mode expects (the same names the target store uses).
 TARGET_KEYS: dict[str, tuple[str, ...]] = {m: tuple(TARGET_MODES[m].tensors) for m in MODES}
@@ -106,6 +108,45 @@ def _safe_logaddexp(a: Tensor, b: Tensor) -> Tensor:
     dead = torch.isneginf(a) & torch.isneginf(b)
     out = torch.logaddexp(torch.where(dead, 0.0, a), torch.where(dead, 0.0, b))
     return torch.where(dead, _NEG_INF, out)
+
+
+def suppress_dense(teacher_logp: Tensor, suppress: Tensor) -> Tensor:
+    """Teacher log-probs ``(N, V)`` with the ids in ``suppress`` ``(N, m)`` (-1 = none) given
+    zero mass and the rest renormalised (``train.loss.target_filter``). A row whose every
+    entry would vanish keeps its distribution (the label is never suppressed, so this only
+    guards against underflow)."""
+    rows, cols = torch.nonzero(suppress >= 0, as_tuple=True)
+    if rows.numel() == 0:
+        return teacher_logp
+    ids = suppress[rows, cols].long()
+    cut = teacher_logp.index_put((rows, ids), teacher_logp.new_tensor(_NEG_INF))
+    norm = _safe_logsumexp(cut, dim=-1).unsqueeze(-1)
+    return torch.where(torch.isneginf(norm), teacher_logp, cut - norm)
+
+
+def suppress_topk(teacher_ids: Tensor, teacher_logp: Tensor, suppress: Tensor) -> Tensor:
+    """The top-k form of :func:`suppress_dense`: suppressed ids among the stored top k get zero
+    mass (the k + 1 buckets are renormalised by the divergence); one in the tail stays there,
+    since the tail is stored as one bucket."""
+    hit = (teacher_ids.long()[:, :, None] == suppress.long()[:, None, :]) & (suppress >= 0)[:, None]
+    return teacher_logp.masked_fill(hit.any(-1), _NEG_INF)
+
+
+def advantage_weights(
+    student_logp: Tensor, teacher_logp_of_label: Tensor, labels: Tensor, how: str
+) -> Tensor:
+    """Per-row KD weights from the teacher's advantage on the reply token at the KD temperature,
+    ``a = log p_T(y) - log p_S(y)`` (detached: a weight, not a target). ``gate``: 1 where
+    a > 0, else 0. ``weight``: ``1 - p_S(y) / p_T(y)`` clipped to [0, 1], i.e. the share of the
+    teacher's probability of the token the student lacks. ``none``: all 1."""
+    if how == "none":
+        return torch.ones_like(teacher_logp_of_label)
+    adv = (teacher_logp_of_label - student_logp.gather(-1, labels.long()[:, None])[:, 0]).detach()
+    if how == "gate":
+        return (adv > 0).to(adv.dtype)
+    if how == "weight":
+        return (1.0 - torch.exp(-adv.clamp(min=0.0))).nan_to_num(nan=0.0)
+    raise ValueError(f"unknown advantage weighting {how!r}; expected one of {ADVANTAGE_WEIGHTINGS}")
 
 
 # --------------------------------------------------------------------------- divergences
@@ -363,6 +404,8 @@ def _validate(
     kd_weight: float,
     ce_weight: float,
     chunk_size: int,
+    suppress: Tensor | None = None,
+    advantage_weighting: str = "none",
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown target mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -394,6 +437,15 @@ def _validate(
             raise ValueError(f"targets[{key!r}] has {targets[key].shape[0]} rows, expected {n}")
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if suppress is not None and (suppress.dim() != 2 or suppress.shape[0] != n):
+        raise ValueError(f"suppress must have shape ({n}, m), got {tuple(suppress.shape)}")
+    if advantage_weighting not in ADVANTAGE_WEIGHTINGS:
+        raise ValueError(
+            f"unknown advantage weighting {advantage_weighting!r}; "
+            f"expected one of {', '.join(ADVANTAGE_WEIGHTINGS)}"
+        )
+    if advantage_weighting != "none" and labels is None:
+        raise ValueError("advantage weighting needs labels (the reply tokens)")
     if ce_weight != 0 and labels is None:
         raise ValueError("ce_weight != 0 needs labels")
 
@@ -415,6 +467,8 @@ def chunked_kd_loss(
     clip: float | None = None,
     logit_softcap: float | None = None,
     lm_head_bias: Tensor | None = None,
+    suppress: Tensor | None = None,
+    advantage_weighting: str = "none",
 ) -> KDLossOutput:
     """KD (+ CE) loss over reply rows, computing vocabulary-sized work one chunk at a time.
 
@@ -440,6 +494,11 @@ def chunked_kd_loss(
             Note OPSD clips per vocabulary entry; this clips each token's total.
         logit_softcap: the model's final logit soft-cap (applied to student and, in hidden mode,
             teacher logits).
+        suppress: ``(N, m)`` token ids (-1 = none) removed from each row's teacher distribution
+            before the divergence, the rest renormalised (:func:`suppress_dense`,
+            :func:`suppress_topk`; ``train.loss.target_filter``).
+        advantage_weighting: ``none`` | ``gate`` | ``weight``: each row's KD multiplied by
+            :func:`advantage_weights` (needs ``labels``).
 
     Returns:
         :class:`KDLossOutput` with SUMS over the N rows. Divide by the step's reply-token count
@@ -461,17 +520,80 @@ def chunked_kd_loss(
         kd_weight,
         ce_weight,
         chunk_size,
+        suppress,
+        advantage_weighting,
     )
     keys = TARGET_KEYS[mode] if targets is not None else ()
     n = student_hidden.shape[0]
     scale = tau * tau if tau_squared else 1.0
 
+    plain = suppress is None and advantage_weighting == "none"
+
+    def shaped_kd(
+        logits: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lab: Tensor | None,
+        sup: Tensor | None,
+        tgt: tuple[Tensor, ...],
+    ) -> Tensor:
+        """KD against the filtered teacher, weighted by the teacher's advantage."""
+        s_logp = torch.log_softmax(logits / tau, dim=-1)
+        if mode == "topk":
+            ids, t_top, t_tail = tgt[0].long(), _upcast(tgt[1]), _upcast(tgt[2])
+            if sup is not None:
+                t_top = suppress_topk(ids, t_top, sup)
+            s_b = torch.cat(
+                [
+                    s_logp.gather(-1, ids),
+                    _safe_logsumexp(s_logp.scatter(-1, ids, _NEG_INF))[:, None],
+                ],
+                dim=-1,
+            )
+            t_b = torch.cat([t_top, t_tail[:, None]], dim=-1)
+            t_b = t_b - _safe_logsumexp(t_b, dim=-1).unsqueeze(-1)
+            kd = divergence(s_b, t_b, kind, beta)
+            # A label outside the top k is read from the tail bucket (an upper bound).
+            at = ids == lab.long()[:, None] if lab is not None else None
+            t_label = (
+                torch.where(
+                    at.any(-1), t_b[:, :-1].masked_fill(~at, _NEG_INF).logsumexp(-1), t_b[:, -1]
+                )
+                if at is not None
+                else None
+            )
+        else:
+            if mode == "dense":
+                t_logp = _upcast(tgt[0])
+            else:
+                t_logits = project_logits(
+                    tgt[0].detach(),
+                    weight.detach(),
+                    bias.detach() if bias is not None else None,
+                    logit_softcap,
+                )
+                t_logp = torch.log_softmax(t_logits / tau, dim=-1)
+            if sup is not None:
+                t_logp = suppress_dense(t_logp, sup)
+            kd = divergence(s_logp, t_logp, kind, beta)
+            t_label = t_logp.gather(-1, lab.long()[:, None])[:, 0] if lab is not None else None
+        if advantage_weighting != "none":
+            kd = kd * advantage_weights(s_logp, t_label, lab, advantage_weighting)
+        return kd
+
     def chunk_fn(
-        h: Tensor, weight: Tensor, bias: Tensor | None, lab: Tensor | None, *tgt: Tensor
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lab: Tensor | None,
+        sup: Tensor | None,
+        *tgt: Tensor,
     ) -> Tensor:
         logits = project_logits(h, weight, bias, logit_softcap)
         if not tgt and targets is None:  # hard labels only: no teacher
             kd = logits.new_zeros(logits.shape[0])
+        elif not plain:
+            kd = shaped_kd(logits, weight, bias, lab, sup, tgt)
         elif mode == "dense":
             kd = dense_token_divergence(logits, tgt[0], tau, kind, beta)
         elif mode == "topk":
@@ -518,6 +640,7 @@ def chunked_kd_loss(
             lm_head_weight,
             lm_head_bias,
             labels[rows] if labels is not None else None,
+            suppress[rows] if suppress is not None else None,
             *(targets[key][rows] for key in keys),
         )
         if use_checkpoint:

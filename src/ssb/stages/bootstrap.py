@@ -130,6 +130,7 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
                         context=bcfg.teacher_context,
                         correct=good["text"],
                         incorrect=bad["text"],
+                        style=bcfg.hint_style,
                     )
                     for r, good, bad in mixed
                 ]

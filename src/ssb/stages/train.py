@@ -33,9 +33,11 @@ from ssb.distill.forward import (
     shared_prompt_prefix,
     unwrap_model,
 )
+from ssb.distill.hint_leaks import suppression_table
 from ssb.distill.losses import KDLossOutput, chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
 from ssb.hardware import pick_device
+from ssb.prompts import reply_format
 from ssb.rundir import RunDir, read_jsonl
 from ssb.sharding import (
     FSDP2,
@@ -106,6 +108,9 @@ class DistillCollator:
     reader: TargetReader | None = None
     # Supervised fine-tuning on the replies (train.loss.kd_weight 0): no teacher targets at all.
     hard_labels: bool = False
+    # train.loss.target_filter: pair id -> the token ids taken out of each reply row's teacher
+    # distribution (ssb.distill.hint_leaks.suppression_table); None = off.
+    suppress: dict[str, list[list[int]]] | None = None
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
         seqs = [student_sequence(p) for p in pairs]
@@ -129,6 +134,12 @@ class DistillCollator:
         }
         if self.hard_labels:
             return batch
+        if self.suppress is not None:
+            rows = [row for pair in pairs for row in self.suppress[pair["id"]]]
+            width = max((len(row) for row in rows), default=0) or 1
+            batch["suppress_ids"] = torch.tensor(
+                [row + [-1] * (width - len(row)) for row in rows], dtype=torch.long
+            )
         if not TARGET_MODES[self.mode].stored:  # the teacher runs in the step
             tseqs = [teacher_sequence(p) for p in pairs]
             t_ids, t_mask = right_pad([prompt + reply for prompt, reply in tseqs], self.pad_id)
@@ -215,6 +226,8 @@ def distillation_loss(
         clip=lc.clip,
         logit_softcap=head.softcap,
         lm_head_bias=head.bias,
+        suppress=inputs.get("suppress_ids") if targets is not None else None,
+        advantage_weighting=lc.advantage_weighting if targets is not None else "none",
     )
 
 
@@ -438,6 +451,7 @@ def make_trainer(
         mode=cfg.targets.mode,
         reader=reader,
         hard_labels=not uses_teacher(cfg.train.loss),
+        suppress=target_filter_table(cfg, pairs, tokenizer),
     )
     trainer = SSBTrainer(
         model=model,
@@ -453,6 +467,17 @@ def make_trainer(
         trainer.remove_callback(PrinterCallback)
     attach_trackers(trainer, rundir.path)
     return trainer
+
+
+def target_filter_table(
+    cfg: Config, pairs: list[dict[str, Any]], tokenizer: Any
+) -> dict[str, list[list[int]]] | None:
+    """What `train.loss.target_filter` takes out of each pair's teacher rows (None when off or
+    when no teacher is distilled)."""
+    if not (cfg.train.loss.target_filter and uses_teacher(cfg.train.loss)):
+        return None
+    stops = reply_format(tokenizer, cfg.prompt).stop_token_ids
+    return suppression_table(pairs, tokenizer, stops)
 
 
 def student_model(cfg: Config, base_model: Any) -> Any:
