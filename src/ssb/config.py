@@ -262,6 +262,26 @@ class AblateConfig:
     # More teacher contexts for the ssb arm ("ssb.<context>" arms): each gets its own bootstrap
     # and targets on the run's rollouts; bootstrap.teacher_context is the plain "ssb" arm.
     teacher_contexts: list[str] = field(default_factory=list)
+    # More SSB variants ("ssb.<name>" arms), each "name: key=value; key=value" over the keys of
+    # VARIANT_KEYS (the hint's layout and context, the loss's shaping), e.g.
+    # "filtered: train.loss.target_filter=true". A variant that changes a bootstrap key gets its
+    # own bootstrap and targets on the run's rollouts, like a teacher context.
+    variants: list[str] = field(default_factory=list)
+    # Hyperparameters chosen on a validation split before the seeds train (0 = none: every arm
+    # trains with the config's values). The split: the next `validation_problems` problems of
+    # the training source after the data.max_problems the run may scan, so it is disjoint from
+    # the training problems and from the test set (eval.benchmarks). Each arm trains one seed per
+    # grid point, is evaluated greedily on the split, and the best point (first on a tie) trains
+    # every seed; the test set is evaluated once, at the end.
+    validation_problems: int = 0
+    # The grid: learning rates for ssb, sft, rft and onpolicy arms (empty: train.learning_rate);
+    # GRPO's (empty: grpo.learning_rate); and for the KD arms (ssb, its contexts and variants)
+    # KD temperatures (empty: train.loss.temperature) and CE shares a, trained with
+    # (1 - a) KD + a CE (empty: the arm's own kd_weight/ce_weight; 0.5 is DistillKit's mix).
+    lr_grid: list[float] = field(default_factory=list)
+    grpo_lr_grid: list[float] = field(default_factory=list)
+    tau_grid: list[float] = field(default_factory=list)
+    ce_share_grid: list[float] = field(default_factory=list)
     # Optimizer steps of every arm; None: the ssb arm's own, ceil(train.epochs * pairs /
     # (train.batch_size * train.grad_accum)).
     steps: int | None = None
@@ -528,9 +548,80 @@ def _validate_ablate(cfg: Config) -> None:
         value = getattr(a, key)
         if (value is not None or key == "seeds") and value <= 0:
             raise ConfigError(f"ablate.{key}: must be > 0, got {value}")
+    names = [variant_config(cfg, spec)[0] for spec in a.variants]
+    taken = set(a.arms) | set(a.teacher_contexts)
+    clash = [n for n in names if n in taken] or [n for n in names if names.count(n) > 1]
+    if clash:
+        raise ConfigError(f"ablate.variants: the name {clash[0]!r} is used twice")
+    if a.validation_problems < 0:
+        raise ConfigError(f"ablate.validation_problems: must be >= 0, got {a.validation_problems}")
+    if a.validation_problems and cfg.data.max_problems is None:
+        raise ConfigError(
+            "ablate.validation_problems: needs data.max_problems (the validation problems are "
+            "the ones after the data.max_problems the run may scan)"
+        )
+    grids = {"lr_grid": a.lr_grid, "grpo_lr_grid": a.grpo_lr_grid, "tau_grid": a.tau_grid}
+    for key, values in grids.items():
+        if any(not v > 0 for v in values) or len(set(values)) != len(values):
+            raise ConfigError(f"ablate.{key}: {values}: every value > 0, none repeated")
+    if any(not 0 <= v < 1 for v in a.ce_share_grid) or len(set(a.ce_share_grid)) != len(
+        a.ce_share_grid
+    ):
+        raise ConfigError(f"ablate.ce_share_grid: {a.ce_share_grid}: each in [0, 1), none repeated")
+    if a.tau_grid and cfg.targets.mode in ("topk", "dense"):
+        raise ConfigError(
+            f"ablate.tau_grid: targets.mode={cfg.targets.mode} stores the teacher at one "
+            "temperature; search it with hidden or online targets"
+        )
+    if (a.lr_grid or a.grpo_lr_grid or a.tau_grid or a.ce_share_grid) and not a.validation_problems:
+        raise ConfigError(
+            "ablate: a hyperparameter grid needs ablate.validation_problems > 0 (the grid is "
+            "searched on the validation split, never on the test set)"
+        )
     s = a.onpolicy_sampling  # the student samples: temperature 0 would be greedy
     if s.temperature <= 0 or not 0.0 < s.top_p <= 1.0 or s.top_k < 0:
         raise ConfigError("ablate.onpolicy_sampling: temperature > 0, top_p in (0, 1], top_k >= 0")
+
+
+# What an `ablate.variants` entry may change: how the hinted teacher is prompted, and how its
+# targets are distilled.
+VARIANT_KEYS = (
+    "bootstrap.hint_style",
+    "bootstrap.teacher_context",
+    "train.loss.target_filter",
+    "train.loss.advantage_weighting",
+    "train.loss.kd_weight",
+    "train.loss.ce_weight",
+    "train.loss.temperature",
+    "train.loss.divergence",
+    "train.loss.clip",
+)
+
+
+def variant_config(cfg: Config, spec: str) -> tuple[str, Config]:
+    """(name, config) of one `ablate.variants` entry "name: key=value; key=value": `cfg` with
+    those keys changed, validated like any config."""
+    name, sep, body = spec.partition(":")
+    name = name.strip()
+    where = f"ablate.variants: {spec!r}"
+    if not sep or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(
+            f"{where}: expected 'name: key=value; key=value' (name: letters, digits, _ or -)"
+        )
+    pairs = [p.strip() for p in body.split(";") if p.strip()]
+    if not pairs:
+        raise ConfigError(f"{where}: changes nothing")
+    for pair in pairs:
+        key = pair.split("=", 1)[0].strip()
+        if "=" not in pair or key not in VARIANT_KEYS:
+            raise ConfigError(f"{where}: {key!r} is not one of {', '.join(VARIANT_KEYS)}")
+    data = to_dict(cfg)
+    data["ablate"]["variants"] = []  # the variant itself runs no ablation
+    try:
+        variant = validate(_build(Config, _merge(data, parse_overrides(pairs))))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return name, variant
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -422,17 +422,23 @@ class RunDir:
 
 
 class DataDir(RunDir):
-    """A run directory of its own on the run's rollouts (`run.rollouts_path`): an ablation arm's
-    training data, e.g. a teacher context's bootstrap.jsonl, pairs.jsonl and targets/, or the
-    rft arm's pairs.jsonl of correct rollouts."""
+    """A run directory of its own on the run's rollouts: an ablation arm's training data, e.g. a
+    teacher context's bootstrap.jsonl, pairs.jsonl and targets/, or the rft arm's pairs.jsonl
+    of correct rollouts. Its rollouts are `own_rollouts_path` once an arm has written the share
+    of the run's it draws on there, else the run's (`run.rollouts_path`)."""
 
     def __init__(self, path: str | Path, run: RunDir):
         super().__init__(path, force=run.force)
         self.run = run
 
     @property
+    def own_rollouts_path(self) -> Path:
+        return self.path / "rollouts.jsonl"
+
+    @property
     def rollouts_path(self) -> Path:
-        return self.run.rollouts_path
+        own = self.own_rollouts_path
+        return own if own.exists() else self.run.rollouts_path
 
 
 class ArmDir(RunDir):
@@ -485,6 +491,20 @@ class AblationDir(RunDir):
 
     def arm_data(self, arm: str) -> DataDir:
         return DataDir(self.path / arm, run=self.run)
+
+    def selection(self) -> AblationDir:
+        """ablate/select/: the hyperparameter search on the validation split, laid out like the
+        ablation itself (<arm>/<grid point>/seed<k>/, one eval/ of every point), plus
+        validation.jsonl (the split) and selection.json (every point's score, the choices)."""
+        return AblationDir(self.path / "select", self.run)
+
+    @property
+    def validation_path(self) -> Path:
+        return self.path / "validation.jsonl"
+
+    @property
+    def selection_path(self) -> Path:
+        return self.path / "selection.json"
 
     def arm_dir(self, arm: str, seed: int, source: RunDir) -> ArmDir:
         return ArmDir(self.path / arm / f"seed{seed}", source)

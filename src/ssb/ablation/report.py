@@ -55,6 +55,34 @@ def plot_training(ablation: AblationDir, summary: dict[str, Any]) -> Path | None
     return path
 
 
+def _point(point: dict[str, Any] | None) -> str:
+    if not point:
+        return "the config's"
+    names = {"learning_rate": "lr", "temperature": "tau", "ce_share": "CE share"}
+    return ", ".join(f"{names.get(k, k)} {v:g}" for k, v in point.items())
+
+
+def selection_lines(summary: dict[str, Any], level: str) -> list[str]:
+    """The hyperparameters each arm trained with, and how they were chosen."""
+    rows = []
+    for arm, entry in summary["arms"].items():
+        selection = entry.get("selection") or {}
+        tried = "; ".join(
+            f"{_point(p['point'])}: {pct(p.get('accuracy'))}" for p in selection.get("points", [])
+        )
+        rows.append([arm, _point(entry.get("hyperparameters")), tried or "not searched"])
+    if not any(r[2] != "not searched" for r in rows):
+        return []
+    lines = [
+        f"{level}# Hyperparameters (chosen on the validation split)",
+        "",
+        "Each grid point trained one seed and was evaluated greedily on the validation problems "
+        "(never on the test set); the best point trained every seed.",
+        "",
+    ]
+    return lines + table(["arm", "trained with", "validation accuracy per point"], rows) + [""]
+
+
 def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##") -> list[str]:
     """The report section (markdown lines) for an ablation summary."""
 
@@ -64,7 +92,8 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
         f"{level} Ablation: what makes SSB work",
         "",
         f"Equal budget: {summary['equal_budget']}. Seeds: {summary['seeds']}. Evaluation: "
-        f"{metric}, scoring {settings.get('scoring')}, the same held-out problems for every model.",
+        f"{metric}, {'greedy' if settings.get('greedy') else 'sampled'}, scoring "
+        f"{settings.get('scoring')}, the same held-out problems for every model.",
         "",
     ]
     for bench in summary["benchmarks"]:
@@ -98,6 +127,7 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
                     f"[{pct(across['min'])}, {pct(across['max'])}]",
                     _diff(across.get("pooled_vs_base")),
                     _diff(across.get("pooled_vs_ssb")),
+                    _diff(across.get("pooled_vs_sft")),
                 ]
             )
         header = [
@@ -106,6 +136,7 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
             "across seeds",
             "pooled vs base",
             "pooled vs ssb",
+            "pooled vs sft",
         ]
         lines += table(header, rows) + [""]
         rows = []
@@ -113,12 +144,16 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
             for seed, s in entry["seeds"].items():
                 r = s["results"].get(bench)
                 if r:
-                    rows.append([arm, seed, _diff(r.get("vs_base")), _diff(r.get("vs_ssb"))])
+                    rows.append(
+                        [arm, seed] + [_diff(r.get(f"vs_{ref}")) for ref in ("base", "ssb", "sft")]
+                    )
         lines += [
             "Per seed, paired (difference [95% bootstrap], wins/losses, exact McNemar p):",
             "",
         ]
-        lines += table(["arm", "seed", "vs base", "vs ssb (same seed)"], rows) + [""]
+        header = ["arm", "seed", "vs base", "vs ssb (same seed)", "vs sft (same seed)"]
+        lines += table(header, rows) + [""]
+    lines += selection_lines(summary, level)
     rows = []
     for arm, entry in summary["arms"].items():
         cost = entry.get("cost") or {}

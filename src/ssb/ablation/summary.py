@@ -31,11 +31,13 @@ from ssb.stages.eval_setup import (
 )
 from ssb.stages.eval_summary import paired_comparison
 
+REFERENCES = ("ssb", "sft")
 EQUAL_BUDGET = (
     "every arm: a fresh LoRA adapter with train.lora's rank, alpha and modules, {steps} optimizer "
     "steps; ssb, sft, rft and onpolicy at train.batch_size examples per step and "
     "train.learning_rate; grpo at grpo.batch_size prompts x grpo.num_generations completions per "
-    "step and grpo.learning_rate; seed k = LoRA initialisation and data order"
+    "step and grpo.learning_rate (or the rates chosen on the validation split, see each arm's "
+    "hyperparameters); seed k = LoRA initialisation and data order"
 )
 
 
@@ -92,10 +94,23 @@ def build_summary(
         return out
 
     records = {arm: records_of(arm) for arm in arms}
-    reference = "ssb" if "ssb" in arms and arms["ssb"]["seeds"] else None
+    # Every arm is compared with these two, paired: SSB as the paper runs it, and cross-entropy
+    # on the same replies (the rival an SSB variant has to beat).
+    references = [r for r in REFERENCES if r in arms and arms[r]["seeds"]]
     out_arms: dict[str, Any] = {}
     for arm, info in arms.items():
-        entry: dict[str, Any] = {k: info.get(k) for k in ("kind", "context", "data", "skipped")}
+        entry: dict[str, Any] = {
+            k: info.get(k)
+            for k in (
+                "kind",
+                "context",
+                "variant",
+                "data",
+                "skipped",
+                "hyperparameters",
+                "selection",
+            )
+        }
         entry["seeds"] = {}
         entry["across_seeds"] = {}
         for seed, seed_info in info["seeds"].items():
@@ -108,9 +123,10 @@ def build_summary(
                 one = {k: result.get(k) for k in ("n", "accuracy", "interval", "interval_method")}
                 s = stable_seed(cfg.seed, "ablate", bench, arm, seed)
                 one["vs_base"] = paired_comparison(mine, base[bench], key, greedy, s)
-                if reference and arm != reference and seed in records[reference]:
-                    theirs = records[reference][seed][bench]
-                    one["vs_ssb"] = paired_comparison(mine, theirs, key, greedy, s)
+                for ref in references:
+                    if arm != ref and seed in records[ref]:
+                        theirs = records[ref][seed][bench]
+                        one[f"vs_{ref}"] = paired_comparison(mine, theirs, key, greedy, s)
                 per_bench[bench] = one
             entry["seeds"][seed] = {
                 "model": seed_info["model"],
@@ -129,9 +145,10 @@ def build_summary(
             mine = pooled([records[arm][seed][bench] for seed in info["seeds"]])
             s = stable_seed(cfg.seed, "ablate-pooled", bench, arm)
             across["pooled_vs_base"] = paired_comparison(mine, base[bench], key, False, s)
-            if reference and arm != reference:
-                theirs = pooled([records[reference][sd][bench] for sd in records[reference]])
-                across["pooled_vs_ssb"] = paired_comparison(mine, theirs, key, False, s)
+            for ref in references:
+                if arm != ref:
+                    theirs = pooled([records[ref][sd][bench] for sd in records[ref]])
+                    across[f"pooled_vs_{ref}"] = paired_comparison(mine, theirs, key, False, s)
             entry["across_seeds"][bench] = across
         costs = [s["cost"] for s in entry["seeds"].values() if s.get("cost")]
         if costs:

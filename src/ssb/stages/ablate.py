@@ -14,7 +14,6 @@ every model in one evaluation pass, then `ablate/summary.json` and the report.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,18 @@ from ssb.ablation.arms import (
     Arm,
     ablation_arms,
     arm_config,
-    arm_fingerprint,
     equal_steps,
     needs_stored_targets,
     prepare_arm_data,
     seeds,
-    train_arm,
-    training_cost,
+    train_or_reuse,
 )
 from ssb.ablation.report import write_ablation_report
+from ssb.ablation.selection import select_hyperparameters
 from ssb.ablation.summary import build_summary
 from ssb.config import Config
-from ssb.identity import has_adapter
-from ssb.rundir import AblationDir, ArmDir, RunDir, atomic_write_json, read_jsonl
+from ssb.funnel import funnel
+from ssb.rundir import AblationDir, RunDir, read_jsonl
 from ssb.stages.common import log
 from ssb.stages.evaluate import run_eval
 from ssb.stages.pipeline import generate_pairs, run_and_record
@@ -56,28 +54,6 @@ def prepare_run(cfg: Config, rundir: RunDir, arms: list[Arm], progress: bool = T
     generate_pairs(cfg, rundir, progress)
     if any(a.kind == "ssb" and a.context is None for a in arms) and needs_stored_targets(cfg):
         run_and_record(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
-
-
-def finished(armdir: ArmDir, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The done.json of a finished arm and seed, None when it still has to train. One trained
-    with other settings is an error naming them (its folder must go before it is retrained)."""
-    if not armdir.done_path.exists():
-        return None
-    done = json.loads(armdir.done_path.read_text())
-    old = done.get("fingerprint")
-    if old != fingerprint:
-        changed = sorted(
-            k for k in set(old or {}) | set(fingerprint) if (old or {}).get(k) != fingerprint.get(k)
-        )
-        raise ValueError(
-            f"{armdir.path} was trained with other settings ({', '.join(changed)}); delete that "
-            "folder to retrain it, or restore the config"
-        )
-    if not has_adapter(armdir.adapter_dir):
-        raise FileNotFoundError(
-            f"{armdir.done_path} says finished but {armdir.adapter_dir} has no adapter"
-        )
-    return done
 
 
 def data_cost(rundir: RunDir, ablation: AblationDir, arm: Arm, examples: int) -> dict[str, Any]:
@@ -105,7 +81,8 @@ def run_ablate(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, 
     if not pairs:
         raise ValueError(f"no pairs in {rundir.pairs_path}: bootstrap kept none to train on")
     steps = equal_steps(cfg, len(pairs))
-    scanned = rundir.read_manifest().get("problems_scanned")
+    # The problems every arm draws on: those the bootstrap decided (it stops at a pair target).
+    decided = funnel(rundir)["decided"] or None
     log.info(
         "ablate: %d arms x %d seeds, %d optimizer steps each", len(arms), cfg.ablate.seeds, steps
     )
@@ -113,33 +90,34 @@ def run_ablate(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, 
     costs: dict[str, Any] = {}
     models: dict[str, Path] = {}
     trained = 0
+    plans: list[tuple[Arm, RunDir]] = []
     for arm in arms:
         source, data = prepare_arm_data(cfg, rundir, ablation, arm, progress)
-        entry: dict[str, Any] = {
+        collected[arm.name] = {
             "kind": arm.kind,
             "context": arm.context,
+            "variant": arm.variant,
             "data": data,
             "seeds": {},
         }
-        collected[arm.name] = entry
         costs[arm.name] = data_cost(rundir, ablation, arm, data["examples"])
         if not data["examples"]:
-            entry["skipped"] = "no training examples"
+            collected[arm.name]["skipped"] = "no training examples"
             log.warning("ablate: %s has no training examples; not trained", arm.name)
             continue
+        plans.append((arm, source))
+    # Hyperparameters per arm, chosen on the validation split (never on the test set).
+    chosen = select_hyperparameters(cfg, rundir, ablation, plans, steps, decided, progress)
+    for arm, source in plans:
+        entry = collected[arm.name]
+        entry["hyperparameters"] = chosen[arm.name]["chosen"]
+        entry["selection"] = chosen[arm.name]
         for seed in seeds(cfg):
-            arm_cfg = arm_config(cfg, arm, seed, scanned)
+            arm_cfg = arm_config(cfg, arm, seed, decided, chosen[arm.name]["chosen"])
             armdir = ablation.arm_dir(arm.name, seed, source)
-            fingerprint = arm_fingerprint(arm_cfg, arm, steps)
-            done = finished(armdir, fingerprint)
-            if done is None:
-                log.info("ablate: training %s, seed %d (%d steps)", arm.name, seed, steps)
-                train_arm(arm_cfg, arm, armdir, steps, progress)
-                done = {"fingerprint": fingerprint, "cost": training_cost(arm_cfg, arm, armdir)}
-                atomic_write_json(armdir.done_path, done)
-                trained += 1
-            else:
-                log.info("ablate: %s, seed %d already trained", arm.name, seed)
+            log.info("ablate: %s, seed %d (%d steps)", arm.name, seed, steps)
+            done, now = train_or_reuse(arm_cfg, arm, armdir, steps, progress)
+            trained += int(now)
             name = ablation.model_name(arm.name, seed)
             models[name] = armdir.adapter_dir.resolve()
             entry["seeds"][str(seed)] = {
