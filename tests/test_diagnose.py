@@ -13,7 +13,6 @@ from tiny_models import build_tokenizer
 
 from ssb.cli import main
 from ssb.config import dump_yaml
-from ssb.distill.forward import output_head
 from ssb.distill.hint_leaks import (
     LeakRows,
     answer_rows,
@@ -27,7 +26,7 @@ from ssb.rundir import read_jsonl
 from ssb.stages.common import load_base
 from ssb.stages.diagnose import gradient_cosine, kd_ce_cosine, run_diagnose, signal_sums
 from ssb.stages.targets import run_targets, student_sequence, targets_meta, teacher_sequence
-from ssb.stages.train import DistillCollator
+from ssb.stages.train import DistillCollator, student_model
 
 # --------------------------------------------------------------------------- signal.py by hand
 
@@ -113,7 +112,9 @@ def test_signal_sums_match_a_hand_computation(split):
     assert (phrase["teacher"], phrase["student"], phrase["pairs"]) == pytest.approx(
         (*hand["stop_phrase"], 1)
     )
-    assert (wrong["teacher"], wrong["student"], wrong["pairs"]) == pytest.approx((*hand["wrong"], 1))
+    assert (wrong["teacher"], wrong["student"], wrong["pairs"]) == pytest.approx(
+        (*hand["wrong"], 1)
+    )
     assert out["verdict"]["teacher_advantage"] is False
 
 
@@ -129,7 +130,9 @@ def test_signal_sums_skip_leaks_not_located_and_handle_zero_mass():
     assert out["entropy"]["student"] == pytest.approx(math.log(2))
     assert out["stop_mass_answer_phrase"] == {"teacher": None, "student": None, "pairs": 0}
     assert out["wrong_answer_mass"]["pairs"] == 0
-    assert out["stop_mass_nonfinal"]["teacher"] == 0.0 and out["stop_mass_nonfinal"]["student"] == 0.5
+    assert (
+        out["stop_mass_nonfinal"]["teacher"] == 0.0 and out["stop_mass_nonfinal"]["student"] == 0.5
+    )
     assert out["verdict"]["teacher_advantage"] is True
 
 
@@ -243,7 +246,6 @@ def test_kd_ce_cosine_uses_the_loss_settings(tmp_path):
     cfg, rundir, _ = make_run(tmp_path, "chatml", "targets.mode=dense", n=2)
     base = load_base(cfg)
     reader = _one_hot_store(cfg, rundir, 0)
-    from ssb.stages.train import student_model
 
     collator = DistillCollator(pad_id=base.tokenizer.pad_token_id, mode="dense", reader=reader)
     batches = [collator(read_jsonl(rundir.pairs_path))]
@@ -285,6 +287,7 @@ def test_diagnose_command_writes_the_file(tmp_path, capsys):
 def test_diagnose_without_targets_is_a_one_line_error(tmp_path, capsys):
     cfg, rundir, _ = make_run(tmp_path, "chatml", "targets.mode=hidden", n=2)
     config = _write_config(cfg, tmp_path / "cfg.yaml")
+    capsys.readouterr()  # what saving the tiny model printed
     assert main(["diagnose", "--run-dir", str(rundir.path), "--config", config, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ssb: error:") and "ssb targets" in err and "\n" not in err
@@ -355,7 +358,10 @@ def test_answer_rows_point_at_the_answer_sentence_and_the_boxed_value(
 
 
 def test_answer_rows_without_a_boxed_answer(tok):
-    assert answer_rows(tok.encode(" no answer here.", add_special_tokens=False), tok) == (None, None)
+    assert answer_rows(tok.encode(" no answer here.", add_special_tokens=False), tok) == (
+        None,
+        None,
+    )
     ids = tok.encode(" \\boxed{2}", add_special_tokens=False)
     phrase, boxed = answer_rows(ids, tok)
     assert phrase is None and _decode(tok, ids[:boxed]).endswith("\\boxed{")

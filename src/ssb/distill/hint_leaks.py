@@ -74,9 +74,7 @@ def answer_rows(reply_ids: Sequence[int], tokenizer: Any) -> tuple[int | None, i
         # The token that covers the character after the break (index start + 1) starts the
         # sentence. (Not the break's own last character: a "\n" is its own token, and its row
         # predicts the newline, not the sentence.)
-        first_past = _first_prefix(
-            n, lambda i: len(_decode(tokenizer, reply_ids[:i])) > start + 1
-        )
+        first_past = _first_prefix(n, lambda i: len(_decode(tokenizer, reply_ids[:i])) > start + 1)
         phrase_row = None if first_past is None else first_past - 1
     return phrase_row, boxed_row
 
@@ -89,7 +87,9 @@ def wrong_answer_departure(
     there: the reply writes that very answer (a token merged across its "}", e.g. "}.", would
     otherwise look like a departure), or the tokens never differ."""
     head = list(reply_ids[:boxed_row])
-    if _decode(tokenizer, reply_ids)[len(_decode(tokenizer, head)) :].startswith(wrong_answer + "}"):
+    if _decode(tokenizer, reply_ids)[len(_decode(tokenizer, head)) :].startswith(
+        wrong_answer + "}"
+    ):
         return None
     candidate = tokenizer.encode(
         _decode(tokenizer, head) + wrong_answer + "}", add_special_tokens=False

@@ -94,7 +94,9 @@ class SignalSums:
         if t.shape != s.shape or t.shape[0] != n:
             raise ValueError(f"teacher {tuple(t.shape)}, student {tuple(s.shape)}, labels {n}")
         if first_row + n > leaks.num_rows:
-            raise ValueError(f"rows {first_row}..{first_row + n} exceed the pair's {leaks.num_rows}")
+            raise ValueError(
+                f"rows {first_row}..{first_row + n} exceed the pair's {leaks.num_rows}"
+            )
         y = labels.long().to(t.device)[:, None]
         t_y, s_y = t.gather(1, y)[:, 0], s.gather(1, y)[:, 0]
         t_hit, s_hit = t.argmax(-1) == y[:, 0], s.argmax(-1) == y[:, 0]
@@ -134,7 +136,9 @@ class SignalSums:
 
     def merge(self, other: SignalSums) -> SignalSums:
         """Sums of both (e.g. two parts of a run scored apart)."""
-        return SignalSums(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return SignalSums(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
     def summary(self) -> dict[str, Any]:
         """Means over the run's tokens (leak rows: over the pairs where they were found), the

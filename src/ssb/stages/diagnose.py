@@ -65,8 +65,14 @@ def stored_teacher_logp(reader: TargetReader, mode: str, head: Any) -> Any:
 
 @torch.no_grad()
 def signal_sums(
-    cfg: Config, model: Any, tokenizer: Any, pairs: list[dict[str, Any]], stop_ids: list[int],
-    reader: TargetReader | None, pad_id: int, progress: bool = False,
+    cfg: Config,
+    model: Any,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    stop_ids: list[int],
+    reader: TargetReader | None,
+    pad_id: int,
+    progress: bool = False,
 ) -> SignalSums:
     """The teacher's and the student's statistics on every pair's reply rows (`model`: the
     policy model, the frozen base with `model.adapter` when set)."""
@@ -79,7 +85,9 @@ def signal_sums(
     for batch in chunks(pairs, cfg.targets.batch_size):
         student = reply_hidden_rows(model, [student_sequence(p) for p in batch], pad_id)
         teacher = (
-            None if stored else reply_hidden_rows(model, [teacher_sequence(p) for p in batch], pad_id)
+            None
+            if stored
+            else reply_hidden_rows(model, [teacher_sequence(p) for p in batch], pad_id)
         )
         for i, pair in enumerate(batch):
             labels = torch.tensor(student_sequence(pair)[1])
@@ -125,15 +133,22 @@ def kd_ce_cosine(
             out = distillation_loss(model, inputs, lc, target_mode)
             (out.loss_sum / max(tokens, 1)).backward()
         grads.append(
-            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
-                       for p in params])
+            torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                    for p in params
+                ]
+            )
         )
     model.zero_grad(set_to_none=True)
     return float(F.cosine_similarity(grads[0], grads[1], dim=0))
 
 
 def gradient_cosine(
-    cfg: Config, base_model: Any, pairs: list[dict[str, Any]], reader: TargetReader | None,
+    cfg: Config,
+    base_model: Any,
+    pairs: list[dict[str, Any]],
+    reader: TargetReader | None,
     pad_id: int,
 ) -> dict[str, Any] | None:
     """`kd_ce_cosine` of a fresh seeded student on `targets.diagnose_batches` batches of

@@ -218,7 +218,7 @@ def with_diagnostic(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         log.info("targets: run `ssb diagnose` in one process for the teacher-signal diagnostic")
         return summary
-    from ssb.stages.diagnose import run_diagnose  # it imports this module
+    from ssb.stages.diagnose import run_diagnose  # noqa: PLC0415 - it imports this module
 
     return {**summary, "diagnostic": run_diagnose(cfg, rundir, progress)}
 
