@@ -282,6 +282,18 @@ def test_diagnose_command_writes_the_file(tmp_path, capsys):
     # Re-running rewrites it (no error, same numbers).
     again = run_diagnose(cfg, rundir, progress=False)
     assert again["teacher_p_reply"] == result["p_reply"]["teacher"]
+    # The report, the model card and the ablation report show it.
+    from ssb.ablation.report import teacher_signal_by_context
+    from ssb.report import write_report
+    from ssb.share.cards import model_card
+    from ssb.share.facts import read_run_facts
+
+    report = write_report(rundir, cfg).read_text()
+    assert "## Teacher signal" in report and result["verdict"]["text"] in report
+    card = str(model_card(read_run_facts(rundir), None, None, 4))
+    assert "## Teacher signal" in card and "gradient cosine" in card
+    lines = teacher_signal_by_context({"correct_and_incorrect": result, "gold": None}, "##")
+    assert lines[0] == "### Teacher signal per context" and len(lines) == 9  # 2 rows
 
 
 def test_diagnose_without_targets_is_a_one_line_error(tmp_path, capsys):

@@ -197,8 +197,8 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
         )
     if fix <= brk:
         failed.append(
-            f"its argmax fixes {fix:.1%} of the student's wrong argmax tokens but breaks {brk:.1%} "
-            "of its right ones (fixable <= breakable)"
+            f"its argmax is right where the student's is wrong on {fix:.1%} of reply tokens "
+            f"and wrong where the student's is right on {brk:.1%} (fixable <= breakable)"
         )
     if failed:
         text = "the hinted teacher carries no advantage over the student: " + "; and ".join(failed)
