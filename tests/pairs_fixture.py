@@ -90,6 +90,8 @@ def tiny_config(model_dir: Path, *overrides: str) -> Config:
         "targets.shard_size=4",
         "targets.topk=16",
         "prompt.num_fewshot=1",
+        # `ssb targets` runs the teacher-signal diagnostic by default; its tests turn it on.
+        "targets.diagnose=false",
     ]
     return load_config(overrides=base + list(overrides))
 

@@ -4,21 +4,13 @@ machine is shared, so the numbers themselves mean nothing here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
-from pairs_fixture import make_run
 from tiny_models import save_tiny_model
 
 from ssb.bench import SECTIONS, report, run_bench
-from ssb.distill.forward import output_head
-from ssb.distill.store import TargetReader
-from ssb.stages.common import load_base
-from ssb.stages.targets import run_targets
 
 
 def recomputed(row):
@@ -234,36 +226,3 @@ def test_peak_flops_reads_the_whole_gpu_name():
     assert peak_flops("NVIDIA A10G") == 70e12 and peak_flops("NVIDIA A10") == 125e12
     assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
     assert peak_flops("Tesla T4") is None
-
-
-def test_teacher_softness_matches_the_dense_targets(tmp_path):
-    """benchmarks/teacher_softness.py on hidden-state targets gives the teacher probabilities of
-    the reply tokens that the dense targets of the same pairs hold (float32 log-probs, stored at
-    the KD temperature, 2 here): the projection and the token alignment are right."""
-    path = Path(__file__).parents[1] / "benchmarks" / "teacher_softness.py"
-    spec = importlib.util.spec_from_file_location("teacher_softness", path)
-    softness_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(softness_script)
-
-    cfg, rundir, _ = make_run(tmp_path, "chatml", "targets.mode=hidden", n=4)
-    run_targets(cfg, rundir, progress=False)
-    dense_cfg, dense_run, _ = make_run(tmp_path, "chatml", "targets.mode=dense", n=4, name="dense")
-    run_targets(dense_cfg, dense_run, progress=False)
-    assert dense_cfg.train.loss.temperature == 2.0
-
-    stats = softness_script.softness(rundir.targets_dir, output_head(load_base(cfg).model))
-    reader = TargetReader(dense_run.targets_dir)
-    p_reply, tokens = 0.0, 0
-    for example_id in reader.ids():
-        reply, tensors = reader.get(example_id)
-        p_reply += (
-            tensors["logp"].float().gather(1, torch.tensor(reply)[:, None]).exp().sum().item()
-        )
-        tokens += len(reply)
-    assert stats["reply_tokens"] == tokens > 0
-    # bf16 hidden states against float32 log-probs: close, not equal. Off by one position, or at
-    # the other temperature (tau 1: 0.00102 against 0.00159 here), it is far off.
-    assert stats["p_reply_tau2"] == pytest.approx(p_reply / tokens, rel=1e-2)
-    assert stats["p_reply_tau1"] != pytest.approx(p_reply / tokens, rel=1e-1)
-    assert stats["entropy_tau2"] > stats["entropy_tau1"] > 0
-    assert 0.0 <= stats["argmax_is_reply"] <= 1.0

@@ -44,6 +44,12 @@ def _stage_targets(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dic
     return run_targets(cfg, rundir, progress=not args.quiet)
 
 
+def _stage_diagnose(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
+    from ssb.stages.diagnose import run_diagnose
+
+    return run_diagnose(cfg, rundir, progress=not args.quiet)
+
+
 def _stage_train(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
     from ssb.stages.train import run_train
 
@@ -81,6 +87,12 @@ STAGES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
         _stage_bootstrap,
     ),
     "targets": ("score the replies with the frozen teacher and store its targets", _stage_targets),
+    "diagnose": (
+        "measure the hinted teacher's signal against the untrained student on the reply tokens "
+        "(advantage, stop and wrong-answer mass, KD-vs-CE gradient cosine); writes "
+        "diagnostics/teacher_signal.json",
+        _stage_diagnose,
+    ),
     "train": ("train the hint-free LoRA student on the teacher targets", _stage_train),
     "grpo": (
         "train the GRPO baseline LoRA (TRL GRPOTrainer) on the same problems, prompts and "

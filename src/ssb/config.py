@@ -152,6 +152,13 @@ class TargetsConfig:
     topk: int = 64
     batch_size: int = 4
     shard_size: int = 256  # examples per shard
+    # After scoring, run the teacher-signal diagnostic (`ssb diagnose`, ssb.distill.signal): the
+    # hinted teacher vs the untrained student on the reply tokens, written to
+    # diagnostics/teacher_signal.json. Cheap: one student forward per pair (plus one teacher
+    # forward in topk/online modes) and `diagnose_batches` gradient batches.
+    diagnose: bool = True
+    # Batches of train.batch_size pairs for the KD-vs-CE gradient cosine (0 = skip it).
+    diagnose_batches: int = 4
 
 
 @dataclass
@@ -511,6 +518,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.epochs: must be > 0")
     if cfg.round_learning_rate is not None and cfg.round_learning_rate <= 0:
         raise ConfigError(f"round_learning_rate: must be > 0, got {cfg.round_learning_rate}")
+    if flat["targets.diagnose_batches"] < 0:
+        raise ConfigError(
+            f"targets.diagnose_batches: must be >= 0 (0 = no gradient cosine), "
+            f"got {flat['targets.diagnose_batches']}"
+        )
     if flat["data.skip_problems"] < 0:
         raise ConfigError(f"data.skip_problems: must be >= 0, got {flat['data.skip_problems']}")
     if not TARGET_MODES[cfg.targets.mode].stored and (cfg.rounds > 1 or cfg.model.adapter):

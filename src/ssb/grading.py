@@ -142,16 +142,16 @@ SENTENCE_BREAKS = (". ", ".\n", "\n", ": ", "! ", "? ")
 
 
 def answer_sentence_start(text: str) -> int | None:
-    """Index of the first character of the sentence that holds the last `\\boxed` (the break's
-    last character, e.g. the space of ". "; 0 when the box is in the first sentence), or None
-    without a box. The hinted prompt cuts a wrong rollout there, and `ssb.distill.hint_leaks`
+    """Where the sentence that holds the last `\\boxed` starts: the index of the last character
+    of the break before it (e.g. the space of ". "; -1 when the box is in the first sentence),
+    so the sentence is `text[start + 1:]`; None without a box. The hinted prompt cuts a wrong rollout there, and `ssb.distill.hint_leaks`
     finds the row where a reply starts writing its answer."""
     matches = list(_BOX_RE.finditer(text or ""))
     if not matches:
         return None
     at = matches[-1].start()
     ends = [text.rfind(b, 0, at) + len(b) - 1 for b in SENTENCE_BREAKS if text.rfind(b, 0, at) >= 0]
-    return max(ends, default=0)
+    return max(ends, default=-1)
 
 
 # --------------------------------------------------------------------------- guards

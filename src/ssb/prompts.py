@@ -214,7 +214,7 @@ def teacher_messages(
 def without_answer_sentence(text: str) -> str:
     """A rollout cut before the sentence that holds its final `\\boxed{}` answer."""
     start = answer_sentence_start(text)
-    return (text if start is None else text[:start]).strip()
+    return (text if start is None else text[: start + 1]).strip()
 
 
 def render_prompt_ids(tokenizer: Any, messages: list[Message], cfg: PromptConfig) -> list[int]:

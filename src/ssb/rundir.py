@@ -3,7 +3,7 @@
 Layout (DESIGN section 4)::
 
     runs/<name>/config.yaml  manifest.json  rollouts.jsonl  pairs.jsonl  targets/  adapter/
-                eval/  report.md  plots/
+                diagnostics/  eval/  report.md  plots/
 
 Every write is either an atomic replace (temp file + fsync + rename) or a jsonl append that is
 flushed and fsynced per batch; a reader tolerates a torn last line (the record in flight when a
@@ -169,7 +169,8 @@ _STAGE_INPUTS: dict[str, tuple[str, ...]] = {
         "seed",
     ),
     "bootstrap": ("bootstrap",),
-    "targets": ("targets",),
+    # Not the diagnostic's switches (targets.diagnose*): they change no stored target.
+    "targets": ("targets.mode", "targets.topk", "targets.batch_size", "targets.shard_size"),
     "train": ("train",),
     "grpo": ("grpo", "train.lora"),
 }
@@ -226,6 +227,15 @@ class RunDir:
     @property
     def targets_dir(self) -> Path:
         return self.path / "targets"
+
+    @property
+    def diagnostics_dir(self) -> Path:
+        return self.path / "diagnostics"
+
+    @property
+    def teacher_signal_path(self) -> Path:
+        """`ssb diagnose`'s teacher-signal diagnostic (ssb.stages.diagnose)."""
+        return self.diagnostics_dir / "teacher_signal.json"
 
     @property
     def adapter_dir(self) -> Path:

@@ -48,6 +48,7 @@ from ssb.rundir import (
 )
 from ssb.stages.bootstrap import run_bootstrap
 from ssb.stages.common import load_base
+from ssb.stages.diagnose import run_diagnose
 from ssb.stages.grpo import run_grpo
 from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train
@@ -210,6 +211,8 @@ def prepare_arm_data(
     if counts["kept"] and needs_stored_targets(cfg) and not data.is_complete("targets"):
         with data.stage("targets") as summary:
             summary.update(run_targets(ctx_cfg, data, progress))
+    if counts["kept"] and cfg.targets.diagnose and not data.teacher_signal_path.exists():
+        run_diagnose(ctx_cfg, data, progress)  # online targets, or targets made before it existed
     return data, info
 
 

@@ -190,9 +190,61 @@ def ablation_lines(summary: dict[str, Any], plot: str | None, level: str = "##")
         "data s",
     ]
     lines += table(header, rows) + [""]
+    lines += teacher_signal_by_context(summary.get("teacher_signal") or {}, level)
     if plot:
         lines += [f"![training dynamics of every arm]({plot})", ""]
     return lines
+
+
+def _sides(signal: dict[str, Any], key: str) -> str:
+    row = signal.get(key) or {}
+    return f"{_fmt('{:.3f}', row.get('teacher'))} / {_fmt('{:.3f}', row.get('student'))}"
+
+
+def teacher_signal_by_context(signals: dict[str, Any], level: str) -> list[str]:
+    """One row per teacher context: its diagnostic at initialisation (`ssb diagnose`)."""
+    rows = []
+    for context, sig in signals.items():
+        if not sig:
+            rows.append([context] + ["n/a"] * 8)
+            continue
+
+        cosine = sig.get("grad_cosine") or {}
+        rows.append(
+            [
+                context,
+                _sides(sig, "p_reply"),
+                _sides(sig, "entropy"),
+                _fmt("{:+.4f}", (sig.get("advantage") or {}).get("mean_logp_gap")),
+                f"{pct(sig.get('fixable'))} / {pct(sig.get('breakable'))}",
+                _sides(sig, "stop_mass_nonfinal"),
+                _sides(sig, "wrong_answer_mass"),
+                _fmt("{:+.3f}", cosine.get("value")),
+                {True: "yes", False: "no"}.get(sig["verdict"]["teacher_advantage"], "n/a"),
+            ]
+        )
+    if not rows:
+        return []
+    header = [
+        "teacher context",
+        "p(reply) T / S",
+        "entropy T / S",
+        "log-prob gap",
+        "fixable / breakable",
+        "stop mass T / S",
+        "wrong-answer mass T / S",
+        "KD·CE cosine",
+        "advantage",
+    ]
+    return [
+        f"{level}# Teacher signal per context",
+        "",
+        "The hinted teacher (T) against the untrained student (S) on the reply tokens at τ=1, "
+        "before training (`ssb diagnose`).",
+        "",
+        *table(header, rows),
+        "",
+    ]
 
 
 def write_ablation_report(ablation: AblationDir) -> Path:

@@ -173,6 +173,17 @@ def build_summary(
             for b in benches
         },
         "arms": out_arms,
+        "teacher_signal": teacher_signals(cfg, ablation),
     }
     atomic_write_json(ablation.summary_path, summary)
     return summary
+
+
+def teacher_signals(cfg: Config, ablation: AblationDir) -> dict[str, Any]:
+    """Per teacher context, its teacher-signal diagnostic (`ssb diagnose`, written when its
+    targets were made): the run's own context, then each ssb.<context> arm's; None where none
+    was written."""
+    paths = {cfg.bootstrap.teacher_context: ablation.run.teacher_signal_path}
+    for context in cfg.ablate.teacher_contexts:
+        paths[context] = ablation.arm_data(f"ssb.{context}").teacher_signal_path
+    return {c: json.loads(p.read_text()) if p.exists() else None for c, p in paths.items()}

@@ -68,8 +68,10 @@ def answer_rows(reply_ids: Sequence[int], tokenizer: Any) -> tuple[int | None, i
     start = answer_sentence_start(text)
     phrase_row = None
     if start is not None:
-        # The token that covers the character after the break starts the sentence.
-        first_past = _first_prefix(n, lambda i: len(_decode(tokenizer, reply_ids[:i])) > start)
+        # The token that covers the character after the break (index start + 1) starts the
+        # sentence. (Not the break's own last character: a "\n" is its own token, and its row
+        # predicts the newline, not the sentence.)
+        first_past = _first_prefix(n, lambda i: len(_decode(tokenizer, reply_ids[:i])) > start + 1)
         phrase_row = None if first_past is None else first_past - 1
     return phrase_row, boxed_row
 
@@ -79,8 +81,13 @@ def wrong_answer_departure(
 ) -> tuple[int, int] | None:
     """(row, token): where writing ``wrong_answer`` inside the reply's last ``\\boxed{`` would
     first differ from the reply's own tokens. None when the wrong answer cannot be told apart
-    there (it is a prefix of the reply's answer, or re-tokenising the reply is not stable)."""
+    there: the reply writes that very answer (a token merged across its "}", e.g. "}.", would
+    otherwise look like a departure), or the tokens never differ."""
     head = list(reply_ids[:boxed_row])
+    if _decode(tokenizer, reply_ids)[len(_decode(tokenizer, head)) :].startswith(
+        wrong_answer + "}"
+    ):
+        return None
     candidate = tokenizer.encode(
         _decode(tokenizer, head) + wrong_answer + "}", add_special_tokens=False
     )

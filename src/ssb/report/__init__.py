@@ -6,6 +6,7 @@ Sources (each optional; a missing one drops its section, never fails the report)
 - manifest.json: per-stage status and wall time, package versions, the bootstrap funnel when its
   jsonl files are gone;
 - rollouts.jsonl, bootstrap.jsonl, pairs.jsonl: the pipeline funnel (problems -> mixed -> kept);
+- diagnostics/teacher_signal.json (`ssb diagnose`): the hinted teacher vs the untrained student;
 - train_log.jsonl: training dynamics (loss and its parts, gradient norm, reply length, learning
   rate against step);
 - eval/summary.json (written by `ssb.stages.eval_summary`): accuracy with 95% intervals, the
@@ -34,6 +35,7 @@ from ssb.report.sections import (
     funnel_section,
     rounds_section,
     stages_section,
+    teacher_signal_section,
     training_section,
 )
 from ssb.rundir import RunDir, atomic_write_text, read_jsonl
@@ -86,6 +88,7 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
             lines += table(["setting", "value"], rows) + [""]
 
     lines += funnel_section(funnel, made["funnel.png"])
+    lines += teacher_signal_section(read_json(rundir.teacher_signal_path))
     lines += training_section(train_log, series, made["training.png"])
     lines += eval_section(summary, made["accuracy.png"])
     lines += rounds_section(rundir, summary)

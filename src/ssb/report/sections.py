@@ -288,3 +288,54 @@ def stages_section(manifest: dict[str, Any]) -> list[str]:
     lines = ["## Stages", ""]
     lines += table(["stage", "status", "wall time (s)", "generation tokens/s"], rows) + [""]
     return lines
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def teacher_signal_table(signal: dict[str, Any]) -> list[str]:
+    """Teacher vs untrained student on the reply tokens (diagnostics/teacher_signal.json, from
+    `ssb.distill.signal`): the rows of SIDE_STATS, leak rows with the pairs they were found in."""
+    from ssb.distill.signal import SIDE_STATS  # noqa: PLC0415 -- torch, only when there is one
+
+    rows = []
+    for key, label in SIDE_STATS.items():
+        row = signal.get(key) or {}
+        found = row.get("pairs")
+        suffix = f" ({found} pairs)" if found is not None else ""
+        rows.append([label + suffix, _num(row.get("teacher")), _num(row.get("student"))])
+    return table(["on the reply tokens, τ=1", "hinted teacher", "plain student"], rows)
+
+
+def teacher_signal_lines(signal: dict[str, Any]) -> list[str]:
+    """The advantage, fixable/breakable rates, gradient cosine and verdict in a few lines."""
+    adv = signal.get("advantage") or {}
+    lines = [
+        f"Teacher source: {signal.get('teacher_source')}; {signal.get('pairs')} pairs, "
+        f"{signal.get('reply_tokens')} reply tokens.",
+        f"Teacher advantage: {_num(adv.get('mean_logp_gap'), 4)} nats/token "
+        f"(teacher higher on {pct(adv.get('share_teacher_higher'))} of tokens); argmax fixable "
+        f"{pct(signal.get('fixable'))}, breakable {pct(signal.get('breakable'))}.",
+    ]
+    cosine = signal.get("grad_cosine")
+    if cosine:
+        lines.append(
+            f"KD-vs-CE gradient cosine at initialisation: {cosine['value']:+.3f} "
+            f"({cosine['divergence']}, τ={cosine['temperature']:g}, {cosine['batches']} batches)."
+        )
+    lines.append(f"Verdict: {signal['verdict']['text']}.")
+    return lines
+
+
+def teacher_signal_section(signal: dict[str, Any] | None) -> list[str]:
+    if not signal:
+        return []
+    lines = [
+        "## Teacher signal",
+        "",
+        "From `diagnostics/teacher_signal.json` (`ssb diagnose`).",
+        "",
+    ]
+    lines += teacher_signal_table(signal) + [""]
+    return lines + [f"- {line}" for line in teacher_signal_lines(signal)] + [""]

@@ -11,7 +11,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from ssb.generate import max_lora_rank
 from ssb.problems import HUB_DATASETS
 from ssb.report.formatting import fmt_num, pct, pct_interval, table
-from ssb.report.sections import funnel_section, paired_cells
+from ssb.report.sections import funnel_section, paired_cells, teacher_signal_lines
 from ssb.share import PAIR_FIELDS
 from ssb.share.facts import MODEL_LICENCES, RunFacts, data_source
 from ssb.stages.eval_setup import bench_slug
@@ -328,6 +328,10 @@ def model_card(
         if facts.train.get(key) is not None:
             rows.append([label, fmt_num(facts.train[key])])
     body += table(["setting", "value"], rows) + [""]
+    if facts.teacher_signal:
+        # What the hinted teacher had to teach, measured before training (`ssb diagnose`).
+        body += ["## Teacher signal", ""]
+        body += [f"- {line}" for line in teacher_signal_lines(facts.teacher_signal)] + [""]
     body += ["## Evaluation", ""] + _eval_lines(facts.summary)
     body += (
         [

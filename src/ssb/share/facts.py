@@ -64,6 +64,8 @@ class RunFacts:
     student_prompt_text: str | None  # the first pair's student prompt as tokenizer input text
     imported: list[dict[str, Any]] = field(default_factory=list)  # manifest imported_pairs
     train: dict[str, Any] = field(default_factory=dict)  # manifest stages["train"]
+    # diagnostics/teacher_signal.json (`ssb diagnose`), {} when not measured
+    teacher_signal: dict[str, Any] = field(default_factory=dict)
 
 
 def read_run_facts(rundir: RunDir) -> RunFacts:
@@ -111,6 +113,7 @@ def read_run_facts(rundir: RunDir) -> RunFacts:
         student_prompt_text=prompt_text,
         imported=manifest.get(IMPORTS_KEY) or [],
         train=stages.get("train") or {},
+        teacher_signal=_read_json(rundir.teacher_signal_path),
     )
 
 

@@ -96,7 +96,15 @@ def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
 @torch.inference_mode()
 def teacher_rows(model: Any, batch: list[dict[str, Any]], pad_id: int) -> list[torch.Tensor]:
     """Final hidden states (R, H) on the reply positions of each pair, one forward per batch."""
-    seqs = [teacher_sequence(p) for p in batch]
+    return reply_hidden_rows(model, [teacher_sequence(p) for p in batch], pad_id)
+
+
+@torch.inference_mode()
+def reply_hidden_rows(
+    model: Any, seqs: list[tuple[list[int], list[int]]], pad_id: int
+) -> list[torch.Tensor]:
+    """Final hidden states (R, H) on the reply rows of each `(prompt ids, reply ids + end)`
+    sequence, one forward for all (the teacher's here; the student's in `ssb diagnose`)."""
     full = [prompt + reply for prompt, reply in seqs]
     ids, mask = right_pad(full, pad_id)
     device = next(model.parameters()).device
@@ -158,12 +166,13 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     if mode.needs_frozen_head:
         check_lora_targets(cfg)
     if not mode.stored:  # the teacher runs inside each training step (adapter disabled)
-        return {
+        summary = {
             "mode": mode.name,
             "examples": len(pairs),
             "scored": 0,
             "bytes_per_reply_token": 0.0,
         }
+        return with_diagnostic(cfg, rundir, summary, progress)
 
     sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
     base = load_base(cfg, rundir, to_shard=sharding is not None)
@@ -194,7 +203,24 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     }
     if sharded is not None:
         summary["sharding"] = sharded  # this rank's share of the parameters
-    return summary
+    return with_diagnostic(cfg, rundir, summary, progress)
+
+
+def with_diagnostic(
+    cfg: Config, rundir: RunDir, summary: dict[str, Any], progress: bool = True
+) -> dict[str, Any]:
+    """`summary` plus the teacher-signal diagnostic (`ssb diagnose`) when `targets.diagnose` is
+    on, so every caller of `run_targets` (`ssb targets`, `ssb run`, an ablation's teacher
+    contexts) gets it when its targets are made. One process only: under a multi-process
+    launch the base may be sharded, and the diagnostic is cheap enough to run alone."""
+    if not cfg.targets.diagnose:
+        return summary
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.info("targets: run `ssb diagnose` in one process for the teacher-signal diagnostic")
+        return summary
+    from ssb.stages.diagnose import run_diagnose  # noqa: PLC0415 - it imports this module
+
+    return {**summary, "diagnostic": run_diagnose(cfg, rundir, progress)}
 
 
 def teacher_length(pair: dict[str, Any]) -> int:
