@@ -144,8 +144,8 @@ SENTENCE_BREAKS = (". ", ".\n", "\n", ": ", "! ", "? ")
 def answer_sentence_start(text: str) -> int | None:
     """Where the sentence that holds the last `\\boxed` starts: the index of the last character
     of the break before it (e.g. the space of ". "; -1 when the box is in the first sentence),
-    so the sentence is `text[start + 1:]`; None without a box. The hinted prompt cuts a wrong rollout there, and `ssb.distill.hint_leaks`
-    finds the row where a reply starts writing its answer."""
+    so the sentence is `text[start + 1:]`; None without a box. The hinted prompt cuts a wrong
+    rollout there, and `ssb.distill.hint_leaks` finds the row where a reply starts its answer."""
     matches = list(_BOX_RE.finditer(text or ""))
     if not matches:
         return None
