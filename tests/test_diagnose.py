@@ -376,7 +376,8 @@ def test_answer_rows_without_a_boxed_answer(tok):
     )
     ids = tok.encode(" \\boxed{2}", add_special_tokens=False)
     phrase, boxed = answer_rows(ids, tok)
-    assert phrase is None and _decode(tok, ids[:boxed]).endswith("\\boxed{")
+    # The box is in the first sentence: the answer phrase starts at the reply's first row.
+    assert phrase == 0 and _decode(tok, ids[:boxed]).endswith("\\boxed{")
 
 
 @pytest.mark.parametrize(("right", "wrong"), [("8", "3"), ("18", "13"), ("14", "140")])

@@ -255,16 +255,21 @@ def score_into(
             )
         done = writer.done_ids()
         todo = [p for p in pairs if p["id"] not in done]
-        todo.sort(key=teacher_length)  # length-sorted batches waste little compute on padding
         log.info("targets (%s): %d pairs, %d already stored", tcfg.mode, len(pairs), len(done))
-        own = chunks(todo, tcfg.batch_size)
+        # Length-sorted batches waste little compute on padding. They are cut from every pair,
+        # stored or not, and a batch with a pair missing is scored whole: a resumed run then
+        # runs exactly the forwards of an uninterrupted one (a batch's shared prefix and padding
+        # change how its kernels round), so its targets are bit-identical.
+        ordered = sorted(pairs, key=teacher_length)
+        own = [b for b in chunks(ordered, tcfg.batch_size) if any(p["id"] not in done for p in b)]
         if batches is not None and len(own) > batches:
             raise RuntimeError(f"{len(own)} batches to score, more than the {batches} agreed")
         bar = tqdm(total=len(todo), desc="teacher targets", unit="ex", disable=not progress)
         for batch in own:
             for pair, tensors in zip(batch, score_batch(model, batch, pad_id, tcfg.mode, meta)):
-                writer.add(pair["id"], teacher_sequence(pair)[1], tensors)
-            bar.update(len(batch))
+                if pair["id"] not in done:
+                    writer.add(pair["id"], teacher_sequence(pair)[1], tensors)
+                    bar.update(1)
         bar.close()
     idle = max((batches or 0) - len(own), 0)
     if idle:
