@@ -145,7 +145,7 @@ class BootstrapConfig:
 
 @dataclass
 class TargetsConfig:
-    # One of ssb.distill.modes.TARGET_MODES (hidden, topk, dense, online; each described there).
+    # One of ssb.target_modes.TARGET_MODES (hidden, topk, dense, online; each described there).
     # topk is approximate: at the paper's tau=2 the teacher spreads ~half its mass beyond the top
     # 64 of a large vocabulary, so the KD loss is off by tens of percent (see `ssb bench`).
     mode: str = "hidden"

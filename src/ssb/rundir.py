@@ -317,6 +317,13 @@ class RunDir:
         return self.path / "report.md"
 
     # ---- manifest
+    def read_pairs(self) -> list[dict[str, Any]]:
+        """pairs.jsonl's records; an error saying what makes them when there are none."""
+        pairs = read_jsonl(self.pairs_path)
+        if not pairs:
+            raise FileNotFoundError(f"no pairs in {self.pairs_path}: run `ssb bootstrap` first")
+        return pairs
+
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {}

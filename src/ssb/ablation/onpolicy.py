@@ -29,7 +29,7 @@ from transformers.trainer_callback import PrinterCallback
 from ssb.config import Config, to_dict
 from ssb.distill.forward import unwrap_model
 from ssb.generate import SamplingParams, make_generator
-from ssb.rundir import RunDir, read_jsonl
+from ssb.rundir import RunDir
 from ssb.stages.common import load_base, log, stable_seed
 from ssb.stages.lora_training import (
     JsonlLogCallback,
@@ -161,9 +161,7 @@ def run_onpolicy(cfg: Config, rundir: RunDir, steps: int, progress: bool = True)
     if cfg.train.loss.kd_weight == 0:
         raise ValueError("onpolicy: train.loss.kd_weight is 0, so the teacher would teach nothing")
     check_lora_targets(cfg)
-    pairs = read_jsonl(rundir.pairs_path)
-    if not pairs:
-        raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
+    pairs = rundir.read_pairs()
     base = load_base(cfg, rundir)
     tokenizer = base.tokenizer
     check_prompts(pairs, tokenizer, cfg)

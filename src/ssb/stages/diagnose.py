@@ -28,7 +28,7 @@ from ssb.distill.forward import output_head
 from ssb.distill.hint_leaks import leak_rows
 from ssb.distill.signal import SignalSums
 from ssb.distill.store import TargetReader
-from ssb.rundir import RunDir, atomic_write_json, read_jsonl
+from ssb.rundir import RunDir, atomic_write_json
 from ssb.stages.common import chunks, load_base, log, policy_model
 from ssb.stages.lora_training import restore_base
 from ssb.stages.targets import (
@@ -197,9 +197,7 @@ def run_diagnose(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
     """Measure the run's teacher signal, write `rundir.teacher_signal_path` and return a brief
     summary (see the module docstring). Reads pairs.jsonl and, in hidden/dense/topk modes, the
     target store; changes neither."""
-    pairs = read_jsonl(rundir.pairs_path)
-    if not pairs:
-        raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
+    pairs = rundir.read_pairs()
     mode = cfg.targets.mode
     base = load_base(cfg, rundir)
     tokenizer = base.tokenizer

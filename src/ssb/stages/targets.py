@@ -30,7 +30,7 @@ from ssb.distill.losses import dense_targets, topk_targets
 from ssb.distill.store import INDEX_NAME, TargetReader, TargetWriter
 from ssb.identity import model_identity
 from ssb.prompts import render_prompt_ids
-from ssb.rundir import RunDir, read_jsonl
+from ssb.rundir import RunDir
 from ssb.sharding import is_sharded, launch_sharding, shard_for_scoring, shard_report
 from ssb.stages.common import chunks, load_base, log, policy_model, release_accelerator
 from ssb.target_modes import TARGET_MODES
@@ -159,9 +159,7 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     them into `targets/`, bit for bit. Parts left by a killed run are merged first.
     """
     tcfg = cfg.targets
-    pairs = read_jsonl(rundir.pairs_path)
-    if not pairs:
-        raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
+    pairs = rundir.read_pairs()
     mode = TARGET_MODES[tcfg.mode]
     if mode.needs_frozen_head:
         check_lora_targets(cfg)

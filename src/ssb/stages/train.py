@@ -525,9 +525,7 @@ def run_train(
     check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
     sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
-    pairs = read_jsonl(rundir.pairs_path)
-    if not pairs:
-        raise FileNotFoundError(f"no pairs in {rundir.pairs_path}: run `ssb bootstrap` first")
+    pairs = rundir.read_pairs()
     base = load_base(cfg, rundir, to_shard=sharding is not None)
     tokenizer = base.tokenizer
     check_prompts(pairs, tokenizer, cfg)
