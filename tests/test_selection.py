@@ -170,7 +170,7 @@ def test_variants_become_arms_and_are_checked():
 
 def test_grids_need_a_validation_split():
     with pytest.raises(ConfigError, match="validation_problems"):
-        load_config("ablation-cpu", overrides=["ablate.lr_grid=[1e-4]"])
+        load_config("ablation-cpu", overrides=["ablate.validation_problems=0"])
     with pytest.raises(ConfigError, match="ce_share_grid"):
         _cfg("ablate.ce_share_grid=[1.0]")
     with pytest.raises(ConfigError, match="tau_grid"):
