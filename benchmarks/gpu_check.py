@@ -38,10 +38,11 @@ table is printed at the end. The exit code is 1 when any check failed.
    examples/accelerate_fsdp.yaml on 2 GPUs (parameters sharded), in a copy of the run: every
    pair scored, the adapter with the one-GPU adapter's keys and shapes, the loss curve next to
    the one-GPU run's (`check_fsdp2`). On 1 GPU or CPU it is skipped, printing why.
-10. bench: `ssb bench --sections gpu` on a GPU (KD step tokens/s and MFU counting recomputation,
-   transformers and vLLM generation tokens/s, ssb's decode loop against transformers'
-   generate); on CPU the same code at tiny sizes (`ssb.bench.gpu.gpu_runs(..., "cpu")`; the
-   vLLM figure is skipped there, saying why).
+10. bench: `ssb bench --sections gpu` on a GPU (KD step tokens/s, MFU counting recomputation
+   and peak memory, transformers and vLLM generation tokens/s, ssb's decode loop against
+   transformers' generate at batch 16 and 64); on CPU the same code at tiny sizes
+   (`ssb.bench.gpu.gpu_runs(..., "cpu")`, the decode loop at batch 4 and 8; the vLLM figure is
+   skipped there, saying why).
 
 What is real: the model architecture and its sizes, the tokenizer files, every stage except
 bootstrap (real CLI subprocesses on the real config), the engine, adapters written by `ssb train`,
@@ -868,9 +869,11 @@ def check_bench(out: Path, device: str, logs: Path) -> tuple[str, dict[str, Any]
     text += (
         f"; generation {figures['transformers_generation_tokens_per_s']:.0f} tok/s (transformers)"
     )
-    loops = figures["decode_loop_tokens_per_s"] or {}
-    if loops:
-        text += f", ssb's decode loop {loops['ssb']:.0f} vs {loops['transformers']:.0f}"
+    for batch, loops in (figures["decode_loop_tokens_per_s"] or {}).items():
+        text += (
+            f", ssb's decode loop at batch {batch} {loops['ssb']:.0f} vs "
+            f"{loops['transformers']:.0f} (generate)"
+        )
     vllm_tps = figures["vllm_generation_tokens_per_s"]
     text += f", {vllm_tps:.0f} tok/s (vLLM)" if vllm_tps else ", vLLM skipped"
     return text, figures

@@ -633,8 +633,8 @@ def test_own_loop_greedy_equals_transformers_generate(tiny, share_prefix):
 
 
 def test_own_loop_samples_do_not_depend_on_the_batch(tiny):
-    """Each row samples with its own seeded generator, so batch size and neighbours do not change
-    a prompt's samples."""
+    """Each row draws with uniforms from its own seed (`step_uniforms`), so batch size and
+    neighbours do not change a prompt's samples."""
     arch, tok, model = tiny
     eot = end_of_turn_token(tok)
     prompts = encode(tok, TEXTS)
@@ -645,6 +645,89 @@ def test_own_loop_samples_do_not_depend_on_the_batch(tiny):
     assert ids_of(big) == ids_of(small)
     # alone, each prompt is prompt 0 of its call: its seeds are those of prompt 0
     assert ids_of(alone)[0] == ids_of(big)[0]
+
+
+# Random123's known answers for Philox4x32-10: (counter, key, output).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
+def test_philox_known_answers(counter, key, expected):
+    from ssb.generate.sampling import philox4x32
+
+    words = philox4x32([torch.tensor(c) for c in counter], [torch.tensor(k) for k in key])
+    assert tuple(int(w) for w in words) == expected
+
+
+def test_step_uniforms_depend_on_the_seed_and_step_only():
+    from ssb.generate.sampling import step_uniforms
+
+    seeds = [5, 2**63 - 2, 5, 0]
+    u = step_uniforms(seeds, 64)
+    assert u.dtype == torch.float64 and u.shape == (4, 64)
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    assert torch.equal(step_uniforms([2**63 - 2], 10)[0], u[1, :10])  # neither batch nor length
+    assert bool((u > 0).all() and (u < 1).all())
+    many = step_uniforms(range(200), 500)
+    assert abs(float(many.mean()) - 0.5) < 0.005 and abs(float(many.var()) - 1 / 12) < 0.002
+
+
+def test_draw_over_candidates_equals_draw_over_the_vocabulary():
+    """The same uniform picks the same token from the top-k candidates (`candidates`) and from
+    transformers' warpers over the whole vocabulary: the draw is in token-id order either way."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from ssb.generate.sampling import candidates, draw
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, 300, generator=gen) * 3
+    uniforms = torch.rand(2000, generator=gen, dtype=torch.float64)
+    # Rounded logits tie at the k-th value (every tied token is a candidate on both sides); not
+    # with top-p, where transformers' unstable sort leaves which tied token it drops unspecified.
+    tied = logits.round()
+    for t, k, p, x in [(0.7, 20, 1.0, tied), (1.0, 5, 1.0, tied), (1.3, 50, 0.9, logits)]:
+        ids, probs = candidates(x, t, k, p)
+        scores = TopKLogitsWarper(k)(None, TemperatureLogitsWarper(t)(None, x))
+        scores = TopPLogitsWarper(p)(None, scores) if p < 1 else scores
+        whole = draw(scores.softmax(-1), uniforms)
+        assert torch.equal(draw(probs, uniforms, ids), whole)
+        assert bool((scores.gather(1, whole[:, None]) > float("-inf")).all())
+
+
+@pytest.mark.parametrize("check_every,from_candidates", [(5, True), (3, False), (1, False)])
+def test_own_loop_device_form_on_cpu(tiny, check_every, from_candidates):
+    """The loop as it runs on a GPU (the host reads the new tokens every few steps; sampling over
+    the whole vocabulary with transformers' warpers), here on a CPU: the same tokens and finish
+    reasons as the CPU form, greedy and sampled, with stop tokens and stop strings, and still
+    independent of the batch size."""
+    arch, tok, model = tiny
+    eot = end_of_turn_token(tok)
+    prompts = encode(tok, [PREFIX + r for r in RESTS] + TEXTS)
+    for params in (
+        SamplingParams(temperature=0, max_new_tokens=12, stop_strings=[" a", "e"]),
+        SamplingParams(1.0, top_k=20, top_p=0.9, max_new_tokens=12, n=2, seed=4),
+        SamplingParams(1.0, top_k=20, max_new_tokens=12, n=2, seed=4, stop_strings=["e"]),
+    ):
+        cpu_form = HFGenerator(model, tok, 4, [eot]).generate(prompts, params, False)
+        device_form = HFGenerator(
+            model, tok, 4, [eot], check_every=check_every, sample_from_candidates=from_candidates
+        )
+        got = device_form.generate(prompts, params, False)
+        assert ids_of(got) == ids_of(cpu_form)
+        assert [[c.finish_reason for c in p] for p in got] == [
+            [c.finish_reason for c in p] for p in cpu_form
+        ]
+        device_form.batch_size = 7
+        assert ids_of(device_form.generate(prompts, params, False)) == ids_of(got)
+    assert any(c.finish_reason == "stop" for p in got for c in p)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(10, 0.95), (0, 0.9), (0, 1.0)])

@@ -79,5 +79,9 @@ def test_gpu_check_cpu_form(tmp_path):
     bench = steps["bench"]["details"]
     assert all(v > 0 for v in bench["kd_tokens_per_s"].values())
     assert bench["transformers_generation_tokens_per_s"] > 0
+    # The decode-loop rows at each batch of the CPU form's sizes, both loops measured.
+    assert list(bench["decode_loop_tokens_per_s"]) == ["4", "8"]
+    assert all(v > 0 for s in bench["decode_loop_tokens_per_s"].values() for v in s.values())
+    assert sum("decode loop tokens/s" in r["what"] for r in bench["rows"]) == 2
     assert "skipped" in bench["vllm_generation"]
     assert (out / "gpu_check.md").read_text().startswith("| step |")

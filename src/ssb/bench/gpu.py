@@ -46,7 +46,8 @@ PEAK_BF16_FLOPS = [
 def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     """Generation tokens/s of a random-init Qwen2.5-3B-shaped model: transformers' generate at
     batch 1 vs batch N, fixed-length sampled continuations of 256-token prompts; then ssb's
-    decode loop vs transformers' generate at batch N through `HFGenerator`. The tests run it on
+    decode loop vs transformers' generate through `HFGenerator` at each batch of
+    ``spec["loop_batches"]``. The tests run it on
     CPU at tiny sizes (``spec["device"] = "cpu"``)."""
     import torch
 
@@ -92,16 +93,20 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     bat_s = run(prompts)
 
     # ssb's own decode loop (the stages', onpolicy's and eval's without vLLM) against
-    # transformers' generate at the same batch, prompts and sampling.
+    # transformers' generate at each batch of `loop_batches`, on the same prompts and sampling.
     params = SamplingParams(0.8, top_k=50, max_new_tokens=new, seed=0)
-    loops = decode_loop_speeds(
-        model, _byte_tokenizer(spec["vocab"]), prompts.tolist(), params, len(prompts), [0]
-    )
+    tokenizer = _byte_tokenizer(spec["vocab"])
+    loops: dict[str, dict[str, float]] = {}
+    for batch in spec.get("loop_batches", [spec["gen_prompts"]]):
+        rows = torch.randint(1, spec["vocab"], (batch, prompt_len), generator=gen).tolist()
+        speeds = decode_loop_speeds(model, tokenizer, rows, params, batch, [0])
+        loops[str(batch)] = {loop: speed["tokens_per_s"] for loop, speed in speeds.items()}
     return {
         "device_name": torch.cuda.get_device_name() if cuda else str(device),
         "sequential_tokens_per_s": seq_prompts * new / seq_s,
         "batched_tokens_per_s": spec["gen_prompts"] * new / bat_s,
-        "loop_tokens_per_s": {loop: speed["tokens_per_s"] for loop, speed in loops.items()},
+        # per batch size: tokens/s of ssb's loop and of transformers' generate
+        "loop_tokens_per_s": loops,
         "batch": spec["gen_prompts"],
         "new_tokens": new,
     }
@@ -300,6 +305,7 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
         gen_prompts=g["gen_prompts"],
         gen_tokens=g["gen_tokens"],
         prompt_len=g.get("prompt_len", 256),
+        loop_batches=g.get("loop_batches", [g["gen_prompts"]]),
     )
     gen = run_child("gpu_generate", g_spec)
     data["generation"] = gen
@@ -315,18 +321,19 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                 goal=(">=", 4.0),
             )
         )
-        loops = gen["loop_tokens_per_s"]
-        rows.append(
-            row(
-                "gpu",
-                f"decode loop tokens/s, ssb / transformers generate, batch {gen['batch']}",
-                loops["transformers"],
-                loops["ssb"],
-                "ours/baseline",
-                unit="tok/s",
-                goal=(">=", 1.0),
+        for batch, loops in gen["loop_tokens_per_s"].items():
+            rows.append(
+                row(
+                    "gpu",
+                    f"decode loop tokens/s, ssb / transformers generate, batch {batch}",
+                    loops["transformers"],
+                    loops["ssb"],
+                    "ours/baseline",
+                    unit="tok/s",
+                    goal=(">=", 2.0),
+                    note=f"ssb's loop: {loops['ssb']:.0f} tok/s",
+                )
             )
-        )
     log(progress, "gpu: generation, vLLM")
     vgen = run_child("gpu_generate_vllm", g_spec)
     data["generation_vllm"] = vgen

@@ -69,6 +69,7 @@ def bench_sizes(quick: bool) -> dict[str, Any]:
                 "gen_prompts": 4,
                 "gen_tokens": 4,
                 "prompt_len": 16,
+                "loop_batches": [4, 8],
             },
         }
     return {
@@ -121,5 +122,7 @@ def bench_sizes(quick: bool) -> dict[str, Any]:
             "seq": 1024,
             "gen_prompts": 16,
             "gen_tokens": 128,
+            # ssb's decode loop against transformers' generate at these batch sizes
+            "loop_batches": [16, 64],
         },
     }

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from ssb.distill.losses import project_logits
 from ssb.generate.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from ssb.models import cache_kwarg, checkpointing_enabled
-from ssb.sharding import full_parameter
+from ssb.sharding import full_parameter, is_sharded
 
 
 @dataclass
@@ -59,7 +59,11 @@ def output_head(model: Any) -> OutputHead:
 
 
 def final_hidden_states(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    shared_prefix: int = 0,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, S, H) hidden states after the final norm: what the lm_head sees.
 
@@ -74,6 +78,10 @@ def final_hidden_states(
     serve every row; the result is (B, S - n, H), the positions n..S-1. Exact, gradients
     included: they flow back through the shared keys and values into the one prefix pass. Only
     for a single process without activation checkpointing (see `can_share_prefix`).
+
+    A packed row (`pack_rows`: no attention mask, `position_ids` restarting at 0 at each
+    sequence) is passed on as it is; transformers keeps its sequences apart only where
+    `packing_isolates` says so.
     """
     core = unwrap_model(model)
     decoder = core.get_decoder()
@@ -101,6 +109,8 @@ def final_hidden_states(
                 position_ids=positions,
                 **kwargs,
             )
+        elif attention_mask is None:
+            model(input_ids=input_ids, position_ids=position_ids, **kwargs)
         else:
             model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
@@ -127,6 +137,75 @@ def can_share_prefix(model: Any, num_processes: int = 1) -> bool:
     core = unwrap_model(model)
     inner = core.get_base_model() if hasattr(core, "get_base_model") else core
     return num_processes == 1 and not checkpointing_enabled(inner)
+
+
+# A packed row longer than this is not packed where attention takes a dense mask (sdpa, eager):
+# transformers builds a (T, T) boolean mask for it (64 MiB at this length), and the masked
+# attention computes all T x T scores. flash attention's variable-length kernels need neither.
+MAX_MASKED_PACK = 8192
+
+
+def pack_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A right-padded batch as one padding-free row: (ids, position_ids), each (1, T) with T
+    the real tokens, sequence after sequence, so the row's positions are the batch's real
+    positions in row-major order (what `tensor[attention_mask.bool()]` selects). Position ids
+    restart at 0 at every sequence: transformers reads the sequence boundaries from them."""
+    keep = attention_mask.bool()
+    positions = attention_mask.long().cumsum(-1) - 1
+    return input_ids[keep][None], positions[keep][None]
+
+
+def packing_isolates(model: Any) -> bool:
+    """Whether `model` keeps the sequences of a packed row apart: one probe per model (cached on
+    it), two short random sequences packed against the second one alone, eval mode, no grad.
+    transformers isolates them from the position ids (a block-diagonal mask for sdpa / eager /
+    flex, variable-length kernels for flash attention) in the models that build their masks
+    with `transformers.masking_utils`; a model or attention that does not would let the second
+    sequence attend to the first, which this measures rather than assumes."""
+    core = unwrap_model(model)
+    known = getattr(core, "_ssb_packing_isolates", None)
+    if known is not None:
+        return known
+    vocab = core.get_input_embeddings().num_embeddings
+    device = next(core.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (1, n), generator=gen).to(device) for n in (5, 7))
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+    was_training = core.training
+    core.eval()  # no dropout: the two forwards must differ by the packing alone
+    try:
+        with torch.no_grad():
+            alone = final_hidden_states(core, second, torch.ones_like(second))[0].float()
+            packed = final_hidden_states(
+                core, torch.cat([first, second], dim=1), None, position_ids=positions
+            )[0, 5:].float()
+    finally:
+        core.train(was_training)
+    error = float((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-6))
+    # Kernel rounding only: float32 ~1e-6, half precision ~1e-2; a leak moves states by O(1).
+    full_precision = core.get_input_embeddings().weight.dtype == torch.float32
+    tolerance = 1e-4 if full_precision else 3e-2
+    isolates = error < tolerance
+    core._ssb_packing_isolates = isolates
+    return isolates
+
+
+def should_pack(model: Any, attention_mask: torch.Tensor, num_processes: int = 1) -> bool:
+    """Whether to run a right-padded micro-batch as one packed row (`pack_rows`): it has padding
+    to save, the model is not sharded (FSDP2 / ZeRO-3 gather parameters in every forward; the
+    probe would be a collective), the packed row fits `MAX_MASKED_PACK` where attention takes a
+    dense mask, and `packing_isolates` holds."""
+    if num_processes > 1 and is_sharded(model):
+        return False
+    if bool(attention_mask.all()):
+        return False
+    core = unwrap_model(model)
+    attention = str(getattr(core.config, "_attn_implementation", ""))
+    if not attention.startswith("flash_attention") and int(attention_mask.sum()) > MAX_MASKED_PACK:
+        return False
+    return packing_isolates(model)
 
 
 def _accepts_logits_to_keep(core: Any) -> bool:

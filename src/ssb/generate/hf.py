@@ -9,10 +9,11 @@
   backend. temperature 0 is greedy (and the `n` greedy samples of a prompt are generated once).
 - Stops at any of `stop_token_ids` and, per row, at `stop_strings` (only the tail of each
   running row is decoded to check).
-- Reproducible: in the default loop each row samples with its own generator seeded from its
-  prompt's seed (`SamplingParams.prompt_seed`, per problem in the stages) and its sample index,
-  so batch size, batch order and chunking never change a sample (the transformers loop seeds
-  torch once per batch).
+- Reproducible: in the default loop each row draws with one uniform per step from a
+  counter-based generator keyed by its prompt's seed (`SamplingParams.prompt_seed`, per problem
+  in the stages) and its sample index (`ssb.generate.sampling.step_uniforms`), so batch size,
+  batch order, chunking and resuming never change a sample (the transformers loop seeds torch
+  once per batch).
 
 `loop="ssb"` (the default) runs ssb's own decode loop; `loop="transformers"` calls
 `model.generate` (the reference the tests compare against: token-identical greedy outputs, the
@@ -31,6 +32,11 @@ sections generation and cpu, measures it):
 - **A KV cache that grows in place** (`GrowingLayer`) instead of being concatenated every step.
 - **Rows leave the batch as soon as they stop**, so the steps after the short rows finish cost
   only what the long rows need.
+
+And on a GPU, where each wait for the device stalls the kernel queue: no host work per row or
+per step. All rows sample in one call (no host generator per row); generated tokens stay on the
+device and the host reads them every `ACCELERATOR_CHECK_EVERY` steps to retire stopped rows;
+without padding no attention mask is passed (transformers checks a mask on the host each step).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from transformers import (
     LogitsProcessorList,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -61,7 +68,14 @@ from ssb.generate.batching import (
     sliding_window,
     transformers_model,
 )
-from ssb.generate.sampling import CandidateSampler, StopOnStrings, candidates, tail_window
+from ssb.generate.sampling import (
+    CandidateSampler,
+    StopOnStrings,
+    candidates,
+    draw,
+    step_uniforms,
+    tail_window,
+)
 from ssb.models import cache_kwarg
 
 
@@ -78,6 +92,10 @@ def _neutral_generation_config(model):
 
 
 LOOPS = ("ssb", "transformers")
+# On a GPU the decode loop reads the new tokens every this many steps: each read waits for the
+# device to finish, and a row that stopped since the last read costs at most this many wasted
+# row-steps (a CPU reads every step: reading costs nothing there, a wasted row-step does).
+ACCELERATOR_CHECK_EVERY = 8
 
 
 def row_seed(params: SamplingParams, prompt_index: int, sample_index: int) -> int:
@@ -99,8 +117,9 @@ class HFGenerator:
         stop_token_ids: Sequence[int],
         pad_token_id: int | None = None,
         share_prefix: bool = True,
-        sample_from_candidates: bool = True,
+        sample_from_candidates: bool | None = None,
         loop: str = "ssb",
+        check_every: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -118,10 +137,21 @@ class HFGenerator:
             pad_token_id = self.stop_token_ids[0]
         self.pad_token_id = int(pad_token_id)
         self.share_prefix = share_prefix
+        # Top-k candidates first (`candidates`): no vocabulary-sized temporaries, which cost
+        # milliseconds each on a CPU; but its tie check waits on the device every step, while a
+        # GPU runs transformers' full-vocabulary warpers in microseconds. Default: by device.
+        if sample_from_candidates is None:
+            sample_from_candidates = self.device.type == "cpu"
         self.sample_from_candidates = sample_from_candidates
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         self.loop = loop
+        if check_every is None:
+            check_every = 1 if self.device.type == "cpu" else ACCELERATOR_CHECK_EVERY
+        if check_every <= 0:
+            raise ValueError(f"check_every must be > 0, got {check_every}")
+        # Decode steps between two reads of the new tokens by the host (see `_decode_batch`).
+        self.check_every = check_every
         self.window = sliding_window(model)
         self._cache_kwarg = cache_kwarg(model)
         # The last shared prefix and its KV cache (batch 1): consecutive batches usually share it.
@@ -315,32 +345,37 @@ class HFGenerator:
         return out.logits[:, -1, :]
 
     def _next_tokens(
-        self, logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+        self, logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None
     ) -> torch.Tensor:
-        """One token per row: argmax when greedy, else a draw from transformers' `do_sample`
-        distribution with the row's own generator."""
+        """One token per row, on the logits' device: argmax when greedy, else a `draw` from
+        transformers' `do_sample` distribution with each row's uniform for this step.
+
+        The distribution comes from `candidates` or, without `sample_from_candidates`, from
+        transformers' own warpers over the whole vocabulary; both give the same token for the
+        same uniform (up to float rounding at a boundary)."""
         if params.greedy:
             return logits.argmax(dim=-1)
-        if params.top_k > 0:
+        if params.top_k > 0 and self.sample_from_candidates:
             ids, probs = candidates(logits, params.temperature, params.top_k, params.top_p)
-        else:  # no top-k: transformers' own warpers over the whole vocabulary
-            scores = TemperatureLogitsWarper(params.temperature)(None, logits.float())
-            if params.top_p < 1.0:
-                scores = TopPLogitsWarper(params.top_p)(None, scores)
-            ids, probs = None, scores.softmax(dim=-1)
-        picks = torch.cat(
-            [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)]
-        )
-        return picks if ids is None else ids.gather(1, picks[:, None])[:, 0]
+            return draw(probs, uniforms, ids)
+        scores = TemperatureLogitsWarper(params.temperature)(None, logits.float())
+        if params.top_k > 0:
+            scores = TopKLogitsWarper(params.top_k)(None, scores)
+        if params.top_p < 1.0:
+            scores = TopPLogitsWarper(params.top_p)(None, scores)
+        return draw(scores.softmax(dim=-1), uniforms)
 
     def _decode_batch(
         self, batch_prompts: list[list[int]], params: SamplingParams, seeds: list[int]
     ) -> list[Completion]:
         """Prefill (the shared prefix once), then decode one token per running row per step.
 
-        A row leaves the batch as soon as it stops (its KV cache rows are dropped), so the
-        steps after the short rows finish cost only what the long rows need. Each row samples
-        with its own generator (`row_seed`), so its sample does not depend on its batch.
+        The steps run on the device without waiting for it: tokens go into a device buffer,
+        sampling noise is a per-(row seed, step) table made once (`step_uniforms`), and the host
+        reads the new tokens only every `check_every` steps (every step on a CPU, where reading
+        costs nothing), to find the rows that stopped (stop token or stop string, checked at the
+        step they happened) and drop them from the batch, so the steps after the short rows
+        finish cost only what the long rows need. A row's tokens depend on its seed only.
         """
         shared = self._prefix_len(batch_prompts, params.max_new_tokens)
         input_ids, attention_mask = pad_after_prefix(
@@ -356,43 +391,91 @@ class HFGenerator:
         # Positions as transformers' generate derives them from the mask (padding: 1).
         position_ids = attention_mask.cumsum(-1) - 1
         position_ids = position_ids.masked_fill(attention_mask == 0, 1)
-        # On the logits' device: a CPU generator cannot draw from CUDA probabilities.
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        stop_ids = torch.tensor(self.stop_token_ids, device=self.device)
+        # Without padding the decode steps pass no mask: transformers then skips building one
+        # (and its check of the mask, which waits on the device every step).
+        padded = bool((attention_mask == 0).any())
+        rows, steps = len(batch_prompts), params.max_new_tokens
+        uniforms = None if params.greedy else step_uniforms(seeds, steps, self.device)
+        out = torch.full((rows, steps), self.pad_token_id, dtype=torch.long, device=self.device)
+        alive = list(range(rows))  # batch rows still decoding, in cache order
+        order = torch.arange(rows, device=self.device)  # the same, on the device
+        lengths = [steps] * rows  # tokens each row keeps (set when it stops)
+        stopped_by_string = [False] * rows
+        seen = 0  # steps whose tokens the host has checked
+        stop_ids = set(self.stop_token_ids)
         window = tail_window(params.stop_strings)
-        alive = list(range(len(batch_prompts)))  # batch rows still decoding, in cache order
-        generated: list[list[int]] = [[] for _ in batch_prompts]
-        stopped_by_string = [False] * len(batch_prompts)
         with torch.inference_mode():
             logits = self._forward(
                 input_ids[:, shared:], attention_mask, position_ids[:, shared:], cache
             )
             next_positions = position_ids[:, -1:] + 1
-            for step in range(params.max_new_tokens):
-                tokens = self._next_tokens(logits, params, [generators[r] for r in alive])
-                done = torch.isin(tokens, stop_ids).tolist()
-                for j, (row, token) in enumerate(zip(alive, tokens.tolist())):
-                    generated[row].append(token)
-                    if not done[j] and params.stop_strings:
+            for step in range(steps):
+                noise = None if uniforms is None else uniforms[order, step]
+                tokens = self._next_tokens(logits, params, noise)
+                out[order, step] = tokens
+                last = step == steps - 1
+                if last or step + 1 - seen >= self.check_every:
+                    done = self._stopped_rows(out, alive, seen, step + 1, stop_ids, window, params)
+                    for j, (stop_step, by_string) in done.items():
+                        lengths[alive[j]] = stop_step + 1
+                        stopped_by_string[alive[j]] = by_string
+                    seen = step + 1
+                    if last or len(done) == len(alive):
+                        break
+                    if done:
+                        keep = [j for j in range(len(alive)) if j not in done]
+                        alive = [alive[j] for j in keep]
+                        index = torch.tensor(keep, device=self.device)
+                        cache.batch_select_indices(index)
+                        order, tokens = order[index], tokens[index]
+                        attention_mask = attention_mask[index]
+                        next_positions = next_positions[index]
+                if padded:
+                    ones = attention_mask.new_ones((len(alive), 1))
+                    attention_mask = torch.cat([attention_mask, ones], dim=1)
+                logits = self._forward(
+                    tokens[:, None], attention_mask if padded else None, next_positions, cache
+                )
+                next_positions = next_positions + 1
+        generated = out.tolist()
+        return [
+            self._completion(ids[:length], by_string, params)
+            for ids, length, by_string in zip(generated, lengths, stopped_by_string)
+        ]
+
+    def _stopped_rows(
+        self,
+        out: torch.Tensor,
+        alive: list[int],
+        start: int,
+        end: int,
+        stop_ids: set[int],
+        window: int,
+        params: SamplingParams,
+    ) -> dict[int, tuple[int, bool]]:
+        """The running rows (by position in `alive`) that stopped at a step in [start, end):
+        {position: (step, by stop string)}, the step being the first of a stop token or of a
+        decoded tail (the `window` last tokens) holding a stop string, as a check after every
+        step would find. One read of the new tokens; a row's tail is decoded at each new step
+        only when one decode over all of them shows a stop string."""
+        rows = out[alive, max(0, start - window + 1) : end].tolist()
+        offset = max(0, start - window + 1)
+        done: dict[int, tuple[int, bool]] = {}
+        for j, ids in enumerate(rows):
+            new = ids[start - offset :]
+            first_token = next((i for i, t in enumerate(new) if t in stop_ids), None)
+            last = len(new) if first_token is None else first_token  # steps to check for strings
+            if params.stop_strings and last > 0:
+                text = self.tokenizer.decode(ids[: start - offset + last], skip_special_tokens=True)
+                if any(s in text for s in params.stop_strings):
+                    for i in range(last):
+                        end_i = start - offset + i + 1
                         tail = self.tokenizer.decode(
-                            generated[row][-window:], skip_special_tokens=True
+                            ids[max(0, end_i - window) : end_i], skip_special_tokens=True
                         )
                         if any(s in tail for s in params.stop_strings):
-                            done[j] = stopped_by_string[row] = True
-                if step == params.max_new_tokens - 1 or all(done):
-                    break
-                if any(done):
-                    keep = torch.tensor([j for j, d in enumerate(done) if not d])
-                    alive = [alive[j] for j in keep.tolist()]
-                    cache.batch_select_indices(keep.to(self.device))
-                    tokens = tokens[keep]
-                    attention_mask = attention_mask[keep]
-                    next_positions = next_positions[keep]
-                ones = attention_mask.new_ones((len(alive), 1))
-                attention_mask = torch.cat([attention_mask, ones], dim=1)
-                logits = self._forward(tokens[:, None], attention_mask, next_positions, cache)
-                next_positions = next_positions + 1
-        return [
-            self._completion(ids, by_string, params)
-            for ids, by_string in zip(generated, stopped_by_string)
-        ]
+                            done[j] = (start + i, True)
+                            break
+            if j not in done and first_token is not None:
+                done[j] = (start + first_token, False)
+        return done

@@ -1,5 +1,12 @@
 """Drawing the next token exactly as transformers' `do_sample` would (temperature, top-k, top-p),
-without vocabulary-sized temporaries, and stopping rows at stop strings."""
+without vocabulary-sized temporaries, and stopping rows at stop strings.
+
+ssb's decode loop draws with `draw`: inverse-CDF sampling in token-id order, driven by one
+uniform per (row seed, step) from `step_uniforms` (Philox4x32-10, the counter-based generator of
+torch's CUDA RNG, computed with integer tensor ops on the logits' device). All rows of a batch
+draw in one call with no host generator and no Python loop per row, and a row's sample depends
+on its seed and the step only, never on its batch, its neighbours, or where a run resumed.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +56,77 @@ def candidates(
         remove[:, -1] = False
         values = values.masked_fill(remove, float("-inf"))
     return ids, values.softmax(dim=-1)
+
+
+_MASK32 = 0xFFFFFFFF
+# Philox4x32's multipliers and Weyl key increments (Salmon et al., SC 2011; Random123).
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of 32-bit values `a` (an int64 tensor) and the
+    32-bit constant `m`. The constant is split into 16-bit halves so no intermediate reaches
+    2**63: torch leaves signed int64 overflow to the hardware."""
+    low = a * (m & 0xFFFF)  # < 2**48
+    high = a * (m >> 16)  # < 2**48
+    mid = low + ((high & 0xFFFF) << 16)  # < 2**49
+    return (high >> 16) + (mid >> 32), mid & _MASK32
+
+
+def philox4x32(
+    counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor], rounds: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-`rounds` on int64 tensors holding 32-bit words (broadcast together): four
+    counter words and two key words in, four random words out (Random123's known answers are in
+    the tests)."""
+    c0, c1, c2, c3 = (torch.as_tensor(c) for c in counter)
+    k0, k1 = (torch.as_tensor(k) for k in key)
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def step_uniforms(
+    seeds: Sequence[int], steps: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(rows, steps) float64 uniforms in (0, 1), one per (row, decode step): Philox4x32-10 keyed
+    by the row's 64-bit seed, counting steps. Computed on `device` in one go per batch, so the
+    decode loop only indexes it; 53 bits per value (from two words, as Random123's u01)."""
+    # The seeds' two 32-bit halves, split on the host (a 64-bit seed does not fit an int64).
+    low = torch.tensor([int(s) % 2**64 & _MASK32 for s in seeds], dtype=torch.long)
+    high = torch.tensor([int(s) % 2**64 >> 32 for s in seeds], dtype=torch.long)
+    key = (low.to(device)[:, None], high.to(device)[:, None])
+    step = torch.arange(steps, dtype=torch.long, device=device)[None, :]
+    zero = torch.zeros_like(step)
+    w0, w1, _, _ = philox4x32((step, zero, zero, zero), key)
+    bits = (w0 >> 5) * 2**26 + (w1 >> 6)  # 53 random bits, < 2**53: exact in float64
+    return (bits.double() + 0.5) / 2**53
+
+
+def draw(
+    probs: torch.Tensor, uniforms: torch.Tensor, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: the first token, in token-id order, at which
+    the row's cumulative probability exceeds `uniforms` (rows,) times the row's total.
+
+    `probs` (rows, width) are over the whole vocabulary (`ids` None: column = token id) or over
+    candidate `ids` (rows, width), which are put in token-id order first, so a candidate set and
+    the whole vocabulary give the same token for the same uniform (zero-probability tokens add
+    nothing to the running sum and are never drawn). The sums run in float64."""
+    if ids is not None:
+        order = ids.argsort(dim=-1)
+        ids, probs = ids.gather(1, order), probs.gather(1, order)
+    cdf = probs.double().cumsum(dim=-1)
+    target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)
+    # right=True: the first column whose running sum is > target, so a column with zero mass
+    # (equal running sum to its left neighbour) is never picked; the clamp only guards rounding.
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+    return pick[:, 0] if ids is None else ids.gather(1, pick)[:, 0]
 
 
 class CandidateSampler(LogitsProcessor):

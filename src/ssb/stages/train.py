@@ -8,6 +8,9 @@ teacher's distribution from `[hinted prompt || reply + end token]` at the same r
 ZeRO-3, FSDP2; see `ssb.sharding`), checkpointing, resume and `report_to` backends come from
 the ecosystem. What it adds:
 - the loss (`ssb.distill.losses.chunked_kd_loss`) over reply positions only, chunk by chunk;
+- a micro-batch's padding left out: the few-shot prefix every row shares runs once, or, where
+  there is none, the rows run packed into one padding-free row (`reply_hidden`), where the
+  model's attention is measured to keep packed sequences apart (`should_pack`);
 - normalisation by the number of reply tokens in the whole optimizer step, across gradient
   accumulation and processes (the collator exposes the per-position targets as `shift_labels`,
   which is what Trainer counts for `num_items_in_batch`).
@@ -28,9 +31,11 @@ from ssb.distill.forward import (
     can_share_prefix,
     final_hidden_states,
     output_head,
+    pack_rows,
     reply_rows,
     right_pad,
     shared_prompt_prefix,
+    should_pack,
     unwrap_model,
 )
 from ssb.distill.hint_leaks import suppression_table
@@ -179,7 +184,8 @@ def distillation_loss(
     at the reply positions against the batch's teacher targets (`target_mode`: the stored form,
     or "online": the same network with its adapter off), chunk by chunk (`chunked_kd_loss`).
     The caller normalises (`normalise`). `SSBTrainer.compute_loss` is the training caller;
-    `ssb bench` times this same function.
+    `ssb bench` times this same function. The student runs with its shared prefix once or
+    packed without padding (`reply_hidden`); the loss sees the same rows either way.
 
     The output head under ZeRO-3 is partitioned and released after the forward:
     `output_head` gathers it with `deepspeed.zero.GatheredParameters` and copies it out, once per
@@ -194,27 +200,27 @@ def distillation_loss(
     prefix = int(inputs.get("shared_prefix", 0))
     if prefix and not can_share_prefix(model, num_processes):
         prefix = 0
-    # Positions before `prefix` predict no reply token: the hidden states start after it.
-    shift = inputs["shift_labels"][:, prefix:]
-    reply_mask = shift != IGNORE
+    # The shared prefix saves more than packing (its tokens run once, not once per row); packing
+    # saves the padding where the prefix cannot be shared.
+    pack = not prefix and should_pack(model, inputs["attention_mask"], num_processes)
     # Through `model` (the DDP wrapper under `accelerate launch`), so gradients are synced.
-    hidden = final_hidden_states(
-        model, inputs["input_ids"], inputs["attention_mask"], shared_prefix=prefix
+    hidden, labels = reply_hidden(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["shift_labels"], prefix, pack
     )
     head = output_head(model)
     if not uses_teacher(lc):
         targets, mode = None, TARGET_MODES[target_mode].loss_mode
     elif not TARGET_MODES[target_mode].stored:
-        targets = {"hidden": online_teacher_rows(model, inputs)}
+        targets = {"hidden": online_teacher_rows(model, inputs, pack)}
         mode = TARGET_MODES[target_mode].loss_mode
     else:
         targets = {k[len("teacher_") :]: v for k, v in inputs.items() if k.startswith("teacher_")}
         mode = target_mode
     return chunked_kd_loss(
-        hidden[reply_mask],
+        hidden,
         head.weight,
         targets,
-        shift[reply_mask],
+        labels,
         mode=mode,
         tau=lc.temperature,
         kind=lc.divergence,
@@ -237,21 +243,52 @@ def uses_teacher(loss_config: LossConfig) -> bool:
     return loss_config.kd_weight != 0
 
 
+def reply_hidden(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    shift_labels: torch.Tensor,
+    shared_prefix: int = 0,
+    pack: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states at the reply positions of a right-padded batch, (N, H), with
+    their (N,) reply tokens, in row-major order (the order of the stored teacher rows): the
+    batch run as it is, with its `shared_prefix` once, or packed into one padding-free row
+    (`pack_rows`; only where `should_pack` says the sequences stay apart)."""
+    if pack:
+        keep = attention_mask.bool()
+        ids, positions = pack_rows(input_ids, attention_mask)
+        hidden = final_hidden_states(model, ids, None, position_ids=positions)[0]
+        shift = shift_labels[keep]
+    else:
+        hidden = final_hidden_states(model, input_ids, attention_mask, shared_prefix)
+        # Positions before the prefix predict no reply token: the hidden states start after it.
+        shift = shift_labels[:, shared_prefix:]
+    reply = shift != IGNORE
+    return hidden[reply], shift[reply]
+
+
 @torch.no_grad()
-def online_teacher_rows(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    """Online targets: the teacher is the same network with the LoRA adapter switched off.
-    Called on the unwrapped PeftModel: a no-grad forward needs no DDP gradient hooks."""
+def online_teacher_rows(model: Any, inputs: dict[str, Any], pack: bool = False) -> torch.Tensor:
+    """Online targets: the teacher is the same network with the LoRA adapter switched off
+    (`pack`: its hinted sequences packed too, when the student's are). Called on the unwrapped
+    PeftModel: a no-grad forward needs no DDP gradient hooks."""
     unwrapped = unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()  # the frozen base scores without dropout, as `ssb targets` does
+    mask = inputs["teacher_attention_mask"]
     try:
         with unwrapped.disable_adapter():
-            hidden = final_hidden_states(
-                unwrapped, inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+            hidden, _ = reply_hidden(
+                unwrapped,
+                inputs["teacher_input_ids"],
+                mask,
+                inputs["teacher_shift_labels"],
+                pack=pack and not bool(mask.all()),
             )
     finally:
         unwrapped.train(was_training)
-    return hidden[inputs["teacher_shift_labels"] != IGNORE].detach()
+    return hidden.detach()
 
 
 class SSBTrainer(Trainer):
