@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from pairs_fixture import make_rollouts_mixed
@@ -176,3 +177,19 @@ def test_rollout_training_and_eval_prompts_are_token_identical(
         assert seen["bootstrap"][i] == pair["teacher_prompt_ids"]
         # The student's first reply position predicts the first reply token.
         assert batch["shift_labels"][i, len(rollout_prompt) - 1].item() == pair["reply_ids"][0]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_marked_hint_never_shows_the_wrong_boxed_answer(chat):
+    """hint_style=marked: the wrong rollout is cut before its answer sentence and its answer is
+    named as wrong; the correct rollout is shown whole. inline shows both whole."""
+    cfg = PromptConfig()
+    good = " 4 + 4 = 8 apples. The answer is \\boxed{8}."
+    bad = " 4 * 4 = 16 apples. The answer is \\boxed{16}."
+    marked = teacher_messages(PROBLEM, cfg, chat=chat, correct=good, incorrect=bad, style="marked")[
+        -1
+    ]["content"]
+    assert "\\boxed{16}" not in marked and re.search(r"16,? is wrong", marked)
+    assert "4 * 4 = 16 apples." in marked and "\\boxed{8}" in marked
+    inline = teacher_messages(PROBLEM, cfg, chat=chat, correct=good, incorrect=bad)[-1]["content"]
+    assert "\\boxed{16}" in inline

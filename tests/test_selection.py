@@ -35,7 +35,7 @@ def study_sets(root: Path) -> list[str]:
         "ablate.lr_grid=[1e-2,1e-3]",
         "bootstrap.target_pairs=5",
         'ablate.variants=["filtered: train.loss.target_filter=true", '
-        '"separate: bootstrap.hint_style=separate"]',
+        '"marked: bootstrap.hint_style=marked"]',
     ]
 
 
@@ -79,7 +79,7 @@ def test_study_chooses_on_validation_and_tests_once(study_root, monkeypatch):
     assert not set(split) & test_ids and not set(split) & {f"p{i}" for i in range(6)}
 
     selection = json.loads((ablate / "selection.json").read_text())
-    arms = ["ssb", "sft", "rft", "ssb.filtered", "ssb.separate"]
+    arms = ["ssb", "sft", "rft", "ssb.filtered", "ssb.marked"]
     assert list(selection["arms"]) == arms
     summary = json.loads((ablate / "summary.json").read_text())
     for arm in arms:
@@ -100,12 +100,12 @@ def test_study_chooses_on_validation_and_tests_once(study_root, monkeypatch):
     test_records = read_jsonl(ablate / "eval" / "ssb-seed0-test.jsonl")
     assert sorted(r["id"] for r in test_records) == sorted(test_ids)
 
-    # The variants: the filter in the loss; the separate hint with its own bootstrap.
+    # The variants: the filter in the loss; the marked hint with its own bootstrap.
     done = json.loads((ablate / "ssb.filtered" / "seed0" / "done.json").read_text())
     assert done["fingerprint"]["train"]["loss"]["target_filter"] is True
-    pairs = read_jsonl(ablate / "ssb.separate" / "pairs.jsonl")
+    pairs = read_jsonl(ablate / "ssb.marked" / "pairs.jsonl")
     assert pairs and all("<<<" in p["teacher_messages"][-1]["content"] for p in pairs)
-    assert summary["arms"]["ssb.separate"]["data"]["mixed"] == 5  # decided problems only
+    assert summary["arms"]["ssb.marked"]["data"]["mixed"] == 5  # decided problems only
     # rft: only the problems the bootstrap decided (p5 was rolled out after the target).
     rft = {p["problem_id"] for p in read_jsonl(ablate / "rft" / "pairs.jsonl")}
     assert rft == {f"p{i}" for i in range(5)}
@@ -152,12 +152,12 @@ def test_arm_config_applies_the_point():
 
 def test_variants_become_arms_and_are_checked():
     cfg = _cfg(
-        'ablate.variants=["clean: bootstrap.hint_style=separate; train.loss.target_filter=true"]'
+        'ablate.variants=["clean: bootstrap.hint_style=marked; train.loss.target_filter=true"]'
     )
     arm = ablation_arms(cfg)[-1]
     assert arm.name == "ssb.clean" and arm.kind == "ssb"
     name, variant = variant_config(cfg, cfg.ablate.variants[0])
-    assert variant.bootstrap.hint_style == "separate" and variant.train.loss.target_filter
+    assert variant.bootstrap.hint_style == "marked" and variant.train.loss.target_filter
     for bad, why in (
         ("nocolon", "expected 'name"),
         ("x: train.learning_rate=1", "not one of"),

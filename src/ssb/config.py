@@ -135,9 +135,9 @@ class BootstrapConfig:
     target_pairs: int | None = None
     # Which rollouts the teacher sees: correct_and_incorrect (the paper) | correct_only | gold.
     teacher_context: str = "correct_and_incorrect"
-    # How the hinted prompt lays them out (ssb.prompts.HINT_STYLES): inline (rollouts whole, on
-    # the question line in the few-shot format) | separate (rollouts on labelled lines of their
-    # own, the wrong one cut before its answer sentence and its answer named as wrong).
+    # How the hinted prompt lays them out (ssb.prompts.HINT_STYLES): inline (both rollouts whole)
+    # | marked (the wrong one cut before its answer sentence and its answer named as wrong, so
+    # no \\boxed{wrong answer} is shown; in chat, each rollout in a labelled block).
     hint_style: str = "inline"
     # Teacher samples tried per problem before giving up (each must still be correct).
     attempts: int = 1
@@ -331,7 +331,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prompt.format": ("auto", "chat", "fewshot"),
     "generation.backend": ("auto", "hf", "vllm"),
     "bootstrap.teacher_context": ("correct_and_incorrect", "correct_only", "gold"),
-    "bootstrap.hint_style": ("inline", "separate"),
+    "bootstrap.hint_style": ("inline", "marked"),
     "targets.mode": tuple(TARGET_MODES),
     "train.loss.divergence": ("forward_kl", "reverse_kl", "jsd"),
     "train.loss.advantage_weighting": ("none", "gate", "weight"),

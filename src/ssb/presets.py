@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sampling": {"temperature": 0.4},
             "attempts": 2,
             "target_pairs": 112,
-            "hint_style": "separate",
+            "hint_style": "marked",
         },
         "targets": {"mode": "hidden", "batch_size": 4},
         # One epoch over the pairs: S = ceil(pairs / 4) optimizer steps for every arm.

@@ -60,7 +60,7 @@ GOLD_TEACHER_TEMPLATE = (
     "\\boxed{}."
 )
 
-SEPARATE_TEACHER_TEMPLATE = (
+MARKED_TEACHER_TEMPLATE = (
     "Problem:\n{question}\n\n"
     "A correct student solution:\n<<<\n{correct}\n>>>\n\n"
     "An incorrect student attempt; its final answer, {incorrect_answer}, is wrong:\n"
@@ -72,13 +72,16 @@ SEPARATE_TEACHER_TEMPLATE = (
 )
 
 # How the hint is laid out (`bootstrap.hint_style`), per prompt format and teacher context.
-# inline (the first design): in the few-shot format the hint rides on the question line, both
-# rollouts whole, each ending "The answer is \\boxed{...}". Measured on gemma-3-270m (DESIGN
-# section 9) it teaches a premature stop before the answer sentence and the wrong rollout's
-# answer. separate: the rollouts on lines of their own, labelled, and the wrong one cut before
-# its answer sentence, its answer named as wrong (`incorrect_steps`, `incorrect_answer`), so
-# no "\\boxed{wrong}" is ever shown.
-HINT_STYLES = ("inline", "separate")
+# inline (the first design): both rollouts whole, each ending "The answer is \\boxed{...}"; in the
+# few-shot format on the question line. Measured on gemma-3-270m (DESIGN section 9) its teacher
+# puts premature-stop mass before the answer sentence and mass on the wrong rollout's answer.
+# marked: the wrong rollout cut before its answer sentence, its answer named as wrong
+# (`incorrect_steps`, `incorrect_answer`), so no "\\boxed{wrong}" is ever shown; the chat form
+# also sets each rollout apart in a labelled, delimited block. (A few-shot form with the rollouts
+# on lines of their own under the question was tried: the 270M teacher then answered wrong or
+# without a box on 100 of 111 mixed problems, against 58 of 111 inline, so the few-shot form
+# keeps the question line.)
+HINT_STYLES = ("inline", "marked")
 FEWSHOT_TEACHER_TEMPLATES = {
     "inline": {
         "correct_and_incorrect": (
@@ -88,13 +91,13 @@ FEWSHOT_TEACHER_TEMPLATES = {
         "correct_only": "{question} (Hint: a correct solution is: {correct})",
         "gold": "{question} (Hint: a reference solution is: {gold_solution})",
     },
-    "separate": {
+    "marked": {
         "correct_and_incorrect": (
-            "{question}\nCorrect solution: {correct}\n"
-            "Wrong attempt, whose answer {incorrect_answer} is wrong: {incorrect_steps}"
+            "{question} (Hint: a correct solution is: {correct} A wrong attempt, whose answer "
+            "{incorrect_answer} is wrong, went: {incorrect_steps} Avoid that mistake.)"
         ),
-        "correct_only": "{question}\nCorrect solution: {correct}",
-        "gold": "{question}\nReference solution: {gold_solution}",
+        "correct_only": "{question} (Hint: a correct solution is: {correct})",
+        "gold": "{question} (Hint: a reference solution is: {gold_solution})",
     },
 }
 CHAT_TEACHER_TEMPLATES = {
@@ -103,8 +106,8 @@ CHAT_TEACHER_TEMPLATES = {
         "correct_only": CORRECT_ONLY_TEACHER_TEMPLATE,
         "gold": GOLD_TEACHER_TEMPLATE,
     },
-    "separate": {
-        "correct_and_incorrect": SEPARATE_TEACHER_TEMPLATE,
+    "marked": {
+        "correct_and_incorrect": MARKED_TEACHER_TEMPLATE,
         "correct_only": CORRECT_ONLY_TEACHER_TEMPLATE,
         "gold": GOLD_TEACHER_TEMPLATE,
     },
