@@ -292,8 +292,9 @@ def test_diagnose_command_writes_the_file(tmp_path, capsys):
     assert "## Teacher signal" in report and result["verdict"]["text"] in report
     card = str(model_card(read_run_facts(rundir), None, None, 4))
     assert "## Teacher signal" in card and "gradient cosine" in card
-    lines = teacher_signal_by_context({"correct_and_incorrect": result, "gold": None}, "##")
-    assert lines[0] == "### Teacher signal per context" and len(lines) == 9  # 2 rows
+    lines = teacher_signal_by_context({"ssb": result, "ssb.gold": None}, "##")
+    assert lines[0] == "### Teacher signal per teacher" and len(lines) == 9  # 2 rows
+    assert lines[6].startswith("| ssb | correct_and_incorrect, inline |")
 
 
 def test_diagnose_without_targets_is_a_one_line_error(tmp_path, capsys):

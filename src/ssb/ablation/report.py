@@ -204,20 +204,23 @@ def _sides(signal: dict[str, Any], key: str) -> str:
 def teacher_signal_by_context(signals: dict[str, Any], level: str) -> list[str]:
     """One row per teacher context: its diagnostic at initialisation (`ssb diagnose`)."""
     rows = []
-    for context, sig in signals.items():
+    for arm, sig in signals.items():
         if not sig:
-            rows.append([context] + ["n/a"] * 8)
+            rows.append([arm] + ["n/a"] * 10)
             continue
 
         cosine = sig.get("grad_cosine") or {}
         rows.append(
             [
-                context,
+                arm,
+                f"{sig.get('teacher_context')}, {sig.get('hint_style', 'inline')}",
+                str(sig.get("pairs")),
                 _sides(sig, "p_reply"),
                 _sides(sig, "entropy"),
                 _fmt("{:+.4f}", (sig.get("advantage") or {}).get("mean_logp_gap")),
                 f"{pct(sig.get('fixable'))} / {pct(sig.get('breakable'))}",
                 _sides(sig, "stop_mass_nonfinal"),
+                _sides(sig, "stop_mass_answer_phrase"),
                 _sides(sig, "wrong_answer_mass"),
                 _fmt("{:+.3f}", cosine.get("value")),
                 {True: "yes", False: "no"}.get(sig["verdict"]["teacher_advantage"], "n/a"),
@@ -226,18 +229,21 @@ def teacher_signal_by_context(signals: dict[str, Any], level: str) -> list[str]:
     if not rows:
         return []
     header = [
-        "teacher context",
+        "teacher of",
+        "context, hint",
+        "pairs",
         "p(reply) T / S",
         "entropy T / S",
         "log-prob gap",
         "fixable / breakable",
         "stop mass T / S",
+        "stop mass before the answer T / S",
         "wrong-answer mass T / S",
         "KD·CE cosine",
         "advantage",
     ]
     return [
-        f"{level}# Teacher signal per context",
+        f"{level}# Teacher signal per teacher",
         "",
         "The hinted teacher (T) against the untrained student (S) on the reply tokens at τ=1, "
         "before training (`ssb diagnose`).",

@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ssb.ablation.arms import ablation_arms, arm_base_config, has_own_data
 from ssb.config import Config
 from ssb.rundir import AblationDir, atomic_write_json
 from ssb.stages.common import stable_seed
@@ -180,10 +181,19 @@ def build_summary(
 
 
 def teacher_signals(cfg: Config, ablation: AblationDir) -> dict[str, Any]:
-    """Per teacher context, its teacher-signal diagnostic (`ssb diagnose`, written when its
-    targets were made): the run's own context, then each ssb.<context> arm's; None where none
-    was written."""
-    paths = {cfg.bootstrap.teacher_context: ablation.run.teacher_signal_path}
-    for context in cfg.ablate.teacher_contexts:
-        paths[context] = ablation.arm_data(f"ssb.{context}").teacher_signal_path
-    return {c: json.loads(p.read_text()) if p.exists() else None for c, p in paths.items()}
+    """Per teacher (the run's, then each ssb arm's with a bootstrap of its own: a teacher context
+    or a variant of the hint), its teacher-signal diagnostic (`ssb diagnose`, written when its
+    targets were made), keyed by arm, with the context and hint style it was prompted with;
+    None where none was written."""
+    teachers = {"ssb": (cfg, ablation.run.teacher_signal_path)}
+    for arm in ablation_arms(cfg):
+        if has_own_data(cfg, arm):
+            path = ablation.arm_data(arm.name).teacher_signal_path
+            teachers[arm.name] = (arm_base_config(cfg, arm), path)
+    out: dict[str, Any] = {}
+    for name, (arm_cfg, path) in teachers.items():
+        signal = json.loads(path.read_text()) if path.exists() else None
+        if signal is not None:
+            signal["hint_style"] = arm_cfg.bootstrap.hint_style
+        out[name] = signal
+    return out
