@@ -24,7 +24,10 @@ import gc
 import importlib.metadata
 import importlib.util
 import logging
+import multiprocessing
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -245,8 +248,10 @@ class VLLMGenerator:
                 for i, (name, path) in enumerate(adapters.items(), start=1)
             }
         kwargs.update(llm_kwargs or {})
+        before = {p.pid for p in multiprocessing.active_children()}
         with kept_environment():
             self.llm = LLM(**kwargs)
+        self.guard = guard_engine_processes(before)
 
     def serving(self, adapter: str | None) -> _Served:
         """A `Generator` for the base (`adapter` None) or one of the served adapters."""
@@ -261,6 +266,9 @@ class VLLMGenerator:
         if llm is None:
             return
         shutdown_llm(llm)
+        if self.guard is not None:
+            self.guard.terminate()
+            self.guard.wait()
 
     def _sampling_params(self, params: SamplingParams, prompt_index: int):
         from vllm import SamplingParams as VSamplingParams
@@ -322,6 +330,52 @@ class VLLMGenerator:
                 per_prompt.append(completion)
             results.append(per_prompt)
         return results
+
+
+# Run by `guard_engine_processes`: waits while its parent (the ssb process) lives and the engine
+# processes run; if the parent dies first, stops them (SIGTERM: vLLM's engine core then shuts its
+# workers down; SIGKILL after 15 s).
+_GUARD = """
+import os, signal, sys, time
+parent, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+while os.getppid() == parent and any(alive(p) for p in pids):
+    time.sleep(1)
+if os.getppid() != parent:
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        end = time.monotonic() + grace
+        while any(alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.2)
+"""
+
+
+def guard_engine_processes(before: set[int]) -> subprocess.Popen | None:
+    """Start a watchdog for the engine processes this process started since `before` (pids of its
+    multiprocessing children): vLLM's engine core has no watch on its client, so when an ssb
+    stage is killed (SIGKILL, OOM) the engine would run on, holding its memory and CPU, and
+    keeping open any pipe it inherited (a caller waiting on that pipe would wait forever). The
+    engine's workers watch the core and end with it. None when vLLM started no process (an
+    in-process engine)."""
+    pids = sorted({p.pid for p in multiprocessing.active_children()} - before)
+    if not pids:
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-c", _GUARD, str(os.getpid()), *map(str, pids)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives a signal sent to the stage's process group
+    )
 
 
 class _Served:

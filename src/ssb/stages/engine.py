@@ -44,6 +44,7 @@ from ssb.generate import (
     vllm_context_limit,
 )
 from ssb.generate.base import Completion, require_finished
+from ssb.generate.vllm import vllm_device
 from ssb.identity import has_adapter
 from ssb.models import load_model_config
 from ssb.prompts import ReplyFormat
@@ -57,7 +58,7 @@ from ssb.stages.common import (
     load_base_tokenizer,
     release_accelerator,
 )
-from ssb.stages.ranks import gpus_for_this_rank
+from ssb.stages.ranks import cpus_for_this_rank, gpus_for_this_rank
 
 log = logging.getLogger("ssb")
 
@@ -113,7 +114,10 @@ def generation_engine(
     # The engine is started for exactly the context the stage checks prompts against.
     limit = vllm_context_limit(cfg, context_limit(cfg, load_model_config(cfg.model)))
     release_accelerator("before the vLLM engine starts")
-    gpus_for_this_rank(cfg.generation.tensor_parallel_size)
+    if vllm_device() == "cpu":
+        cpus_for_this_rank()
+    else:
+        gpus_for_this_rank(cfg.generation.tensor_parallel_size)
     lora = {name: path for name, path in served.items() if path is not None}
     log.info(
         "vLLM: starting one engine for %s (%d LoRA adapter%s)",
