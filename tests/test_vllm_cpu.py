@@ -381,10 +381,11 @@ if __name__ == "__main__":  # vLLM's CPU workers are spawned: they import this f
 
 
 TWO_RANKS = r"""
-import json, os, sys
+import json, logging, os, sys
 
 
 def main():
+    logging.basicConfig(level=logging.INFO)
     sys.path.insert(0, sys.argv[1])
     from pairs_fixture import tiny_config
     from ssb.hardware import local_processes

@@ -72,7 +72,8 @@ def child_vllm_cpu(spec: dict[str, Any]) -> dict[str, Any]:
         return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
     hf = HFGenerator(model, tokenizer, cfg.generation.batch_size, rf.stop_token_ids)
-    hf.generate(prompts[:1], dataclasses.replace(params, n=1, max_new_tokens=2), progress=False)
+    warmup = dataclasses.replace(params, n=1, max_new_tokens=2, prompt_seeds=None)
+    hf.generate(prompts[:1], warmup, progress=False)
     ssb_loop = timed(hf)
     del hf, model
     gc.collect()

@@ -103,10 +103,16 @@ def make_generator(
     max_model_len = max_model_len or cfg.model.max_context
     engine_args: dict = {}
     if device == "cpu":
+        model_config = load_model_config(cfg.model)
+        if max_model_len is None:
+            # The stage passes its limit; other callers get the model's own, capped likewise.
+            from ssb.stages.common import context_limit  # noqa: PLC0415 -- stages import this module
+
+            max_model_len = context_limit(cfg, model_config)
         max_model_len = vllm_context_limit(cfg, max_model_len)
         assert max_model_len is not None  # a CPU engine always has a bounded context
         engine_args = cpu_engine_args(
-            load_model_config(cfg.model),
+            model_config,
             dtype,
             max_model_len=max_model_len,
             max_num_seqs=cfg.generation.batch_size,
