@@ -790,3 +790,24 @@ def test_generation_chunk_size_follows_the_backend(monkeypatch):
     monkeypatch.setattr("ssb.stages.common.select_backend", lambda name: "vllm")
     assert common.generation_chunk_size(cfg, 4) == 1024
     assert common.generation_chunk_size(cfg, 8192) == 1
+
+
+def test_shutdown_prefers_the_llms_own_shutdown_where_vllm_has_one(monkeypatch):
+    """vLLM 0.32 (real, tests/test_vllm_cpu.py) and 0.33 (this stand-in) have no LLM.shutdown:
+    the engine client's shutdown stops the core. A vLLM whose LLM has one gets it called
+    instead, once."""
+    from types import SimpleNamespace
+
+    tok = build_tokenizer("none")
+    fake = FakeVLLM(tok)
+    fake.install(monkeypatch, gpu=False)
+    calls = []
+    core = SimpleNamespace(shutdown=lambda: calls.append("engine_core"))
+    newer = SimpleNamespace(
+        shutdown=lambda: calls.append("llm"), llm_engine=SimpleNamespace(engine_core=core)
+    )
+    vllm_mod.shutdown_llm(newer)
+    assert calls == ["llm"] and fake.events == [("cleanup",)]
+    calls.clear()
+    vllm_mod.shutdown_llm(SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core)))
+    assert calls == ["engine_core"]
