@@ -52,10 +52,11 @@ CPU_MAX_MODEL_LEN = 4096
 # vLLM's CPU engine allocates its KV cache in blocks of this many tokens (its default there).
 CPU_BLOCK_SIZE = 128
 
-# `generation.backend=auto` on a CPU host with vLLM's CPU build: False, because `ssb bench`
-# (its `generation_vllm_cpu` row) measured the whole quickstart slower through vLLM there: every
-# engine start costs about a minute on 2 cores, and a stage's generation is too short to win it
-# back. `generation.backend=vllm` uses it all the same.
+# `generation.backend=auto` on a CPU host with vLLM's CPU build: False until a measurement on an
+# idle machine says vLLM is faster there end to end. `ssb bench`'s vllm_cpu rows (README) so far
+# come from a 2-core host shared with other work, where ssb's loop ran far below its idle speed:
+# vLLM was faster per token but its engine start (111-164 s, one per generating stage) is 7-20x
+# a transformers model load. `generation.backend=vllm` uses it all the same.
 CPU_AUTO_PICKS_VLLM = False
 
 
