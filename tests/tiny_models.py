@@ -353,12 +353,13 @@ def build_tiny_model(
 
 
 def save_tiny_model(
-    path: str | Path, arch: str = "qwen2", template: str = "chatml", seed: int = 0
+    path: str | Path, arch: str = "qwen2", template: str = "chatml", seed: int = 0, **overrides
 ) -> Path:
-    """Save a tiny model + tokenizer to `path` (loadable with `from_pretrained(path)`)."""
+    """Save a tiny model + tokenizer to `path` (loadable with `from_pretrained(path)`);
+    `overrides` change its config (e.g. the head size a kernel needs)."""
     path = Path(path)
     tokenizer = build_tokenizer(template)
-    model = build_tiny_model(arch, tokenizer, seed=seed)
+    model = build_tiny_model(arch, tokenizer, seed=seed, **overrides)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -127,6 +127,24 @@ def configure_threads(threads: int | None) -> int:
     return n
 
 
+def host_memory() -> tuple[int, int] | None:
+    """(available, total) host RAM in bytes, as the kernel counts them (/proc/meminfo's
+    MemAvailable: free plus reclaimable cache); None where there is no such file."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            fields[key.strip()] = int(parts[0]) * 1024  # the file counts kB
+    if "MemAvailable" not in fields or "MemTotal" not in fields:
+        return None
+    return fields["MemAvailable"], fields["MemTotal"]
+
+
 # --------------------------------------------------------------------------- device and dtype
 
 

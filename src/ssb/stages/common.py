@@ -17,6 +17,7 @@ from peft import PeftModel
 
 from ssb.config import Config, to_dict
 from ssb.generate import select_backend
+from ssb.generate.vllm import vllm_device
 from ssb.grading import gold_is_parseable
 from ssb.hardware import hardware_info, pick_device, pick_dtype
 from ssb.identity import has_adapter, model_identity
@@ -75,7 +76,8 @@ def load_base_tokenizer(cfg: Config, rundir: RunDir | None = None) -> tuple[Any,
     tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(cfg.model)
     if rundir is not None:
         check_model_identity(rundir, cfg, tokenizer)
-        device = torch.device("cuda")
+        # The device the engine computes on: a GPU, or the host with vLLM's CPU build.
+        device = torch.device(vllm_device() or "cuda")
         record_hardware(rundir, device, pick_dtype(cfg.model.dtype, device))
     return tokenizer, reply_format(tokenizer, cfg.prompt)
 

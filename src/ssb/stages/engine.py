@@ -11,7 +11,10 @@ process (`ssb run`) they follow each other, so one place decides what is loaded 
   KV cache from the memory free when it starts and refuses to start when less than
   `generation.gpu_memory_utilization` of the device is free. One engine serves every model of the
   stage (the base without a LoRA request, each adapter as its own LoRA request), and it is shut
-  down when the stage ends, also on error, so the next stage finds the memory free.
+  down when the stage ends, also on error, so the next stage finds the memory free. On a CPU host
+  (vLLM's CPU build) the same holds for host RAM: the engine runs in processes of its own, which
+  end with the stage, and its KV cache is sized from the RAM available when it starts
+  (`ssb.generate.vllm.cpu_engine_args`).
 
 Usage::
 
@@ -32,8 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate import Generator, SamplingParams, VLLMGenerator, make_generator, select_backend
+from ssb.generate import (
+    Generator,
+    SamplingParams,
+    VLLMGenerator,
+    make_generator,
+    select_backend,
+    vllm_context_limit,
+)
 from ssb.generate.base import Completion, require_finished
+from ssb.generate.vllm import vllm_device
 from ssb.identity import has_adapter
 from ssb.models import load_model_config
 from ssb.prompts import ReplyFormat
@@ -47,7 +58,7 @@ from ssb.stages.common import (
     load_base_tokenizer,
     release_accelerator,
 )
-from ssb.stages.ranks import gpus_for_this_rank
+from ssb.stages.ranks import cpus_for_this_rank, gpus_for_this_rank
 
 log = logging.getLogger("ssb")
 
@@ -100,9 +111,13 @@ def generation_engine(
         )
         return
     tokenizer, reply = load_base_tokenizer(cfg, rundir)
-    limit = context_limit(cfg, load_model_config(cfg.model))
+    # The engine is started for exactly the context the stage checks prompts against.
+    limit = vllm_context_limit(cfg, context_limit(cfg, load_model_config(cfg.model)))
     release_accelerator("before the vLLM engine starts")
-    gpus_for_this_rank(cfg.generation.tensor_parallel_size)
+    if vllm_device() == "cpu":
+        cpus_for_this_rank()
+    else:
+        gpus_for_this_rank(cfg.generation.tensor_parallel_size)
     lora = {name: path for name, path in served.items() if path is not None}
     log.info(
         "vLLM: starting one engine for %s (%d LoRA adapter%s)",
@@ -110,7 +125,9 @@ def generation_engine(
         len(lora),
         "" if len(lora) == 1 else "s",
     )
-    vllm = make_generator(cfg, None, tokenizer, reply.stop_token_ids, adapters=lora)
+    vllm = make_generator(
+        cfg, None, tokenizer, reply.stop_token_ids, adapters=lora, max_model_len=limit
+    )
     try:
         yield GenerationEngine(cfg, tokenizer, reply, limit, served, vllm=vllm)
     finally:

@@ -52,7 +52,7 @@ from transformers.trainer_callback import PrinterCallback
 from ssb.config import Config, ConfigError, to_dict
 from ssb.generate import select_backend
 from ssb.generate.base import make_completion, stop_string_cut
-from ssb.generate.vllm import shutdown_llm
+from ssb.generate.vllm import shutdown_llm, vllm_device
 from ssb.grading import extract_boxed, grade
 from ssb.problems import load_train_problems
 from ssb.prompts import fewshot_text, render_prompt_ids, student_messages, uses_chat_template
@@ -282,9 +282,12 @@ def check_grpo_config(cfg: Config) -> None:
 
 
 def use_grpo_vllm(cfg: Config) -> bool:
-    """GRPO generates with a colocated vLLM engine when generation.backend resolves to vllm."""
+    """GRPO generates with a colocated vLLM engine when generation.backend resolves to vllm on a
+    GPU. On a CPU host (vLLM's CPU build) it generates with transformers: TRL's colocated mode
+    relies on vLLM's sleep mode, which vLLM's CPU platform does not have (it would keep the
+    engine's memory while the optimizer runs), and it is untested there."""
 
-    return select_backend(cfg.generation.backend) == "vllm"
+    return select_backend(cfg.generation.backend) == "vllm" and vllm_device() == "cuda"
 
 
 def grpo_arguments(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from ssb.hardware import local_processes
 from ssb.rundir import RunDir, append_jsonl, atomic_write_text, read_jsonl
 
 log = logging.getLogger("ssb")
@@ -132,3 +133,17 @@ def gpus_for_this_rank(tensor_parallel_size: int) -> None:
         )
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     log.info("vLLM: local rank %d generates on GPU(s) %s", local, ",".join(mine))
+
+
+def cpus_for_this_rank() -> None:
+    """Under a launch, give this rank's vLLM CPU engine its own share of the cores this process
+    may run on: vLLM binds its worker's threads to every allowed core (VLLM_CPU_OMP_THREADS_BIND
+    "auto"), so each rank's engine would bind to the same ones. Left alone when the user set it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cpus = sorted(os.sched_getaffinity(0))
+    per_rank = max(1, len(cpus) // local_processes())
+    mine = cpus[local * per_rank : (local + 1) * per_rank] or [cpus[local % len(cpus)]]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+    log.info("vLLM: local rank %d generates on CPU(s) %s", local, ",".join(map(str, mine)))
