@@ -50,8 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SSB variant beat cross-entropy on the same pairs? 112 pairs, SSB (the reworked hint) and
     # four variants against sft and rft, each arm's learning rate (and the KD arms' temperature)
     # chosen on 200 validation problems, then 3 seeds, 300 held-out test problems evaluated once.
-    # Left out to fit ~2 hours: onpolicy and grpo (measured in the first study, README
-    # "Ablations") and the correct_only/gold contexts. Estimate in the README.
+    # Left out to fit ~2 hours: onpolicy and grpo (measured in the first study,
+    # docs/ablations.md) and the correct_only/gold contexts. Estimate there.
     "ablation-cpu": {
         "name": "ablation-cpu",
         "model": {"name": "embedded", "dtype": "auto"},

@@ -17,7 +17,7 @@ Two things are added here:
 Tested for real with TensorBoard (tests/test_trackers.py reads the event files back). wandb,
 MLflow and Trackio get the same dictionary through the same function; what only an account or a
 server can show (the wandb run resumed by id on wandb.ai, a remote MLflow tracking server) is
-listed in the README.
+listed in docs/trackers.md.
 """
 
 from __future__ import annotations

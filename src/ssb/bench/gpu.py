@@ -4,7 +4,7 @@ generation tokens/s: transformers at batch 1 and batch N, and vLLM (`VLLMGenerat
 stages use it) on the same N prompts (skipped, saying why, without vLLM).
 
 ``benchmarks/gpu_check.sh`` runs it on a GPU (the KD step and transformers generation ran on an
-H200 on 2026-12-04, figures in the README; the vLLM part has not run on a GPU yet), and its CPU
+H200 on 2026-12-04, figures in docs/gpu.md; the vLLM part has not run on a GPU yet), and its CPU
 form (the same code at tiny sizes, ``gpu_runs(..., "cpu")``) runs in the tests.
 """
 
@@ -240,7 +240,7 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
         device=device,
         gradient_checkpointing=True,  # the reference trains with (unsloth) checkpointing too
     )
-    # The KD step and transformers generation ran on an H200 (README); the vLLM part never has.
+    # The KD step and transformers generation ran on an H200 (docs/gpu.md); the vLLM part never has.
     data: dict[str, Any] = {
         "vllm_untested_on_gpu": True,
         "model": "random-init, Qwen2 architecture",

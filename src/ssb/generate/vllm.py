@@ -53,7 +53,7 @@ CPU_MAX_MODEL_LEN = 4096
 CPU_BLOCK_SIZE = 128
 
 # `generation.backend=auto` on a CPU host with vLLM's CPU build: False until a measurement on an
-# idle machine says vLLM is faster there end to end. `ssb bench`'s vllm_cpu rows (README) so far
+# idle machine says vLLM is faster there end to end. `ssb bench`'s vllm_cpu rows (docs/vllm-cpu.md) so far
 # come from a 2-core host shared with other work, where ssb's loop ran far below its idle speed:
 # vLLM was faster per token but its engine start (111-164 s, one per generating stage) is 7-20x
 # a transformers model load. `generation.backend=vllm` uses it all the same.
@@ -108,7 +108,7 @@ def select_backend(name: str) -> str:
         raise RuntimeError(
             "generation.backend=vllm but vLLM is not installed; install it with "
             "`pip install 'ssb[vllm]'` on a CUDA GPU, or vLLM's CPU build in an environment of "
-            "its own on a CPU host (README: vLLM on a CPU), or use generation.backend=hf"
+            "its own on a CPU host (docs/vllm-cpu.md), or use generation.backend=hf"
         )
     if device is None:
         raise RuntimeError(
