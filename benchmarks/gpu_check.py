@@ -65,7 +65,7 @@ failed. lora_tokens_fp32: every divergence must be a close call at `FP32_CLOSE_M
 stds. Either way the boosted adapter must change the reference output of at least one prompt,
 or the check could not tell an applied LoRA from an ignored one.
 
-Budget: 313 s measured on one H200 without vLLM (2026-12-04; README "Checking a GPU machine");
+Budget: 313 s measured on one H200 without vLLM (2026-12-04; docs/gpu.md "Checking a GPU machine");
 with vLLM, four engines start (rollout, eval, lora_tokens and the bench's), a minute or two more;
 about 1.5 minutes on 2 CPU cores for the tiny form.
 """
