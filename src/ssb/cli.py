@@ -12,15 +12,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ssb.config import Config, ConfigError, dump_yaml, load_config
+from ssb.config import Config, ConfigError, check_available, dump_yaml, load_config
 from ssb.presets import PRESETS
-from ssb.rundir import RunDir, RunDirError
+from ssb.rundir import Interrupted, RunDir, RunDirError, raise_interrupted
 from ssb.share import FORMATS, IMPORT_STAGE
 
 log = logging.getLogger("ssb")
@@ -262,9 +263,22 @@ def run_stage(name: str, cfg: Config, rundir: RunDir, args: argparse.Namespace) 
     return summary
 
 
+# The stages each command runs, whose settings are checked before the first one starts.
+_PIPELINE = ("rollout", "bootstrap", "targets", "train", "eval", "report")
+
+
+def command_stages(command: str, cfg: Config) -> tuple[str, ...]:
+    if command == "run":
+        return (*_PIPELINE, "grpo") if cfg.grpo.enabled else _PIPELINE
+    return (command,) if command in STAGES else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "quiet", False))
+    # SIGTERM (a scheduler, `kill`) stops a command as Ctrl-C does: records in flight are
+    # finished or dropped whole, the stage is marked interrupted, one line says how to resume.
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         if args.command == "bench":
             from ssb.bench import run_bench
@@ -297,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(dump_yaml(cfg))
             return 0
         cfg = resolve_config(args)
+        check_available(cfg, command_stages(args.command, cfg))
         rundir = RunDir(args.run_dir)
         rundir.init(cfg, args.command, force=args.force)
         from ssb.models import set_seed
@@ -314,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_stage(args.command, cfg, rundir, args)
         print(json.dumps({"stage": args.command, "run_dir": str(rundir.path), **summary}, indent=2))
         return 0
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"ssb: {_interrupted_line(args, signal.Signals(signum).name)}", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:
         # Errors a user can act on (bad config, data, model, run directory, target store, disk)
         # get one line; anything else is a bug and keeps its traceback (as does SSB_DEBUG=1).
@@ -321,6 +340,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ssb: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _interrupted_line(args: argparse.Namespace, signame: str) -> str:
+    """What an interrupted command kept and how to go on, in one line."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or args.command in ("export", "harness-check", "config"):
+        return f"interrupted ({signame}); nothing was changed"
+    return (
+        f"interrupted ({signame}) during `ssb {args.command}`: every finished record is saved "
+        f"in {run_dir} (training: its last checkpoint, every train.save_steps steps); rerun "
+        f"`ssb {args.command} --run-dir {run_dir}` to resume where it stopped"
+    )
 
 
 def _import_pairs(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ssb.distill.forward import (
 from ssb.distill.losses import KDLossOutput, chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
 from ssb.hardware import pick_device
-from ssb.rundir import RunDir, read_jsonl
+from ssb.rundir import RESUME_FREE_KEYS, RunDir, read_jsonl
 from ssb.sharding import (
     FSDP2,
     ZERO3,
@@ -581,7 +581,7 @@ def run_train(
 
 # What a checkpoint's optimizer state and step count depend on; logging, saving and the number
 # of epochs may change between a run and its resumption.
-_RESUME_FREE = ("logging_steps", "save_steps", "report_to", "epochs")
+_RESUME_FREE = tuple(k.removeprefix("train.") for k in RESUME_FREE_KEYS if k.startswith("train."))
 FINGERPRINT_NAME = "ssb_train.json"
 
 
