@@ -116,7 +116,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the run directory even if its earlier stages were made with another config",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(p)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    """One meaning on every command (setup_logging applies it)."""
+    p.add_argument(
+        "--quiet", action="store_true", help="warnings and errors only, and no progress bars"
+    )
 
 
 def _add_ablate_options(p: argparse.ArgumentParser) -> None:
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--stage-times-from", default=None, help="a run directory whose stage times to report"
     )
-    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(bench)
     imp = sub.add_parser(
         "import-pairs",
         help="start a run from published pairs (an `ssb export` or the reference's JSONL "
@@ -209,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset-repo", default=None, help="the dataset repo's name (default: REPO-pairs)"
     )
     export.add_argument("--private", action="store_true", help="create the repos private")
-    export.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    _add_quiet(export)
     check = sub.add_parser(
         "harness-check",
         help="score the run's eval outputs again with lm-evaluation-harness (the harness extra) "
@@ -221,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--run-dir", required=True, help="a run directory that `ssb eval` wrote to")
     check.add_argument("--harness", choices=["lm-eval"], default="lm-eval", help="the harness")
-    check.add_argument("--quiet", action="store_true", help="only the table, no log lines")
+    _add_quiet(check)
     show = sub.add_parser("config", help="print the resolved config as YAML")
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -243,6 +250,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def setup_logging(quiet: bool = False) -> None:
+    if quiet:
+        # transformers' and the hub's bars (loading weights, downloads) read this when imported,
+        # which in the CLI is after this point.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
