@@ -178,3 +178,20 @@ def test_a_failed_train_rerun_with_a_fixed_setting_is_not_refused(tmp_path, caps
     assert main(["train", "--run-dir", run, "--quiet", "--set", "train.learning_rate=2e-4"]) == 2
     err = capsys.readouterr().err
     assert "different config" not in err and "no pairs" in err
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Atomically written files (config, manifest, report, targets, ...) get the mode a plain
+    open() gives, like the jsonl files, not mkstemp's 0600."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        append_jsonl(tmp_path / "b.jsonl", [{"id": 1}])
+        RunDir(tmp_path / "run").init(load_config(), "rollout")
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "a.txt", tmp_path / "b.jsonl", *(tmp_path / "run").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path

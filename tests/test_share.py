@@ -8,6 +8,7 @@ with a clear message."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -164,8 +165,12 @@ def test_exported_adapter_is_the_runs_and_loads_with_peft(run, exported):
     model_dir = out / MODEL_DIR
     copied = {p.name for p in rundir.adapter_dir.iterdir()} - {"README.md"}
     assert {p.name for p in model_dir.iterdir()} == copied | {"README.md"}
-    for name in copied:
+    for name in copied - {"adapter_config.json"}:
         assert (model_dir / name).read_bytes() == (rundir.adapter_dir / name).read_bytes()
+    # The config differs only in naming the base's public identity (here, a local model).
+    exported_config = json.loads((model_dir / "adapter_config.json").read_text())
+    run_config = json.loads((rundir.adapter_dir / "adapter_config.json").read_text())
+    assert exported_config == {**run_config, "base_model_name_or_path": cfg.model.name}
     summary = json.loads((rundir.eval_dir / "summary.json").read_text())
     assert adapter_hash(model_dir) == summary["models"]["student"]["adapter_hash"]
 
@@ -555,3 +560,140 @@ def test_commands_are_in_ssb_help():
 
     text = build_parser().format_help()
     assert "import-pairs" in text and "export" in text
+
+
+LOAD_EXPORTED = """
+import sys, torch
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+ids = torch.tensor([[int(t) for t in sys.argv[2].split(",")]])
+with torch.no_grad():
+    print(",".join(f"{v:.6e}" for v in model(ids).logits[0, -1, :8].tolist()))
+"""
+
+
+def test_exported_adapter_loads_elsewhere_by_its_bases_public_id(run, tmp_path):
+    """An embedded-model run's adapter names the conversion cache (a path on the exporting
+    machine); the export names google/gemma-3-270m instead, so on another machine, with that
+    path gone, `AutoPeftModelForCausalLM` resolves the base as a user would: from the hub (here
+    offline, from a hub cache where the tiny model stands in for google/gemma-3-270m)."""
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+
+    from ssb.models import EMBEDDED_MODEL_ID, load_model
+
+    cfg, rundir, pairs, _ = run
+    # The same run, recorded as made with the embedded model; its adapter points at the "cache".
+    cache = tmp_path / "home" / ".cache" / "ssb" / "embedded-gemma-3-270m"
+    shutil.copytree(cfg.model.name, cache)
+    emb = RunDir(tmp_path / "embedded-run")
+    shutil.copytree(rundir.path, emb.path)
+    manifest = emb.read_manifest()
+    manifest["model_identity"] = {**manifest["model_identity"], "source": "embedded"}
+    emb.manifest_path.write_text(json.dumps(manifest))
+    adapter_config = emb.adapter_dir / "adapter_config.json"
+    config = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**config, "base_model_name_or_path": str(cache)}))
+    out = tmp_path / "export"
+    export_run(emb, out)
+    exported = json.loads((out / MODEL_DIR / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == EMBEDDED_MODEL_ID
+    assert exported["revision"] is None  # the GGUF names no hub commit
+
+    # Another machine: the export moved elsewhere, the exporting user's cache gone.
+    elsewhere = tmp_path / "elsewhere" / "model"
+    shutil.copytree(out / MODEL_DIR, elsewhere)
+    repo = tmp_path / "hub" / f"models--{EMBEDDED_MODEL_ID.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(cache, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    shutil.rmtree(cache)
+    ids = pairs[0]["student_prompt_ids"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HOME=str(tmp_path / "u"))
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_EXPORTED, str(elsewhere), ",".join(map(str, ids))],
+        cwd=tmp_path / "elsewhere",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor([float(v) for v in proc.stdout.split(",")])
+    student = PeftModel.from_pretrained(load_model(cfg.model), str(rundir.adapter_dir))
+    with torch.no_grad():
+        want = student(torch.tensor([ids])).logits[0, -1, :8]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _reorder_safetensors_metadata(path):
+    """The same safetensors file with its __metadata__ keys in reverse order (what another
+    process may write for the same tensors: safetensors keeps metadata in a hash map)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n :])
+
+
+def test_adapter_hash_is_of_content_and_configs_are_written_sorted(run, tmp_path):
+    """Bit-identical weights give one adapter_hash whatever order PEFT wrote target_modules in
+    and safetensors its metadata, and wherever the base was loaded from; a changed weight does
+    not. ssb writes adapter_config.json with sorted module lists."""
+    from safetensors.torch import load_file, save_file
+
+    from ssb.identity import adapter_hash
+
+    _, rundir, _, _ = run
+    config = json.loads((rundir.adapter_dir / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) >= 3
+    assert config["target_modules"] == sorted(config["target_modules"])
+    weights = load_file(rundir.adapter_dir / "adapter_model.safetensors")
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    save_file(weights, a / "adapter_model.safetensors", metadata={"format": "pt", "by": "x"})
+    shutil.copyfile(a / "adapter_model.safetensors", b / "adapter_model.safetensors")
+    _reorder_safetensors_metadata(b / "adapter_model.safetensors")
+    assert (a / "adapter_model.safetensors").read_bytes() != (
+        b / "adapter_model.safetensors"
+    ).read_bytes()
+    (a / "adapter_config.json").write_text(json.dumps(config))
+    shuffled = {
+        **config,
+        "target_modules": list(reversed(config["target_modules"])),
+        "base_model_name_or_path": "/home/someone/.cache/ssb/x",
+    }
+    (b / "adapter_config.json").write_text(json.dumps(shuffled))
+    assert adapter_hash(a) == adapter_hash(b)
+    changed = dict(weights)
+    key = sorted(changed)[0]
+    changed[key] = changed[key].clone()
+    changed[key].view(-1)[0] += 1
+    save_file(changed, c / "adapter_model.safetensors", metadata={"format": "pt", "by": "x"})
+    (c / "adapter_config.json").write_text(json.dumps(config))
+    assert adapter_hash(c) != adapter_hash(a)
+
+
+def test_every_file_of_a_run_has_the_mode_a_plain_open_gives(run):
+    """config, manifest, targets, adapter weights, eval summary: none private to its writer."""
+    import stat
+
+    from ssb.rundir import current_umask
+
+    _, rundir, _, _ = run
+    want = 0o666 & ~current_umask()
+    modes = {
+        str(p.relative_to(rundir.path)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in rundir.path.rglob("*")
+        # checkpoints/ is the Trainer's own (safetensors writes 0600), read only by a resume
+        if p.is_file() and "checkpoints" not in p.parts
+    }
+    assert {"config.yaml", "manifest.json", "eval/summary.json"} <= modes.keys()
+    assert {k: v for k, v in modes.items() if v != oct(want)} == {}

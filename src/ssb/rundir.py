@@ -98,11 +98,29 @@ def deferred_signals() -> Iterator[None]:
             signal.raise_signal(caught[0])  # now handled as it would have been
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(directory: Path) -> None:
+    """Give the files a library wrote into `directory` the mode a plain open() gives
+    (safetensors writes its files 0600)."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; the result gets the mode a plain open() would give it.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

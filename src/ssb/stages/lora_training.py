@@ -14,8 +14,15 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from ssb.config import Config, flatten
+from ssb.identity import ADAPTER_CONFIG, write_adapter_config
 from ssb.models import disable_checkpointing
-from ssb.rundir import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from ssb.rundir import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    honour_umask,
+    read_jsonl,
+)
 from ssb.sharding import is_sharded, trainable_state_dict
 
 
@@ -114,6 +121,9 @@ def save_adapter_atomically(
         model.save_pretrained(str(tmp))
     else:
         model.save_pretrained(str(tmp), state_dict=state_dict)
+    # The same adapter is the same bytes (PEFT writes target_modules in set order).
+    write_adapter_config(tmp, json.loads((tmp / ADAPTER_CONFIG).read_text()))
+    honour_umask(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
