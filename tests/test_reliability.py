@@ -461,3 +461,37 @@ def test_golds_math_verify_cannot_take_are_skipped_and_counted():
     problems = [Problem("a", "q", "18", "t"), Problem("b", "q", nested, "t")]
     kept, skipped = drop_unparseable_golds(problems, "rollout")
     assert [p.id for p in kept] == ["a"] and skipped == ["b"]
+
+
+def test_a_kept_pair_lost_to_a_torn_line_is_decided_again(tmp_path, model_dir, caplog):
+    """pairs.jsonl's torn last line held a pair whose "kept" decision is in bootstrap.jsonl: the
+    resumed bootstrap says so, naming the problem, and decides it again instead of losing it."""
+    from ssb.funnel import funnel
+    from ssb.stages.bootstrap import run_bootstrap
+
+    sets = [f"model.name={model_dir}", "model.dtype=float32", "model.device=cpu",
+            "generation.backend=hf", "generation.max_new_tokens=4", "prompt.num_fewshot=1"]  # fmt: skip
+    cfg = load_config(overrides=sets)
+    rd = RunDir(tmp_path / "run")
+    rd.init(cfg, "bootstrap")
+    samples = [
+        {"text": "\\boxed{5}", "token_ids": [], "finish_reason": "stop", "answer": "5",
+         "correct": True},
+        {"text": "\\boxed{0}", "token_ids": [], "finish_reason": "stop", "answer": "0",
+         "correct": False},
+    ]  # fmt: skip
+    append_jsonl(
+        rd.rollouts_path,
+        [{"id": f"p{i}", "question": "What is 2 + 3?", "gold": "5", "source": "test",
+          "solution": None, "samples": samples, "num_correct": 1} for i in range(2)],
+    )  # fmt: skip
+    append_jsonl(rd.bootstrap_log_path, [{"id": "p0", "status": "kept"}])
+    rd.pairs_path.write_text('{"id": "p0", "reply": "torn')  # the kill tore the pair's line
+    with caplog.at_level("WARNING", logger="ssb"):
+        run_bootstrap(cfg, rd, progress=False)
+    assert "p0" in caplog.text and "deciding them again" in caplog.text
+    latest = {d["id"]: d["status"] for d in read_jsonl(rd.bootstrap_log_path)}
+    pairs = {p["id"] for p in read_jsonl(rd.pairs_path)}
+    assert set(latest) == {"p0", "p1"}
+    assert {i for i, s in latest.items() if s == "kept"} == pairs  # no kept problem without pair
+    assert funnel(rd)["decided"] == 2
