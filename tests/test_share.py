@@ -192,7 +192,9 @@ def test_cards_carry_the_runs_numbers(run, exported):
     cfg, rundir, pairs, _ = run
     out, _ = exported
     card = DatasetCard.load(out / DATASET_DIR / "README.md")
-    assert card.data.license == "apache-2.0"  # synthetic problems: ssb's own generator
+    # The replies are the tiny model's output, whose licence ssb does not know.
+    assert (card.data.license, card.data.license_name) == ("other", "model-output")
+    assert "apache-2.0" in card.text  # synthetic problems: ssb's own generator
     assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*.parquet"
     for row in (
         "| problems rolled out | 12 |",
@@ -397,7 +399,7 @@ def test_reference_files_import_then_targets_and_train(tmp_path):
     assert ds.features["correct_rollout"].dtype == "string" and ds["correct_rollout"] == [None] * 6
     assert [dict(row) for row in ds] == pairs
     card = DatasetCard.load(tmp_path / "export" / DATASET_DIR / "README.md")
-    assert card.data.license == "unknown" and "(reference format)" in card.text
+    assert card.data.license == "other" and "(reference format)" in card.text
     assert "| model (rollouts and replies) | a model the imported files do not name |" in card.text
     assert "teacher sampling" not in card.text  # this run's bootstrap made none of them
 
@@ -548,7 +550,7 @@ def test_cli_import_then_export_names_the_origin(run, exported, tmp_path, capsys
     assert entry["imported"] == 6 and entry["origin"]["data"]["train"] == "synthetic"
     assert main(["export", "--run-dir", str(fresh), "--out", str(tmp_path / "again")]) == 0
     card = DatasetCard.load(tmp_path / "again" / DATASET_DIR / "README.md")
-    assert card.data.license == "apache-2.0"  # the original run's problems
+    assert card.data.license == "other" and "apache-2.0" in card.text  # problems: synthetic
     assert f"| imported with `ssb import-pairs` | `{out}` |" in card.text
     assert "Not known: the pairs were imported" in card.text
     assert f"| model (rollouts and replies) | `{run[0].model.name}` |" in card.text
@@ -598,6 +600,10 @@ def test_exported_adapter_loads_elsewhere_by_its_bases_public_id(run, tmp_path):
     adapter_config.write_text(json.dumps({**config, "base_model_name_or_path": str(cache)}))
     out = tmp_path / "export"
     export_run(emb, out)
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(out / DATASET_DIR / "README.md")
+    assert card.data.license == "gemma"  # Gemma wrote the replies: its terms, not the problems'
     exported = json.loads((out / MODEL_DIR / "adapter_config.json").read_text())
     assert exported["base_model_name_or_path"] == EMBEDDED_MODEL_ID
     assert exported["revision"] is None  # the GGUF names no hub commit
@@ -697,3 +703,53 @@ def test_every_file_of_a_run_has_the_mode_a_plain_open_gives(run):
     }
     assert {"config.yaml", "manifest.json", "eval/summary.json"} <= modes.keys()
     assert {k: v for k, v in modes.items() if v != oct(want)} == {}
+
+
+def test_import_into_a_fewshot_run_names_replies_it_would_not_generate(tmp_path, caplog):
+    """A few-shot run stops generating at prompt.stop_strings and answers after "Answer: ":
+    an imported reply holding a stop string, or with no leading space, is named."""
+    from pairs_fixture import EXAMPLES
+
+    cfg, _, _ = make_run(tmp_path, "none", "prompt.format=fewshot", name="unused")
+    rundir = _fresh(tmp_path, cfg)
+    examples = [
+        EXAMPLES[0],
+        (EXAMPLES[1][0], EXAMPLES[1][1], EXAMPLES[1][2].replace(", so", ".\n\nSo")),
+        (EXAMPLES[2][0], EXAMPLES[2][1], EXAMPLES[2][2].lstrip()),
+    ]
+    teacher, _ = _reference_files(tmp_path / "reference", examples)
+    with caplog.at_level("WARNING", logger="ssb"):
+        summary = run_import_pairs(cfg, rundir, teacher)
+    assert summary["imported"] == 3 and summary["replies_unlike_fewshot_answers"] == 2
+    ids = [p["id"] for p in read_jsonl(rundir.pairs_path)]
+    warned = [r.getMessage() for r in caplog.records if "import-pairs: pair" in r.getMessage()]
+    assert len(warned) == 2
+    assert ids[1] in warned[0] and 'stop string "\\n\\n"' in warned[0]
+    assert ids[2] in warned[1] and "leading" not in warned[1] and "space" in warned[1]
+
+
+def test_the_cards_import_command_renders_the_runs_prompts():
+    """The dataset card's `ssb import-pairs` command names the preset whose prompt settings the
+    run used, and sets any prompt setting that differs, in a form --set reads back exactly."""
+    import shlex
+    from types import SimpleNamespace
+
+    from ssb.config import load_config
+    from ssb.share.cards import import_command
+
+    facts = SimpleNamespace(cfg=load_config(preset="quickstart"), base_model="google/gemma-3-270m")
+    command = import_command(facts, "you/pairs")
+    assert "--preset quickstart" in command and "--set prompt." not in command
+    changed = ["prompt.stop_strings=[Q]", "prompt.system_prompt=Be brief."]
+    facts.cfg = load_config(overrides=["prompt.num_fewshot=3", *changed])
+    argv = shlex.split(import_command(facts, "you/pairs"))
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else None
+    again = load_config(preset=preset, overrides=sets)
+    assert again.prompt == facts.cfg.prompt and again.model.name == "google/gemma-3-270m"
+    facts.cfg.prompt.stop_strings = ["\n\n", "\nQuestion:"]
+    facts.cfg.prompt.format = "fewshot"
+    argv = shlex.split(import_command(facts, "you/pairs"))
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else None
+    assert load_config(preset=preset, overrides=sets).prompt == facts.cfg.prompt
