@@ -495,3 +495,30 @@ def test_a_kept_pair_lost_to_a_torn_line_is_decided_again(tmp_path, model_dir, c
     assert set(latest) == {"p0", "p1"}
     assert {i for i, s in latest.items() if s == "kept"} == pairs  # no kept problem without pair
     assert funnel(rd)["decided"] == 2
+
+
+def test_error_wording_names_the_file_and_the_cause(tmp_path, capsys, monkeypatch):
+    """A full disk names the file being written; a --run-dir that is a file says so; bootstrap
+    after a rollout that found no problems says that, not "run `ssb rollout` first"."""
+    path = tmp_path / "targets" / "shard-00000.safetensors"
+    monkeypatch.setattr(rundir_mod.os, "fsync", _enospc)
+    with pytest.raises(OSError) as exc:
+        rundir_mod.atomic_write_bytes(path, b"x" * 100)
+    assert exc.value.filename == str(path) and exc.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as exc:
+        append_jsonl(tmp_path / "rollouts.jsonl", [{"id": 1}])
+    assert exc.value.filename == str(tmp_path / "rollouts.jsonl")
+    monkeypatch.undo()
+
+    afile = _write(tmp_path / "run-file", "x")
+    rc, err = cli(capsys, "rollout", afile)
+    assert rc == 2 and "is a file, not a directory" in error_line(err)
+
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    rd.init(load_config(), "rollout")
+    with rd.stage("rollout"):
+        append_jsonl(rd.rollouts_path, [])  # data.max_problems=0: nothing rolled out
+    rc, err = cli(capsys, "bootstrap", run)
+    line = error_line(err)
+    assert rc == 2 and "found no training problems" in line and "first" not in line

@@ -753,3 +753,23 @@ def test_the_cards_import_command_renders_the_runs_prompts():
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     preset = argv[argv.index("--preset") + 1] if "--preset" in argv else None
     assert load_config(preset=preset, overrides=sets).prompt == facts.cfg.prompt
+
+
+def test_export_on_a_full_disk_is_one_short_line(run, tmp_path, capsys, monkeypatch):
+    """copytree gathers every file's failure into one shutil.Error; the CLI says the first,
+    naming it, and how many more, not the whole list's repr."""
+    import errno
+
+    _, rundir, _, _ = run
+
+    def enospc(src, dst, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(shutil, "copyfile", enospc)
+    rc = main(["export", "--run-dir", str(rundir.path), "--out", str(tmp_path / "x"), "--quiet"])
+    monkeypatch.undo()
+    assert rc == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("ssb: error: copying ") and "No space left on device" in line
+    assert "more files failed" in line and len(line) < 400
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

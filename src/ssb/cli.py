@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -401,6 +402,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        # copytree's error is a list of (source, destination, why) for every file that failed
+        failures = exc.args[0]
+        src, dst, why = failures[0]
+        more = f" ({len(failures) - 1} more files failed)" if len(failures) > 1 else ""
+        return f"copying {src} to {dst}: {why}{more}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""

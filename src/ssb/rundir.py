@@ -126,11 +126,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise naming_file(exc, path) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def naming_file(exc: OSError, path: Path) -> OSError:
+    """The same error with the file named: a failed write() or fsync() (a full disk) names none,
+    and "No space left on device" alone does not say what was being written."""
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -197,10 +205,15 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
     if not lines:
         return 0
-    with deferred_signals(), path.open("a", encoding="utf-8") as f:
-        f.write("".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with deferred_signals(), path.open("a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None:
+            raise naming_file(exc, path) from exc
+        raise
     return len(lines)
 
 
@@ -460,6 +473,8 @@ class RunDir:
         """Create the directory, check that `cfg` is compatible with what earlier stages used,
         and write the resolved config and package versions."""
         self.force = self.force or force
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--run-dir {self.path} is a file, not a directory")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"  # one per process: ranks race

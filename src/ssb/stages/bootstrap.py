@@ -73,6 +73,11 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
     bcfg = cfg.bootstrap
     rollouts = read_jsonl(rundir.rollouts_path)
     if not rollouts:
+        if rundir.is_complete("rollout"):
+            raise ValueError(
+                f"{rundir.rollouts_path} is empty: the rollout stage found no training problems "
+                "(check data.train, data.max_problems and data.skip_problems)"
+            )
         raise FileNotFoundError(f"no rollouts in {rundir.rollouts_path}: run `ssb rollout` first")
     ranks = launched_ranks()
     order = [r["id"] for r in rollouts]
