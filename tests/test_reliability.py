@@ -522,3 +522,39 @@ def test_error_wording_names_the_file_and_the_cause(tmp_path, capsys, monkeypatc
     rc, err = cli(capsys, "bootstrap", run)
     line = error_line(err)
     assert rc == 2 and "found no training problems" in line and "first" not in line
+
+
+def test_cli_version_config_of_a_run_and_read_only_commands(tmp_path, capsys):
+    """--version; `ssb config --run-dir` shows a run's resolved config; a command that only
+    reads a run refuses a mistyped --run-dir instead of creating it and exiting 0."""
+    import yaml
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("ssb ")
+    run = tmp_path / "run"
+    RunDir(run).init(load_config(preset="quickstart"), "rollout")
+    assert main(["config", "--run-dir", str(run), "--set", "eval.max_problems=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["eval"]["max_problems"] == 3
+    assert shown["prompt"]["num_fewshot"] == load_config(preset="quickstart").prompt.num_fewshot
+    for argv in (["report"], ["export", "--out", str(tmp_path / "o")], ["harness-check"],
+                 ["config"]):  # fmt: skip
+        typo = tmp_path / "rnu"
+        rc = main([argv[0], "--run-dir", str(typo), *argv[1:]])
+        assert rc == 2 and "not a run directory" in error_line(capsys.readouterr().err)
+        assert not typo.exists()
+
+
+def test_stdout_carries_only_the_json_summary(tmp_path, capsys):
+    """`ssb train` with progress on: Trainer's log dicts go to stderr, stdout parses as JSON."""
+    from pairs_fixture import make_run
+
+    cfg, rundir, _ = make_run(tmp_path, "chatml")
+    rundir.init(cfg, "targets")
+    assert main(["targets", "--run-dir", str(rundir.path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(rundir.path), "--set", "train.logging_steps=1"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["stage"] == "train"
+    assert "'loss'" in err  # the Trainer's own log lines are still shown

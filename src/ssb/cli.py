@@ -9,6 +9,7 @@ config (plus any --set overrides); a new one starts from the defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Semantic Soft Bootstrapping: distil a model's own hinted solutions into a "
         "hint-free LoRA student (arXiv 2512.05105).",
     )
+    parser.add_argument("--version", action="version", version=f"ssb {metadata.version('ssb')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, _) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -230,10 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--run-dir", required=True, help="a run directory that `ssb eval` wrote to")
     check.add_argument("--harness", choices=["lm-eval"], default="lm-eval", help="the harness")
     _add_quiet(check)
-    show = sub.add_parser("config", help="print the resolved config as YAML")
+    show = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML (a preset's, a file's, or a run's with --run-dir)",
+    )
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
     g.add_argument("--config")
+    show.add_argument(
+        "--run-dir", default=None, help="an existing run: its config.yaml (with any --set)"
+    )
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -247,6 +256,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     existing = Path(run_dir) / "config.yaml" if run_dir else None
     if args.preset is None and args.config is None and existing is not None and existing.exists():
         return load_config(config_file=existing, overrides=args.overrides)
+    if args.command == "config" and run_dir is not None:
+        check_run_dir(run_dir)
     return load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
 
 
@@ -304,41 +315,47 @@ def main(argv: list[str] | None = None) -> int:
             )
             sys.stdout.write((Path(args.out) / "results.md").read_text())
             return 0
+        if args.command in _READS_A_RUN:
+            # A mistyped --run-dir must not become an empty run that "succeeds".
+            check_run_dir(args.run_dir)
         if args.command == "export":
             from ssb.share.export import export_run
 
-            summary = export_run(
-                args.run_dir,
-                args.out,
-                push_to_hub=args.push_to_hub,
-                dataset_repo=args.dataset_repo,
-                private=args.private,
-            )
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = export_run(
+                    args.run_dir,
+                    args.out,
+                    push_to_hub=args.push_to_hub,
+                    dataset_repo=args.dataset_repo,
+                    private=args.private,
+                )
             print(json.dumps({"command": "export", **summary}, indent=2))
             return 0
         if args.command == "harness-check":
             return _harness_check(args)
         if args.command == "config":
-            cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
-            sys.stdout.write(dump_yaml(cfg))
+            sys.stdout.write(dump_yaml(resolve_config(args)))
             return 0
         cfg = resolve_config(args)
         check_available(cfg, command_stages(args.command, cfg))
         rundir = RunDir(args.run_dir)
-        rundir.init(cfg, args.command, force=args.force)
-        from ssb.models import set_seed
+        # stdout carries the JSON summary alone; what libraries print (Trainer's log dicts, a
+        # progress bar's write()) goes to stderr with the logs.
+        with contextlib.redirect_stdout(sys.stderr):
+            rundir.init(cfg, args.command, force=args.force)
+            from ssb.models import set_seed
 
-        set_seed(cfg.seed)
-        log.info("run directory: %s", rundir.path.resolve())
-        if args.command == "run":
-            from ssb.stages.pipeline import run_pipeline
+            set_seed(cfg.seed)
+            log.info("run directory: %s", rundir.path.resolve())
+            if args.command == "run":
+                from ssb.stages.pipeline import run_pipeline
 
-            summary = run_pipeline(cfg, rundir, progress=not args.quiet)
-            _print_artifacts(rundir)
-        elif args.command == "import-pairs":
-            summary = _import_pairs(cfg, rundir, args)
-        else:
-            summary = run_stage(args.command, cfg, rundir, args)
+                summary = run_pipeline(cfg, rundir, progress=not args.quiet)
+                _print_artifacts(rundir)
+            elif args.command == "import-pairs":
+                summary = _import_pairs(cfg, rundir, args)
+            else:
+                summary = run_stage(args.command, cfg, rundir, args)
         print(json.dumps({"stage": args.command, "run_dir": str(rundir.path), **summary}, indent=2))
         return 0
     except KeyboardInterrupt as exc:
@@ -377,12 +394,19 @@ def _import_pairs(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict
     return summary
 
 
+# Commands that only read a run directory: it must exist.
+_READS_A_RUN = ("report", "export", "harness-check")
+
+
+def check_run_dir(run_dir: str) -> None:
+    if not RunDir(run_dir).config_path.is_file():
+        raise RunDirError(f"{run_dir} has no config.yaml: not a run directory (mistyped?)")
+
+
 def _harness_check(args: argparse.Namespace) -> int:
     from ssb.harness import format_check, harness_check
 
     config_path = Path(args.run_dir) / "config.yaml"
-    if not config_path.exists():
-        raise RunDirError(f"{args.run_dir} has no config.yaml: not a run directory")
     result = harness_check(load_config(config_file=config_path), Path(args.run_dir), args.harness)
     sys.stdout.write(format_check(result))
     return 0
