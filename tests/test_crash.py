@@ -332,6 +332,10 @@ def test_train_crash_resume(tiny):
     log = jsonl_records(crashed / "train_log.jsonl")
     steps = [r["step"] for r in log if "loss" in r]
     assert len(steps) == len(set(steps)), f"duplicate logged steps {steps}"
+    # train_loss covers every step, those before the kill included, not only the resumed ones.
+    losses = [json.loads((d / "manifest.json").read_text())["stages"]["train"]["train_loss"]
+              for d in (ref, crashed)]  # fmt: skip
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     want = load_file(ref / "adapter" / "adapter_model.safetensors")
     got = load_file(crashed / "adapter" / "adapter_model.safetensors")
     assert set(got) == set(want)

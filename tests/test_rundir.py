@@ -195,3 +195,23 @@ def test_atomic_writes_honour_the_umask(tmp_path):
         os.umask(old)
     for path in [tmp_path / "a.txt", tmp_path / "b.jsonl", *(tmp_path / "run").iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+
+
+def test_a_killed_attempt_counts_in_the_stage_time(tmp_path, monkeypatch):
+    """SIGKILL leaves the stage "running" with no time recorded; the next attempt adds the
+    killed one's time up to the last file it wrote, and counts it."""
+    import os
+
+    import ssb.rundir as rundir_mod
+
+    rd = RunDir(tmp_path)
+    rd.record_stage("rollout", "running", started=900.0)  # then killed
+    append_jsonl(rd.rollouts_path, [{"id": 1}])
+    os.utime(rd.rollouts_path, (950.0, 950.0))  # its last record: 50 s in
+    clock = iter([1000.0, 1005.0])
+    monkeypatch.setattr(rundir_mod.time, "time", lambda: next(clock))
+    with rd.stage("rollout"):
+        pass  # resumed: 5 s
+    status = rd.stage_status("rollout")
+    assert status["seconds"] == 55.0 and status["last_seconds"] == 5.0
+    assert status["killed_attempts"] == 1

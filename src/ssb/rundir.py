@@ -293,6 +293,7 @@ class RunDir:
             "targets": [self.targets_dir],
             "train": [self.checkpoints_dir, self.train_log_path, self.adapter_dir],
             "grpo": [self.grpo_dir],
+            "eval": [self.eval_dir],
         }.get(stage, [])
         parts = [p for f in own if f.suffix == ".jsonl" for p in self.rank_parts(f)]
         return [p for p in [*own, *parts] if p.exists()]
@@ -451,8 +452,16 @@ class RunDir:
         work took; `last_seconds` is the latest attempt's."""
         summary: dict[str, Any] = {}
         start = time.time()
-        before = float(self.stage_status(name).get("seconds") or 0.0)
-        self.record_stage(name, "running")
+        status = self.stage_status(name)
+        before = float(status.get("seconds") or 0.0)
+        killed = {}
+        if status.get("status") == "running" and status.get("started"):
+            # The last attempt was killed (SIGKILL, power loss) and never recorded its time:
+            # count it up to the last file it wrote.
+            last_write = max((_newest_mtime(p) for p in self.stage_outputs(name)), default=0.0)
+            before += max(0.0, last_write - float(status["started"]))
+            killed = {"killed_attempts": int(status.get("killed_attempts") or 0) + 1}
+        self.record_stage(name, "running", started=start, **killed)
 
         def timing() -> dict[str, float]:
             took = time.time() - start
@@ -540,6 +549,13 @@ class RunDir:
             ", ".join(changed),
             dest,
         )
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest modification time of a file, or of anything under a directory."""
+    if path.is_file():
+        return path.stat().st_mtime
+    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0)
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], keys: Iterable[str]) -> list[str]:

@@ -104,6 +104,25 @@ def start_log(log_path: Path, checkpoint: Path | None) -> None:
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def logged_mean_loss(log_path: Path) -> float | None:
+    """The mean training loss over every optimizer step in the log, each record weighted by the
+    steps it averages. Unlike Trainer's `training_loss`, which covers only the steps its own
+    process ran, this includes the steps before a resume."""
+    records = sorted(
+        (
+            r
+            for r in read_jsonl(log_path)
+            if isinstance(r.get("loss"), (int, float)) and "step" in r
+        ),
+        key=lambda r: r["step"],
+    )
+    total, previous = 0.0, 0
+    for record in records:
+        total += record["loss"] * (record["step"] - previous)
+        previous = record["step"]
+    return total / previous if previous else None
+
+
 # --------------------------------------------------------------------------- adapter and base
 
 

@@ -54,6 +54,7 @@ from ssb.stages.lora_training import (
     JsonlLogCallback,
     check_resumable,
     last_checkpoint,
+    logged_mean_loss,
     lora_config,
     restore_base,
     save_adapter,
@@ -558,7 +559,8 @@ def run_train(
         summary = {
             "steps": trainer.state.global_step,
             "examples": len(pairs),
-            "train_loss": round(float(result.training_loss), 6),
+            # Over every step, the ones before a resume included (Trainer's covers its own).
+            "train_loss": round(logged_mean_loss(rundir.train_log_path) or result.training_loss, 6),
             "adapter": str(rundir.adapter_dir),
         }
         if is_sharded(model):
