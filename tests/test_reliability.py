@@ -141,7 +141,7 @@ def test_rundir_refuses_a_different_model(tmp_path, model_dir, capsys):
     RunDir(run).record_stage("rollout", "complete")
     rc, err = cli(capsys, "bootstrap", run, "model.name=/elsewhere")
     assert rc == 2
-    assert "model (used by finished stage 'rollout')" in error_line(err)
+    assert "model.name (used by finished stage 'rollout')" in error_line(err)  # the key
 
 
 # --------------------------------------------------------------------------- input validation

@@ -460,7 +460,6 @@ def validate(cfg: Config) -> Config:
         "train.loss.chunk_size",
         "train.lora.alpha",
         "train.learning_rate",
-        "train.max_grad_norm",
         "train.logging_steps",
         "train.save_steps",
         "eval.num_samples",
@@ -475,6 +474,9 @@ def validate(cfg: Config) -> Config:
     for key in positive:
         if flat[key] is None or flat[key] <= 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in ("train.max_grad_norm", "train.weight_decay", "grpo.max_grad_norm"):
+        if flat[key] < 0:  # 0: no clipping / no decay
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
     for key in ("data.max_problems", "eval.max_problems", "bootstrap.target_pairs"):
         if flat[key] is not None and flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0 (or null for all), got {flat[key]}")

@@ -98,25 +98,30 @@ def adapter_hash(path: Path | None) -> str | None:
         if not f.is_file():
             continue
         h.update(name.encode())
-        if f.suffix == ".safetensors":
-            _hash_safetensors(h, f)
-        else:
-            with f.open("rb") as fh:
+        if f.suffix != ".safetensors" or not _hash_safetensors(h, f):
+            with f.open("rb") as fh:  # bytes: a .bin, or a file safetensors cannot read
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()[:16]
 
 
-def _hash_safetensors(h: Any, path: Path) -> None:
+def _hash_safetensors(h: Any, path: Path) -> bool:
+    """Hash a safetensors file's metadata and tensors by name; False when it cannot be read."""
     import torch  # noqa: PLC0415 -- only when an adapter is hashed
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
-    with safe_open(str(path), framework="pt") as f:
-        h.update(json.dumps(sorted((f.metadata() or {}).items())).encode())
-        for key in sorted(f.keys()):
-            tensor = f.get_tensor(key).contiguous()
-            h.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
-            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    part = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            part.update(json.dumps(sorted((f.metadata() or {}).items())).encode())
+            for key in sorted(f.keys()):
+                tensor = f.get_tensor(key).contiguous()
+                part.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
+                part.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    except SafetensorError:
+        return False
+    h.update(part.digest())
+    return True
 
 
 def model_identity(cfg: ModelConfig, tokenizer) -> dict[str, Any]:
