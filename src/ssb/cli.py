@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "quiet", False))
     # SIGTERM (a scheduler, `kill`) stops a command as Ctrl-C does: records in flight are
     # finished or dropped whole, the stage is marked interrupted, one line says how to resume.
-    signal.signal(signal.SIGTERM, raise_interrupted)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only there can it be set
+        previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         if args.command == "bench":
             from ssb.bench import run_bench
@@ -369,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ssb: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:  # main() called in-process (a notebook, a test) gives it back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupted_line(args: argparse.Namespace, signame: str) -> str:
