@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -70,11 +72,67 @@ def test_overrides_parse_types_and_nested_keys(tmp_path):
         (["train.loss.jsd_beta=2"], "train.loss.jsd_beta"),
         (["train.lora=3"], "train.lora"),
         (["model.trust_remote_code=maybe"], "model.trust_remote_code"),
+        # Settings once checked only when their stage started, hours into a run (issue 23).
+        (["eval.max_problems=-1"], "eval.max_problems"),
+        (["train.learning_rate=-1"], "train.learning_rate"),
+        (["train.learning_rate=0"], "train.learning_rate"),
+        (["train.lora.alpha=0"], "train.lora.alpha"),
+        (["train.epochs=nan"], "train.epochs"),
+        (["train.loss.clip=inf"], "train.loss.clip"),
+        (["train.report_to=[tensorbored]"], r"train.report_to[0]"),
+        (["train.report_to=[tensorboard,wandbb]"], r"train.report_to[1]"),
+        (["eval.benchmarks=[gsm8k,math5000]"], r"eval.benchmarks[1]"),
+        (["eval.benchmarks=[]"], "eval.benchmarks"),
+        (["data.train=gsmk8"], "data.train"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(overrides=override)
+
+
+def test_tracker_names_are_transformers_own():
+    """Every integration transformers reports to is accepted by name, and only those."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    cfg = load_config(overrides=[f"train.report_to=[{','.join(INTEGRATION_TO_CALLBACK)}]"])
+    assert cfg.train.report_to == list(INTEGRATION_TO_CALLBACK)
+    assert load_config(overrides=["train.report_to=all"]).train.report_to == ["all"]
+
+
+def test_what_a_command_reads_is_found_before_it_starts(tmp_path):
+    """A benchmark or training file that cannot be found, or a local benchmark copy that is
+    missing, is refused before the first stage, naming the key."""
+    from ssb.config import check_available
+
+    data = tmp_path / "data"
+    (data / "gsm8k").mkdir(parents=True)
+    (data / "gsm8k" / "test.jsonl").write_text("")
+    sets = [f"data.data_dir={data}", "data.train=gsm8k"]
+    cfg = load_config(overrides=[*sets, f"eval.benchmarks=[gsm8k,{tmp_path / 'mine.jsonl'}]"])
+    with pytest.raises(ConfigError, match=re.escape("eval.benchmarks[1]") + ".*mine.jsonl"):
+        check_available(cfg, ["eval"])
+    check_available(cfg, ["targets"])  # reads no benchmark
+    with pytest.raises(ConfigError, match=r"data\.train: .*gsm8k/train\.jsonl does not exist"):
+        check_available(cfg, ["rollout"])
+    cfg = load_config(overrides=[*sets, "eval.benchmarks=[gsm8k,math500]"])
+    with pytest.raises(ConfigError, match=re.escape("eval.benchmarks[1]") + ".*math500"):
+        check_available(cfg, ["run", "eval"])
+    (data / "gsm8k" / "train.jsonl").write_text("")
+    check_available(load_config(overrides=[*sets, "eval.benchmarks=[gsm8k]"]), ["rollout", "eval"])
+
+
+def test_ssb_run_refuses_a_missing_benchmark_before_writing_anything(tmp_path, capsys):
+    from ssb.cli import main
+
+    run = tmp_path / "run"
+    missing = tmp_path / "typo.jsonl"
+    sets = [f"eval.benchmarks=[synthetic,{missing}]", f"model.name={tmp_path / 'no-model'}"]
+    rc = main(["run", "--run-dir", str(run), "--set", sets[0], "--set", sets[1]])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ssb: error: eval.benchmarks[1]:") and "typo.jsonl" in err
+    assert not run.exists()  # no config.yaml persisted, no stage started
 
 
 def test_unknown_preset_and_bad_file(tmp_path):

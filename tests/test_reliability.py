@@ -141,7 +141,7 @@ def test_rundir_refuses_a_different_model(tmp_path, model_dir, capsys):
     RunDir(run).record_stage("rollout", "complete")
     rc, err = cli(capsys, "bootstrap", run, "model.name=/elsewhere")
     assert rc == 2
-    assert "model (used by finished stage 'rollout')" in error_line(err)
+    assert "model.name (used by finished stage 'rollout')" in error_line(err)  # the key
 
 
 # --------------------------------------------------------------------------- input validation
@@ -461,3 +461,100 @@ def test_golds_math_verify_cannot_take_are_skipped_and_counted():
     problems = [Problem("a", "q", "18", "t"), Problem("b", "q", nested, "t")]
     kept, skipped = drop_unparseable_golds(problems, "rollout")
     assert [p.id for p in kept] == ["a"] and skipped == ["b"]
+
+
+def test_a_kept_pair_lost_to_a_torn_line_is_decided_again(tmp_path, model_dir, caplog):
+    """pairs.jsonl's torn last line held a pair whose "kept" decision is in bootstrap.jsonl: the
+    resumed bootstrap says so, naming the problem, and decides it again instead of losing it."""
+    from ssb.funnel import funnel
+    from ssb.stages.bootstrap import run_bootstrap
+
+    sets = [f"model.name={model_dir}", "model.dtype=float32", "model.device=cpu",
+            "generation.backend=hf", "generation.max_new_tokens=4", "prompt.num_fewshot=1"]  # fmt: skip
+    cfg = load_config(overrides=sets)
+    rd = RunDir(tmp_path / "run")
+    rd.init(cfg, "bootstrap")
+    samples = [
+        {"text": "\\boxed{5}", "token_ids": [], "finish_reason": "stop", "answer": "5",
+         "correct": True},
+        {"text": "\\boxed{0}", "token_ids": [], "finish_reason": "stop", "answer": "0",
+         "correct": False},
+    ]  # fmt: skip
+    append_jsonl(
+        rd.rollouts_path,
+        [{"id": f"p{i}", "question": "What is 2 + 3?", "gold": "5", "source": "test",
+          "solution": None, "samples": samples, "num_correct": 1} for i in range(2)],
+    )  # fmt: skip
+    append_jsonl(rd.bootstrap_log_path, [{"id": "p0", "status": "kept"}])
+    rd.pairs_path.write_text('{"id": "p0", "reply": "torn')  # the kill tore the pair's line
+    with caplog.at_level("WARNING", logger="ssb"):
+        run_bootstrap(cfg, rd, progress=False)
+    assert "p0" in caplog.text and "deciding them again" in caplog.text
+    latest = {d["id"]: d["status"] for d in read_jsonl(rd.bootstrap_log_path)}
+    pairs = {p["id"] for p in read_jsonl(rd.pairs_path)}
+    assert set(latest) == {"p0", "p1"}
+    assert {i for i, s in latest.items() if s == "kept"} == pairs  # no kept problem without pair
+    assert funnel(rd)["decided"] == 2
+
+
+def test_error_wording_names_the_file_and_the_cause(tmp_path, capsys, monkeypatch):
+    """A full disk names the file being written; a --run-dir that is a file says so; bootstrap
+    after a rollout that found no problems says that, not "run `ssb rollout` first"."""
+    path = tmp_path / "targets" / "shard-00000.safetensors"
+    monkeypatch.setattr(rundir_mod.os, "fsync", _enospc)
+    with pytest.raises(OSError) as exc:
+        rundir_mod.atomic_write_bytes(path, b"x" * 100)
+    assert exc.value.filename == str(path) and exc.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as exc:
+        append_jsonl(tmp_path / "rollouts.jsonl", [{"id": 1}])
+    assert exc.value.filename == str(tmp_path / "rollouts.jsonl")
+    monkeypatch.undo()
+
+    afile = _write(tmp_path / "run-file", "x")
+    rc, err = cli(capsys, "rollout", afile)
+    assert rc == 2 and "is a file, not a directory" in error_line(err)
+
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    rd.init(load_config(), "rollout")
+    with rd.stage("rollout"):
+        append_jsonl(rd.rollouts_path, [])  # data.max_problems=0: nothing rolled out
+    rc, err = cli(capsys, "bootstrap", run)
+    line = error_line(err)
+    assert rc == 2 and "found no training problems" in line and "first" not in line
+
+
+def test_cli_version_config_of_a_run_and_read_only_commands(tmp_path, capsys):
+    """--version; `ssb config --run-dir` shows a run's resolved config; a command that only
+    reads a run refuses a mistyped --run-dir instead of creating it and exiting 0."""
+    import yaml
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("ssb ")
+    run = tmp_path / "run"
+    RunDir(run).init(load_config(preset="quickstart"), "rollout")
+    assert main(["config", "--run-dir", str(run), "--set", "eval.max_problems=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["eval"]["max_problems"] == 3
+    assert shown["prompt"]["num_fewshot"] == load_config(preset="quickstart").prompt.num_fewshot
+    for argv in (["report"], ["export", "--out", str(tmp_path / "o")], ["harness-check"],
+                 ["config"]):  # fmt: skip
+        typo = tmp_path / "rnu"
+        rc = main([argv[0], "--run-dir", str(typo), *argv[1:]])
+        assert rc == 2 and "not a run directory" in error_line(capsys.readouterr().err)
+        assert not typo.exists()
+
+
+def test_stdout_carries_only_the_json_summary(tmp_path, capsys):
+    """`ssb train` with progress on: Trainer's log dicts go to stderr, stdout parses as JSON."""
+    from pairs_fixture import make_run
+
+    cfg, rundir, _ = make_run(tmp_path, "chatml")
+    rundir.init(cfg, "targets")
+    assert main(["targets", "--run-dir", str(rundir.path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(rundir.path), "--set", "train.logging_steps=1"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["stage"] == "train"
+    assert "'loss'" in err  # the Trainer's own log lines are still shown

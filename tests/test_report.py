@@ -107,18 +107,18 @@ def run(tmp_path):
     )
     append_jsonl(rd.pairs_path, [{"id": f"p{i}", "reply": "x"} for i in range(5)])
     log = []
-    for step in range(1, 11):
+    for step in range(1, 21):
         log.append(
             {
                 "step": step,
                 "loss": 2.0 / step,
                 "kd": 1.5 / step,
                 "grad_norm": 0.5 + 0.01 * step,
-                "learning_rate": 2e-4 * (1 - step / 10),
+                "learning_rate": 2e-4 * (1 - step / 20),
                 "reply_len": 20.0 + step,
             }
         )
-    log.append({"step": 10, "train_runtime": 12.5})  # a final record without a loss
+    log.append({"step": 20, "train_runtime": 12.5})  # a final record without a loss
     append_jsonl(rd.train_log_path, log)
     atomic_write_json(rd.eval_dir / "summary.json", _summary())
     atomic_write_json(
@@ -126,9 +126,29 @@ def run(tmp_path):
         {
             "name": "fake-run",
             "config_hash": "abcdef0123456789",
+            "model_identity": {
+                "name": "embedded",
+                "source": "embedded",
+                "model_id": "google/gemma-3-270m",
+                "revision": "1a2b3c",
+                "vocab_size": 262145,
+            },
+            "hardware": {
+                "device": "cpu",
+                "dtype": "float32",
+                "cpu": "AMD EPYC",
+                "cpu_capability": "AVX2",
+                "native_bf16": False,
+                "torch_threads": 2,
+            },
             "packages": {"python": "3.11.9", "torch": "2.13.0", "trl": None},
             "stages": {
-                "rollout": {"status": "complete", "seconds": 61.5, "tokens_per_second": 66.4},
+                "rollout": {
+                    "status": "complete",
+                    "seconds": 61.5,
+                    "tokens_per_second": 66.4,
+                    "killed_attempts": 1,
+                },
                 "bootstrap": {"status": "complete", "seconds": 20.5, "kept": 5},
                 "train": {"status": "complete", "seconds": 130.0},
                 "eval": {"status": "complete", "seconds": 45.75},
@@ -163,17 +183,31 @@ def test_report_plots_and_numbers(run):
     assert "| - teacher hit the token limit | 1 |" in text
     assert "| not decided (pair target reached) | 3 |" in text
     # Accuracy table: every number from summary.json.
-    assert "| base | synthetic | 64 | 20.3% [12.3, 31.6] | 20.3% | 15.6% | 4.7% | 21.5 |" in text
-    assert "| student | synthetic | 64 | 28.1% [18.6, 40.1] | 28.1% | 25.0% | 1.6% | 18.3 |" in text
+    # ... with the no-answer rate beside truncation.
     assert (
-        "| student vs base | synthetic | 64 | 9 | 4 | 51 | +7.8 pp [-1.6, +17.2] | 0.267 | +9.4 pp |"
+        "| base | synthetic | 64 | 20.3% [12.3, 31.6] | 20.3% | 15.6% | 4.7% | 10.0% | 21.5 |"
         in text
     )
-    # Training summary and stage times.
-    assert "| loss | 10 | 10 | 2 | 0.2 | 0.2 | 2 |" in text
-    assert "| reply_length | 10 | 10 | 21 | 30 | 21 | 30 |" in text
-    assert "| rollout | complete | 61.5 | 66.4 |" in text
-    assert "| total |  | 257.8 |  |" in text
+    assert (
+        "| student | synthetic | 64 | 28.1% [18.6, 40.1] | 28.1% | 25.0% | 1.6% | 5.0% | 18.3 |"
+        in text
+    )
+    # Whether a difference is within noise, in words.
+    assert (
+        "| student vs base | synthetic | 64 | 9 | 4 | 51 | +7.8 pp [-1.6, +17.2] | 0.267 "
+        "| within noise (interval includes 0) | +9.4 pp |" in text
+    )
+    # What "auto" resolved to: the model and the hardware, from the manifest.
+    assert "Resolved model: `google/gemma-3-270m` (revision 1a2b3c" in text
+    assert "Hardware: device cpu, dtype float32, CPU AMD EPYC (torch capability AVX2" in text
+    assert "top-k" not in text  # hidden targets: no top-k in use
+    # Training summary: first/last are means of the first/last tenth (2 of 20 records).
+    assert "| loss | 20 | 20 | 1.5 | 0.1026 | 0.1 | 2 |" in text
+    assert "| reply_length | 20 | 20 | 21.5 | 39.5 | 21 | 40 |" in text
+    assert "mean of the first and last tenth of the logged records" in text
+    # Stage times count every attempt; a killed one is counted and shown.
+    assert "| rollout | complete | 61.5 | 1 | 66.4 |" in text
+    assert "| total |  | 257.8 |  |  |" in text
     assert "| torch | 2.13.0 |" in text
     assert "| trl | not installed |" in text
     assert "| LoRA r | 16 |" in text
@@ -218,9 +252,9 @@ def test_funnel_counts_and_training_series(run):
     funnel = funnel_counts(run)
     assert funnel["problems"] == 30 and funnel["mixed"] == 8 and funnel["kept"] == 5
     series = training_series([json.loads(x) for x in run.train_log_path.read_text().splitlines()])
-    assert series["loss"][0] == [float(s) for s in range(1, 11)]
+    assert series["loss"][0] == [float(s) for s in range(1, 21)]
     assert "ce" not in series
-    assert series["reply_length"][1][-1] == 30.0
+    assert series["reply_length"][1][-1] == 40.0
 
 
 def test_training_series_falls_back_to_record_index():

@@ -126,3 +126,92 @@ def test_a_run_made_before_a_config_key_existed_continues(tmp_path):
     rd.config_path.write_text(yaml.safe_dump(old))
     with pytest.raises(RunDirError, match="model"):
         rd.init(changed, "bootstrap")
+
+
+def test_a_failed_or_killed_stage_does_not_lock_its_settings(tmp_path):
+    """Only a stage that completed locks its settings. A failed or interrupted one may be rerun
+    with others; what it half-wrote is set aside (stale/) rather than mixed with the new
+    setting, unless the change is one a resumed training may take (train.epochs)."""
+    rd = RunDir(tmp_path / "run")
+    rd.init(load_config(overrides=["train.learning_rate=0.5"]), "train")
+    with pytest.raises(RuntimeError), rd.stage("train"):
+        (rd.checkpoints_dir / "checkpoint-1").mkdir(parents=True)
+        append_jsonl(rd.train_log_path, [{"step": 1, "loss": 9.0}])
+        raise RuntimeError("diverged")
+    assert rd.stage_status("train")["status"] == "failed"
+    fixed = load_config(overrides=["train.learning_rate=0.0002"])
+    rd.init(fixed, "train")  # not refused
+    assert not rd.checkpoints_dir.exists() and not rd.train_log_path.exists()
+    (stale,) = rd.stale_dir.iterdir()
+    assert stale.name.startswith("train.")
+    assert (stale / "checkpoints" / "checkpoint-1").is_dir()
+    assert read_jsonl(stale / "train_log.jsonl") == [{"step": 1, "loss": 9.0}]
+
+    # Killed (Ctrl-C): a longer training resumes from the checkpoints it left.
+    with pytest.raises(KeyboardInterrupt), rd.stage("train"):
+        (rd.checkpoints_dir / "checkpoint-2").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert rd.stage_status("train")["status"] == "interrupted"
+    longer = load_config(overrides=["train.learning_rate=0.0002", "train.epochs=2"])
+    rd.init(longer, "train")
+    assert (rd.checkpoints_dir / "checkpoint-2").is_dir()
+
+    # Completed: now its settings are locked, and the refusal names the key.
+    with rd.stage("train"):
+        pass
+    with pytest.raises(RunDirError, match=r"train\.learning_rate \(used by finished stage"):
+        rd.init(load_config(overrides=["train.learning_rate=0.001", "train.epochs=2"]), "eval")
+    # A setting that changes none of its files is never refused.
+    same = ["train.learning_rate=0.0002", "train.epochs=2"]
+    rd.init(load_config(overrides=[*same, "train.save_steps=7"]), "eval")
+
+
+def test_a_failed_train_rerun_with_a_fixed_setting_is_not_refused(tmp_path, capsys):
+    """The issue's sequence through the CLI: `ssb train` fails with one setting (here: no pairs
+    yet), and the rerun with a corrected setting is not refused as "a different config"."""
+    from ssb.cli import main
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--run-dir", run, "--quiet", "--set", "train.learning_rate=5"]) == 2
+    assert RunDir(run).stage_status("train")["status"] == "failed"
+    capsys.readouterr()
+    assert main(["train", "--run-dir", run, "--quiet", "--set", "train.learning_rate=2e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" not in err and "no pairs" in err
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Atomically written files (config, manifest, report, targets, ...) get the mode a plain
+    open() gives, like the jsonl files, not mkstemp's 0600."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        append_jsonl(tmp_path / "b.jsonl", [{"id": 1}])
+        RunDir(tmp_path / "run").init(load_config(), "rollout")
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "a.txt", tmp_path / "b.jsonl", *(tmp_path / "run").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+
+
+def test_a_killed_attempt_counts_in_the_stage_time(tmp_path, monkeypatch):
+    """SIGKILL leaves the stage "running" with no time recorded; the next attempt adds the
+    killed one's time up to the last file it wrote, and counts it."""
+    import os
+
+    import ssb.rundir as rundir_mod
+
+    rd = RunDir(tmp_path)
+    rd.record_stage("rollout", "running", started=900.0)  # then killed
+    append_jsonl(rd.rollouts_path, [{"id": 1}])
+    os.utime(rd.rollouts_path, (950.0, 950.0))  # its last record: 50 s in
+    clock = iter([1000.0, 1005.0])
+    monkeypatch.setattr(rundir_mod.time, "time", lambda: next(clock))
+    with rd.stage("rollout"):
+        pass  # resumed: 5 s
+    status = rd.stage_status("rollout")
+    assert status["seconds"] == 55.0 and status["last_seconds"] == 5.0
+    assert status["killed_attempts"] == 1

@@ -8,6 +8,7 @@ with a clear message."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -164,8 +165,12 @@ def test_exported_adapter_is_the_runs_and_loads_with_peft(run, exported):
     model_dir = out / MODEL_DIR
     copied = {p.name for p in rundir.adapter_dir.iterdir()} - {"README.md"}
     assert {p.name for p in model_dir.iterdir()} == copied | {"README.md"}
-    for name in copied:
+    for name in copied - {"adapter_config.json"}:
         assert (model_dir / name).read_bytes() == (rundir.adapter_dir / name).read_bytes()
+    # The config differs only in naming the base's public identity (here, a local model).
+    exported_config = json.loads((model_dir / "adapter_config.json").read_text())
+    run_config = json.loads((rundir.adapter_dir / "adapter_config.json").read_text())
+    assert exported_config == {**run_config, "base_model_name_or_path": cfg.model.name}
     summary = json.loads((rundir.eval_dir / "summary.json").read_text())
     assert adapter_hash(model_dir) == summary["models"]["student"]["adapter_hash"]
 
@@ -187,7 +192,9 @@ def test_cards_carry_the_runs_numbers(run, exported):
     cfg, rundir, pairs, _ = run
     out, _ = exported
     card = DatasetCard.load(out / DATASET_DIR / "README.md")
-    assert card.data.license == "apache-2.0"  # synthetic problems: ssb's own generator
+    # The replies are the tiny model's output, whose licence ssb does not know.
+    assert (card.data.license, card.data.license_name) == ("other", "model-output")
+    assert "apache-2.0" in card.text  # synthetic problems: ssb's own generator
     assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*.parquet"
     for row in (
         "| problems rolled out | 12 |",
@@ -392,7 +399,7 @@ def test_reference_files_import_then_targets_and_train(tmp_path):
     assert ds.features["correct_rollout"].dtype == "string" and ds["correct_rollout"] == [None] * 6
     assert [dict(row) for row in ds] == pairs
     card = DatasetCard.load(tmp_path / "export" / DATASET_DIR / "README.md")
-    assert card.data.license == "unknown" and "(reference format)" in card.text
+    assert card.data.license == "other" and "(reference format)" in card.text
     assert "| model (rollouts and replies) | a model the imported files do not name |" in card.text
     assert "teacher sampling" not in card.text  # this run's bootstrap made none of them
 
@@ -543,7 +550,7 @@ def test_cli_import_then_export_names_the_origin(run, exported, tmp_path, capsys
     assert entry["imported"] == 6 and entry["origin"]["data"]["train"] == "synthetic"
     assert main(["export", "--run-dir", str(fresh), "--out", str(tmp_path / "again")]) == 0
     card = DatasetCard.load(tmp_path / "again" / DATASET_DIR / "README.md")
-    assert card.data.license == "apache-2.0"  # the original run's problems
+    assert card.data.license == "other" and "apache-2.0" in card.text  # problems: synthetic
     assert f"| imported with `ssb import-pairs` | `{out}` |" in card.text
     assert "Not known: the pairs were imported" in card.text
     assert f"| model (rollouts and replies) | `{run[0].model.name}` |" in card.text
@@ -555,3 +562,214 @@ def test_commands_are_in_ssb_help():
 
     text = build_parser().format_help()
     assert "import-pairs" in text and "export" in text
+
+
+LOAD_EXPORTED = """
+import sys, torch
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+ids = torch.tensor([[int(t) for t in sys.argv[2].split(",")]])
+with torch.no_grad():
+    print(",".join(f"{v:.6e}" for v in model(ids).logits[0, -1, :8].tolist()))
+"""
+
+
+def test_exported_adapter_loads_elsewhere_by_its_bases_public_id(run, tmp_path):
+    """An embedded-model run's adapter names the conversion cache (a path on the exporting
+    machine); the export names google/gemma-3-270m instead, so on another machine, with that
+    path gone, `AutoPeftModelForCausalLM` resolves the base as a user would: from the hub (here
+    offline, from a hub cache where the tiny model stands in for google/gemma-3-270m)."""
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+
+    from ssb.models import EMBEDDED_MODEL_ID, load_model
+
+    cfg, rundir, pairs, _ = run
+    # The same run, recorded as made with the embedded model; its adapter points at the "cache".
+    cache = tmp_path / "home" / ".cache" / "ssb" / "embedded-gemma-3-270m"
+    shutil.copytree(cfg.model.name, cache)
+    emb = RunDir(tmp_path / "embedded-run")
+    shutil.copytree(rundir.path, emb.path)
+    manifest = emb.read_manifest()
+    manifest["model_identity"] = {**manifest["model_identity"], "source": "embedded"}
+    emb.manifest_path.write_text(json.dumps(manifest))
+    adapter_config = emb.adapter_dir / "adapter_config.json"
+    config = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**config, "base_model_name_or_path": str(cache)}))
+    out = tmp_path / "export"
+    export_run(emb, out)
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(out / DATASET_DIR / "README.md")
+    assert card.data.license == "gemma"  # Gemma wrote the replies: its terms, not the problems'
+    exported = json.loads((out / MODEL_DIR / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == EMBEDDED_MODEL_ID
+    assert exported["revision"] is None  # the GGUF names no hub commit
+
+    # Another machine: the export moved elsewhere, the exporting user's cache gone.
+    elsewhere = tmp_path / "elsewhere" / "model"
+    shutil.copytree(out / MODEL_DIR, elsewhere)
+    repo = tmp_path / "hub" / f"models--{EMBEDDED_MODEL_ID.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(cache, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    shutil.rmtree(cache)
+    ids = pairs[0]["student_prompt_ids"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HOME=str(tmp_path / "u"))
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_EXPORTED, str(elsewhere), ",".join(map(str, ids))],
+        cwd=tmp_path / "elsewhere",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor([float(v) for v in proc.stdout.split(",")])
+    student = PeftModel.from_pretrained(load_model(cfg.model), str(rundir.adapter_dir))
+    with torch.no_grad():
+        want = student(torch.tensor([ids])).logits[0, -1, :8]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _reorder_safetensors_metadata(path):
+    """The same safetensors file with its __metadata__ keys in reverse order (what another
+    process may write for the same tensors: safetensors keeps metadata in a hash map)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n :])
+
+
+def test_adapter_hash_is_of_content_and_configs_are_written_sorted(run, tmp_path):
+    """Bit-identical weights give one adapter_hash whatever order PEFT wrote target_modules in
+    and safetensors its metadata, and wherever the base was loaded from; a changed weight does
+    not. ssb writes adapter_config.json with sorted module lists."""
+    from safetensors.torch import load_file, save_file
+
+    from ssb.identity import adapter_hash
+
+    _, rundir, _, _ = run
+    config = json.loads((rundir.adapter_dir / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) >= 3
+    assert config["target_modules"] == sorted(config["target_modules"])
+    weights = load_file(rundir.adapter_dir / "adapter_model.safetensors")
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    save_file(weights, a / "adapter_model.safetensors", metadata={"format": "pt", "by": "x"})
+    shutil.copyfile(a / "adapter_model.safetensors", b / "adapter_model.safetensors")
+    _reorder_safetensors_metadata(b / "adapter_model.safetensors")
+    assert (a / "adapter_model.safetensors").read_bytes() != (
+        b / "adapter_model.safetensors"
+    ).read_bytes()
+    (a / "adapter_config.json").write_text(json.dumps(config))
+    shuffled = {
+        **config,
+        "target_modules": list(reversed(config["target_modules"])),
+        "base_model_name_or_path": "/home/someone/.cache/ssb/x",
+    }
+    (b / "adapter_config.json").write_text(json.dumps(shuffled))
+    assert adapter_hash(a) == adapter_hash(b)
+    changed = dict(weights)
+    key = sorted(changed)[0]
+    changed[key] = changed[key].clone()
+    changed[key].view(-1)[0] += 1
+    save_file(changed, c / "adapter_model.safetensors", metadata={"format": "pt", "by": "x"})
+    (c / "adapter_config.json").write_text(json.dumps(config))
+    assert adapter_hash(c) != adapter_hash(a)
+
+
+def test_every_file_of_a_run_has_the_mode_a_plain_open_gives(run):
+    """config, manifest, targets, adapter weights, eval summary: none private to its writer."""
+    import stat
+
+    from ssb.rundir import current_umask
+
+    _, rundir, _, _ = run
+    want = 0o666 & ~current_umask()
+    modes = {
+        str(p.relative_to(rundir.path)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in rundir.path.rglob("*")
+        # checkpoints/ is the Trainer's own (safetensors writes 0600), read only by a resume
+        if p.is_file() and "checkpoints" not in p.parts
+    }
+    assert {"config.yaml", "manifest.json", "eval/summary.json"} <= modes.keys()
+    assert {k: v for k, v in modes.items() if v != oct(want)} == {}
+
+
+def test_import_into_a_fewshot_run_names_replies_it_would_not_generate(tmp_path, caplog):
+    """A few-shot run stops generating at prompt.stop_strings and answers after "Answer: ":
+    an imported reply holding a stop string, or with no leading space, is named."""
+    from pairs_fixture import EXAMPLES
+
+    cfg, _, _ = make_run(tmp_path, "none", "prompt.format=fewshot", name="unused")
+    rundir = _fresh(tmp_path, cfg)
+    examples = [
+        EXAMPLES[0],
+        (EXAMPLES[1][0], EXAMPLES[1][1], EXAMPLES[1][2].replace(", so", ".\n\nSo")),
+        (EXAMPLES[2][0], EXAMPLES[2][1], EXAMPLES[2][2].lstrip()),
+    ]
+    teacher, _ = _reference_files(tmp_path / "reference", examples)
+    with caplog.at_level("WARNING", logger="ssb"):
+        summary = run_import_pairs(cfg, rundir, teacher)
+    assert summary["imported"] == 3 and summary["replies_unlike_fewshot_answers"] == 2
+    ids = [p["id"] for p in read_jsonl(rundir.pairs_path)]
+    warned = [r.getMessage() for r in caplog.records if "import-pairs: pair" in r.getMessage()]
+    assert len(warned) == 2
+    assert ids[1] in warned[0] and 'stop string "\\n\\n"' in warned[0]
+    assert ids[2] in warned[1] and "leading" not in warned[1] and "space" in warned[1]
+
+
+def test_the_cards_import_command_renders_the_runs_prompts():
+    """The dataset card's `ssb import-pairs` command names the preset whose prompt settings the
+    run used, and sets any prompt setting that differs, in a form --set reads back exactly."""
+    import shlex
+    from types import SimpleNamespace
+
+    from ssb.config import load_config
+    from ssb.share.cards import import_command
+
+    facts = SimpleNamespace(cfg=load_config(preset="quickstart"), base_model="google/gemma-3-270m")
+    command = import_command(facts, "you/pairs")
+    assert "--preset quickstart" in command and "--set prompt." not in command
+    changed = ["prompt.stop_strings=[Q]", "prompt.system_prompt=Be brief."]
+    facts.cfg = load_config(overrides=["prompt.num_fewshot=3", *changed])
+    argv = shlex.split(import_command(facts, "you/pairs"))
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else None
+    again = load_config(preset=preset, overrides=sets)
+    assert again.prompt == facts.cfg.prompt and again.model.name == "google/gemma-3-270m"
+    facts.cfg.prompt.stop_strings = ["\n\n", "\nQuestion:"]
+    facts.cfg.prompt.format = "fewshot"
+    argv = shlex.split(import_command(facts, "you/pairs"))
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else None
+    assert load_config(preset=preset, overrides=sets).prompt == facts.cfg.prompt
+
+
+def test_export_on_a_full_disk_is_one_short_line(run, tmp_path, capsys, monkeypatch):
+    """copytree gathers every file's failure into one shutil.Error; the CLI says the first,
+    naming it, and how many more, not the whole list's repr."""
+    import errno
+
+    _, rundir, _, _ = run
+
+    def enospc(src, dst, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(shutil, "copyfile", enospc)
+    rc = main(["export", "--run-dir", str(rundir.path), "--out", str(tmp_path / "x"), "--quiet"])
+    monkeypatch.undo()
+    assert rc == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("ssb: error: copying ") and "No space left on device" in line
+    assert "more files failed" in line and len(line) < 400
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

@@ -9,18 +9,23 @@ config (plus any --set overrides); a new one starts from the defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ssb.config import Config, ConfigError, dump_yaml, load_config
+from ssb.config import Config, ConfigError, check_available, dump_yaml, load_config
 from ssb.presets import PRESETS
-from ssb.rundir import RunDir, RunDirError
+from ssb.rundir import Interrupted, RunDir, RunDirError, raise_interrupted
 from ssb.share import FORMATS, IMPORT_STAGE
 
 log = logging.getLogger("ssb")
@@ -127,7 +132,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the run directory even if its earlier stages were made with another config",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(p)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    """One meaning on every command (setup_logging applies it)."""
+    p.add_argument(
+        "--quiet", action="store_true", help="warnings and errors only, and no progress bars"
+    )
 
 
 def _add_ablate_options(p: argparse.ArgumentParser) -> None:
@@ -149,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Semantic Soft Bootstrapping: distil a model's own hinted solutions into a "
         "hint-free LoRA student (arXiv 2512.05105).",
     )
+    parser.add_argument("--version", action="version", version=f"ssb {metadata.version('ssb')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, _) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -177,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--stage-times-from", default=None, help="a run directory whose stage times to report"
     )
-    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(bench)
     imp = sub.add_parser(
         "import-pairs",
         help="start a run from published pairs (an `ssb export` or the reference's JSONL "
@@ -220,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset-repo", default=None, help="the dataset repo's name (default: REPO-pairs)"
     )
     export.add_argument("--private", action="store_true", help="create the repos private")
-    export.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    _add_quiet(export)
     check = sub.add_parser(
         "harness-check",
         help="score the run's eval outputs again with lm-evaluation-harness (the harness extra) "
@@ -232,11 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--run-dir", required=True, help="a run directory that `ssb eval` wrote to")
     check.add_argument("--harness", choices=["lm-eval"], default="lm-eval", help="the harness")
-    check.add_argument("--quiet", action="store_true", help="only the table, no log lines")
-    show = sub.add_parser("config", help="print the resolved config as YAML")
+    _add_quiet(check)
+    show = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML (a preset's, a file's, or a run's with --run-dir)",
+    )
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
     g.add_argument("--config")
+    show.add_argument(
+        "--run-dir", default=None, help="an existing run: its config.yaml (with any --set)"
+    )
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -250,10 +269,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
     existing = Path(run_dir) / "config.yaml" if run_dir else None
     if args.preset is None and args.config is None and existing is not None and existing.exists():
         return load_config(config_file=existing, overrides=args.overrides)
+    if args.command == "config" and run_dir is not None:
+        check_run_dir(run_dir)
     return load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
 
 
 def setup_logging(quiet: bool = False) -> None:
+    if quiet:
+        # transformers' and the hub's bars (loading weights, downloads) read this when imported,
+        # which in the CLI is after this point.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -274,9 +299,24 @@ def run_stage(name: str, cfg: Config, rundir: RunDir, args: argparse.Namespace) 
     return summary
 
 
+# The stages each command runs, whose settings are checked before the first one starts.
+_PIPELINE = ("rollout", "bootstrap", "targets", "train", "eval", "report")
+
+
+def command_stages(command: str, cfg: Config) -> tuple[str, ...]:
+    if command == "run":
+        return (*_PIPELINE, "grpo") if cfg.grpo.enabled else _PIPELINE
+    return (command,) if command in STAGES else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "quiet", False))
+    # SIGTERM (a scheduler, `kill`) stops a command as Ctrl-C does: records in flight are
+    # finished or dropped whole, the stage is marked interrupted, one line says how to resume.
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only there can it be set
+        previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         if args.command == "bench":
             from ssb.bench import run_bench
@@ -290,42 +330,53 @@ def main(argv: list[str] | None = None) -> int:
             )
             sys.stdout.write((Path(args.out) / "results.md").read_text())
             return 0
+        if args.command in _READS_A_RUN:
+            # A mistyped --run-dir must not become an empty run that "succeeds".
+            check_run_dir(args.run_dir)
         if args.command == "export":
             from ssb.share.export import export_run
 
-            summary = export_run(
-                args.run_dir,
-                args.out,
-                push_to_hub=args.push_to_hub,
-                dataset_repo=args.dataset_repo,
-                private=args.private,
-            )
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = export_run(
+                    args.run_dir,
+                    args.out,
+                    push_to_hub=args.push_to_hub,
+                    dataset_repo=args.dataset_repo,
+                    private=args.private,
+                )
             print(json.dumps({"command": "export", **summary}, indent=2))
             return 0
         if args.command == "harness-check":
             return _harness_check(args)
         if args.command == "config":
-            cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
-            sys.stdout.write(dump_yaml(cfg))
+            sys.stdout.write(dump_yaml(resolve_config(args)))
             return 0
         cfg = resolve_config(args)
+        check_available(cfg, command_stages(args.command, cfg))
         rundir = RunDir(args.run_dir)
-        rundir.init(cfg, args.command, force=args.force)
-        from ssb.models import set_seed
+        # stdout carries the JSON summary alone; what libraries print (Trainer's log dicts, a
+        # progress bar's write()) goes to stderr with the logs.
+        with contextlib.redirect_stdout(sys.stderr):
+            rundir.init(cfg, args.command, force=args.force)
+            from ssb.models import set_seed
 
-        set_seed(cfg.seed)
-        log.info("run directory: %s", rundir.path.resolve())
-        if args.command == "run":
-            from ssb.stages.pipeline import run_pipeline
+            set_seed(cfg.seed)
+            log.info("run directory: %s", rundir.path.resolve())
+            if args.command == "run":
+                from ssb.stages.pipeline import run_pipeline
 
-            summary = run_pipeline(cfg, rundir, progress=not args.quiet)
-            _print_artifacts(rundir)
-        elif args.command == "import-pairs":
-            summary = _import_pairs(cfg, rundir, args)
-        else:
-            summary = run_stage(args.command, cfg, rundir, args)
+                summary = run_pipeline(cfg, rundir, progress=not args.quiet)
+                _print_artifacts(rundir)
+            elif args.command == "import-pairs":
+                summary = _import_pairs(cfg, rundir, args)
+            else:
+                summary = run_stage(args.command, cfg, rundir, args)
         print(json.dumps({"stage": args.command, "run_dir": str(rundir.path), **summary}, indent=2))
         return 0
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"ssb: {_interrupted_line(args, signal.Signals(signum).name)}", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:
         # Errors a user can act on (bad config, data, model, run directory, target store, disk)
         # get one line; anything else is a bug and keeps its traceback (as does SSB_DEBUG=1).
@@ -333,6 +384,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ssb: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:  # main() called in-process (a notebook, a test) gives it back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_line(args: argparse.Namespace, signame: str) -> str:
+    """What an interrupted command kept and how to go on, in one line."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or args.command in ("export", "harness-check", "config"):
+        return f"interrupted ({signame}); nothing was changed"
+    return (
+        f"interrupted ({signame}) during `ssb {args.command}`: every finished record is saved "
+        f"in {run_dir} (training: its last checkpoint, every train.save_steps steps); rerun "
+        f"`ssb {args.command} --run-dir {run_dir}` to resume where it stopped"
+    )
 
 
 def _import_pairs(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
@@ -346,12 +412,19 @@ def _import_pairs(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict
     return summary
 
 
+# Commands that only read a run directory: it must exist.
+_READS_A_RUN = ("report", "export", "harness-check")
+
+
+def check_run_dir(run_dir: str) -> None:
+    if not RunDir(run_dir).config_path.is_file():
+        raise RunDirError(f"{run_dir} has no config.yaml: not a run directory (mistyped?)")
+
+
 def _harness_check(args: argparse.Namespace) -> int:
     from ssb.harness import format_check, harness_check
 
     config_path = Path(args.run_dir) / "config.yaml"
-    if not config_path.exists():
-        raise RunDirError(f"{args.run_dir} has no config.yaml: not a run directory")
     result = harness_check(load_config(config_file=config_path), Path(args.run_dir), args.harness)
     sys.stdout.write(format_check(result))
     return 0
@@ -371,6 +444,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        # copytree's error is a list of (source, destination, why) for every file that failed
+        failures = exc.args[0]
+        src, dst, why = failures[0]
+        more = f" ({len(failures) - 1} more files failed)" if len(failures) > 1 else ""
+        return f"copying {src} to {dst}: {why}{more}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""

@@ -11,8 +11,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -477,8 +479,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def validate(cfg: Config) -> Config:
-    """Value checks beyond types; raises ConfigError naming the key."""
+    """Value checks beyond types; raises ConfigError naming the key. Every value any stage uses
+    is checked here, so a bad one stops a command before its first stage, not hours into it."""
     flat = flatten(to_dict(cfg))
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
@@ -493,13 +499,37 @@ def validate(cfg: Config) -> Config:
         "train.batch_size",
         "train.grad_accum",
         "train.loss.chunk_size",
+        "train.lora.alpha",
+        "train.learning_rate",
+        "train.logging_steps",
+        "train.save_steps",
         "eval.num_samples",
         "bootstrap.attempts",
+        "grpo.batch_size",
+        "grpo.max_steps",
+        "grpo.learning_rate",
+        "grpo.max_completion_length",
+        "grpo.save_steps",
         "rounds",
     ]
     for key in positive:
         if flat[key] is None or flat[key] <= 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in ("train.max_grad_norm", "train.weight_decay", "grpo.max_grad_norm"):
+        if flat[key] < 0:  # 0: no clipping / no decay
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    for key in ("data.max_problems", "eval.max_problems", "bootstrap.target_pairs"):
+        if flat[key] is not None and flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0 (or null for all), got {flat[key]}")
+    for key in ("train.warmup_ratio", "grpo.warmup_ratio", "train.lora.dropout"):
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {flat[key]}")
+    if not 0.0 < flat["generation.gpu_memory_utilization"] <= 1.0:
+        raise ConfigError("generation.gpu_memory_utilization: must be in (0, 1]")
+    if flat["grpo.num_generations"] < 2:
+        raise ConfigError(f"grpo.num_generations: must be >= 2, got {flat['grpo.num_generations']}")
+    _validate_sources(cfg)
+    _validate_report_to(cfg.train.report_to)
     for section in SAMPLING_SECTIONS:
         s = getattr(cfg, section).sampling
         if s.temperature < 0:
@@ -537,6 +567,69 @@ def validate(cfg: Config) -> Config:
             "round) or bootstrap.target_pairs (pairs per round)"
         )
     return cfg
+
+
+def _validate_sources(cfg: Config) -> None:
+    """The form of data.train and eval.benchmarks (`check_available` looks them up)."""
+    from ssb.problems.record import ProblemsError  # noqa: PLC0415
+    from ssb.problems.sources import check_source_name  # noqa: PLC0415 -- sources imports config
+
+    if not cfg.eval.benchmarks:
+        raise ConfigError("eval.benchmarks: empty; name at least one benchmark")
+    named = [("data.train", cfg.data.train)]
+    named += [(f"eval.benchmarks[{i}]", b) for i, b in enumerate(cfg.eval.benchmarks)]
+    for key, source in named:
+        try:
+            check_source_name(source)
+        except ProblemsError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
+# What `train.report_to` may name besides transformers' integrations.
+_REPORT_TO_WORDS = ("all", "none")
+
+
+def _validate_report_to(report_to: list[str]) -> None:
+    """Every tracker name must be one transformers knows (a misspelt one would fail only when
+    training starts). Its integration table is read only when trackers are named."""
+    names = [n for n in report_to if n not in _REPORT_TO_WORDS]
+    if not names:
+        return
+    from transformers.integrations.integration_utils import (  # noqa: PLC0415 -- slow import
+        INTEGRATION_TO_CALLBACK,
+    )
+
+    for i, name in enumerate(report_to):
+        if name not in INTEGRATION_TO_CALLBACK and name not in _REPORT_TO_WORDS:
+            known = ", ".join([*_REPORT_TO_WORDS, *sorted(INTEGRATION_TO_CALLBACK)])
+            raise ConfigError(f"train.report_to[{i}]: unknown tracker {name!r} (one of {known})")
+
+
+def check_available(cfg: Config, stages: Collection[str]) -> None:
+    """What `validate` cannot tell from the values alone, checked before a command's first stage
+    starts: the training problems and every benchmark the `stages` read can be found (without
+    loading them), and every tracker training reports to is installed."""
+    from ssb.problems.record import ProblemsError  # noqa: PLC0415 -- sources imports config
+    from ssb.problems.sources import check_eval_source, check_train_source  # noqa: PLC0415
+
+    stages = set(stages)
+    try:
+        if stages & {"rollout", "grpo", "ablate"}:
+            key = "data.train"
+            check_train_source(cfg)
+        if stages & {"eval", "ablate"}:
+            for i, benchmark in enumerate(cfg.eval.benchmarks):
+                key = f"eval.benchmarks[{i}]"
+                check_eval_source(cfg, benchmark)
+    except ProblemsError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if stages & {"train", "grpo", "ablate"}:
+        from ssb.trackers import check_report_to  # noqa: PLC0415 -- imports transformers
+
+        try:
+            check_report_to(cfg.train.report_to)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _validate_ablate(cfg: Config) -> None:

@@ -27,7 +27,9 @@ def funnel(rundir: RunDir) -> dict[str, Any]:
     rollouts.jsonl, bootstrap.jsonl and pairs.jsonl."""
     decisions = read_jsonl(rundir.bootstrap_log_path)
     pair_ids = [p["id"] for p in read_jsonl(rundir.pairs_path)]
-    counts = Counter(d["status"] for d in decisions)
+    # A problem decided again (its kept pair was lost) counts once, with its latest decision.
+    latest = {d["id"]: d["status"] for d in decisions}
+    counts = Counter(latest.values())
     # A pair whose "kept" line was lost (killed between the two appends) still counts as kept.
     logged = {d["id"] for d in decisions}
     counts["kept"] += sum(1 for i in pair_ids if i not in logged)

@@ -13,6 +13,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from ssb.config import ModelConfig
 from ssb.models import EMBEDDED_MODEL_ID, gguf_key, resolve_source
+from ssb.rundir import atomic_write_text
 
 
 def vocab_hash(tokenizer) -> str:
@@ -53,19 +54,74 @@ def has_adapter(path: str | Path | None) -> bool:
     )
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+# Where the base was loaded from (a cache path on one machine, a hub id in an export): not what
+# the adapter is, so not part of its hash.
+_BASE_LOCATION_KEYS = ("base_model_name_or_path", "revision")
+
+
+def canonical_adapter_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An adapter_config.json with its lists of module names sorted: PEFT keeps target_modules
+    (and the like) as sets and writes them in iteration order, which varies per process."""
+    return {
+        key: sorted(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else value
+        for key, value in config.items()
+    }
+
+
+def write_adapter_config(directory: Path, config: dict[str, Any]) -> None:
+    """Write adapter_config.json as PEFT does (indent 2, sorted keys), with sorted module lists,
+    so one adapter is always the same bytes."""
+    text = json.dumps(canonical_adapter_config(config), indent=2, sort_keys=True)
+    atomic_write_text(Path(directory) / ADAPTER_CONFIG, text)
+
+
 def adapter_hash(path: Path | None) -> str | None:
-    """sha256 (16 hex) of an adapter's config and weights: identifies the evaluated weights."""
+    """sha256 (16 hex) of an adapter's config and weights: identifies the evaluated weights.
+    It hashes content, not bytes: the config with sorted module lists and without where its base
+    was loaded from, and the tensors by name (safetensors' header order, e.g. of __metadata__,
+    varies per process)."""
     if path is None:
         return None
     h = hashlib.sha256()
-    for name in ("adapter_config.json", *ADAPTER_WEIGHT_FILES):
+    config_path = Path(path) / ADAPTER_CONFIG
+    if config_path.is_file():
+        config = canonical_adapter_config(json.loads(config_path.read_text()))
+        for key in _BASE_LOCATION_KEYS:
+            config.pop(key, None)
+        h.update(ADAPTER_CONFIG.encode())
+        h.update(json.dumps(config, sort_keys=True).encode())
+    for name in ADAPTER_WEIGHT_FILES:
         f = Path(path) / name
-        if f.is_file():
-            h.update(name.encode())
-            with f.open("rb") as fh:
+        if not f.is_file():
+            continue
+        h.update(name.encode())
+        if f.suffix != ".safetensors" or not _hash_safetensors(h, f):
+            with f.open("rb") as fh:  # bytes: a .bin, or a file safetensors cannot read
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()[:16]
+
+
+def _hash_safetensors(h: Any, path: Path) -> bool:
+    """Hash a safetensors file's metadata and tensors by name; False when it cannot be read."""
+    import torch  # noqa: PLC0415 -- only when an adapter is hashed
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    part = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            part.update(json.dumps(sorted((f.metadata() or {}).items())).encode())
+            for key in sorted(f.keys()):
+                tensor = f.get_tensor(key).contiguous()
+                part.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
+                part.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    except SafetensorError:
+        return False
+    h.update(part.digest())
+    return True
 
 
 def model_identity(cfg: ModelConfig, tokenizer) -> dict[str, Any]:

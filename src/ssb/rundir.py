@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from importlib import metadata
@@ -33,6 +36,7 @@ from ssb.config import (
     config_from_dict,
     config_hash,
     dump_yaml,
+    flatten,
     lookup,
     to_dict,
 )
@@ -51,9 +55,63 @@ TRACKED_PACKAGES = (
     "vllm",
 )
 
+log = logging.getLogger("ssb")
+
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (incompatible config, unwritable, ...)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) stopped the command: raised like Ctrl-C's KeyboardInterrupt, so
+    every stage unwinds the same way, with the signal kept for the exit status (128 + signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, frame: Any = None) -> None:
+    """A signal handler: SIGTERM stops a command as Ctrl-C does."""
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends, so a record
+    being appended is written whole. Python runs signal handlers in the main thread only, so
+    only there is there anything to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # not set from Python
+    for signum in previous:
+        signal.signal(signum, lambda n, _frame: caught.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # now handled as it would have been
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(directory: Path) -> None:
+    """Give the files a library wrote into `directory` the mode a plain open() gives
+    (safetensors writes its files 0600)."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -61,16 +119,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; the result gets the mode a plain open() would give it.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise naming_file(exc, path) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def naming_file(exc: OSError, path: Path) -> OSError:
+    """The same error with the file named: a failed write() or fsync() (a full disk) names none,
+    and "No space left on device" alone does not say what was being written."""
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -137,10 +205,15 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
     if not lines:
         return 0
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with deferred_signals(), path.open("a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None:
+            raise naming_file(exc, path) from exc
+        raise
     return len(lines)
 
 
@@ -175,6 +248,13 @@ _STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "grpo": ("grpo", "train.lora"),
 }
 
+# Keys of a stage's inputs that change nothing in its files (a misspelt tracker fixed,
+# checkpoints made more often): never a reason to refuse a run or to redo a stage.
+_NO_EFFECT_ON_FILES = frozenset({"train.report_to", "train.save_steps", "grpo.save_steps"})
+# Keys a killed training resumes under (its checkpoint fingerprint leaves them out): a longer
+# training continues from the checkpoints; any other change starts it afresh.
+RESUME_FREE_KEYS = _NO_EFFECT_ON_FILES | {"train.logging_steps", "train.epochs"}
+
 
 def writes_bookkeeping() -> bool:
     """Under a multi-process launch (`accelerate launch`, torchrun) only rank 0 writes the run's
@@ -199,6 +279,25 @@ class RunDir:
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
+
+    @property
+    def stale_dir(self) -> Path:
+        """Where the files of a stage that did not complete go when it is rerun with other
+        settings (`stale/<stage>.<time>/`): neither reused nor lost."""
+        return self.path / "stale"
+
+    def stage_outputs(self, stage: str) -> list[Path]:
+        """The files a stage writes (that exist), including ranks' parts not yet merged."""
+        own = {
+            "rollout": [self.rollouts_path],
+            "bootstrap": [self.pairs_path, self.bootstrap_log_path],
+            "targets": [self.targets_dir],
+            "train": [self.checkpoints_dir, self.train_log_path, self.adapter_dir],
+            "grpo": [self.grpo_dir],
+            "eval": [self.eval_dir],
+        }.get(stage, [])
+        parts = [p for f in own if f.suffix == ".jsonl" for p in self.rank_parts(f)]
+        return [p for p in [*own, *parts] if p.exists()]
 
     def rank_part(self, final: Path, rank: int) -> Path:
         """Where rank `rank` of a multi-process launch appends the records meant for `final` (a
@@ -370,8 +469,16 @@ class RunDir:
         work took; `last_seconds` is the latest attempt's."""
         summary: dict[str, Any] = {}
         start = time.time()
-        before = float(self.stage_status(name).get("seconds") or 0.0)
-        self.record_stage(name, "running")
+        status = self.stage_status(name)
+        before = float(status.get("seconds") or 0.0)
+        killed = {}
+        if status.get("status") == "running" and status.get("started"):
+            # The last attempt was killed (SIGKILL, power loss) and never recorded its time:
+            # count it up to the last file it wrote.
+            last_write = max((_newest_mtime(p) for p in self.stage_outputs(name)), default=0.0)
+            before += max(0.0, last_write - float(status["started"]))
+            killed = {"killed_attempts": int(status.get("killed_attempts") or 0) + 1}
+        self.record_stage(name, "running", started=start, **killed)
 
         def timing() -> dict[str, float]:
             took = time.time() - start
@@ -379,6 +486,9 @@ class RunDir:
 
         try:
             yield summary
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Interrupted
+            self.record_stage(name, "interrupted", error=f"{exc or 'SIGINT'}", **timing())
+            raise
         except BaseException as exc:
             self.record_stage(name, "failed", error=f"{type(exc).__name__}: {exc}", **timing())
             raise
@@ -389,6 +499,8 @@ class RunDir:
         """Create the directory, check that `cfg` is compatible with what earlier stages used,
         and write the resolved config and package versions."""
         self.force = self.force or force
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--run-dir {self.path} is a file, not a directory")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"  # one per process: ranks race
@@ -419,20 +531,65 @@ class RunDir:
         except (ConfigError, TypeError):
             pass  # an old key since removed: compare what the file holds
         new = to_dict(cfg)
-        done = {s for s, v in self.read_manifest().get("stages", {}).items() if v.get("status")}
-        diffs = []
+        status = {s: v.get("status") for s, v in self.read_manifest().get("stages", {}).items()}
+        diffs, redo = [], []
         for stage, keys in _STAGE_INPUTS.items():
-            if stage not in done:
-                continue
-            for key in keys:
-                if lookup(old, key) != lookup(new, key):
-                    diffs.append(f"{key} (used by finished stage '{stage}')")
+            changed = [k for k in _changed_keys(old, new, keys) if k not in _NO_EFFECT_ON_FILES]
+            if status.get(stage) == "complete":
+                # Only a stage that completed locks its settings: later stages read its files.
+                diffs += [f"{key} (used by finished stage '{stage}')" for key in changed]
+            elif status.get(stage) and any(k not in RESUME_FREE_KEYS for k in changed):
+                redo.append((stage, changed))  # failed or killed: its files are set aside
         if diffs:
             raise RunDirError(
                 f"{self.path} was made with a different config: "
                 + ", ".join(diffs)
                 + ". Use a new --run-dir, or --force to proceed anyway."
             )
+        for stage, changed in redo:
+            self._set_aside(stage, changed)
+
+    def _set_aside(self, stage: str, changed: list[str]) -> None:
+        """A stage that failed or was killed is rerun with other settings: what it wrote is
+        moved to stale/ so the rerun starts afresh instead of mixing the two settings."""
+        outputs = self.stage_outputs(stage)
+        if not outputs or not writes_bookkeeping():
+            return
+        dest = self.stale_dir / f"{stage}.{time.strftime('%Y%m%dT%H%M%S')}"
+        for path in outputs:
+            target = dest / path.relative_to(self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+        log.warning(
+            "%s did not complete and %s changed: its files were moved to %s; it starts afresh",
+            stage,
+            ", ".join(changed),
+            dest,
+        )
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest modification time of a file, or of anything under a directory."""
+    if path.is_file():
+        return path.stat().st_mtime
+    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """The dotted keys under `keys` whose values differ (the key itself when a whole section is
+    compared, e.g. "train.learning_rate" for "train")."""
+    changed = []
+    for key in keys:
+        a, b = lookup(old, key), lookup(new, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [
+                f"{key}.{k}"
+                for k in sorted(flatten(a).keys() | flatten(b).keys())
+                if lookup(a, k) != lookup(b, k)
+            ]
+        elif a != b:
+            changed.append(key)
+    return changed
 
 
 # --------------------------------------------------------------------------- `ssb ablate`

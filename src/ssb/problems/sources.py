@@ -294,18 +294,9 @@ def _load_benchmark(
     data_dir: str | os.PathLike[str] | None,
     limit: int | None,
 ) -> list[Problem]:
-    root = resolve_data_dir(data_dir)
-    if root is None:
+    path = _locate_benchmark(name, split, data_dir)
+    if path is None:
         return _load_benchmark_from_hub(name, split, limit)
-    path = root / name / f"{split}.jsonl"
-    if not path.is_file():
-        hint = ", ".join(DEFAULT_SPLITS[name])
-        if split not in DEFAULT_SPLITS[name]:
-            raise ProblemsError(f"{name} has no split {split!r} (splits: {hint})")
-        raise ProblemsError(
-            f"{path} does not exist: expected a local copy of {name} "
-            f"(<data_dir>/{name}/<split>.jsonl; splits: {hint}) under data dir {root}"
-        )
     convert = _CONVERTERS[name]
     problems: list[Problem] = []
     for lineno, row in _iter_jsonl(path):
@@ -319,13 +310,33 @@ def _load_benchmark(
     return _nonempty(problems, str(path))
 
 
-def _load_benchmark_from_hub(name: str, split: str, limit: int | None) -> list[Problem]:
-    if name not in HUB_DATASETS:
+def _locate_benchmark(
+    name: str, split: str, data_dir: str | os.PathLike[str] | None
+) -> Path | None:
+    """The local copy of a benchmark split, or None for its hub copy; an error when neither
+    exists (checked without reading anything)."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        if name not in HUB_DATASETS:
+            raise ProblemsError(
+                f"no local data directory found for {name!r} and it has no Hugging Face hub "
+                f"copy ssb knows of: set data.data_dir (or SSB_DATA_DIR) to a directory holding "
+                f"{name}/{split}.jsonl"
+            )
+        return None
+    path = root / name / f"{split}.jsonl"
+    if not path.is_file():
+        hint = ", ".join(DEFAULT_SPLITS[name])
+        if split not in DEFAULT_SPLITS[name]:
+            raise ProblemsError(f"{name} has no split {split!r} (splits: {hint})")
         raise ProblemsError(
-            f"no local data directory found for {name!r} and it has no Hugging Face hub copy "
-            f"ssb knows of: set data.data_dir (or SSB_DATA_DIR) to a directory holding "
-            f"{name}/{split}.jsonl"
+            f"{path} does not exist: expected a local copy of {name} "
+            f"(<data_dir>/{name}/<split>.jsonl; splits: {hint}) under data dir {root}"
         )
+    return path
+
+
+def _load_benchmark_from_hub(name: str, split: str, limit: int | None) -> list[Problem]:
     dataset_id, config, split_map = HUB_DATASETS[name]
     return load_hf(
         dataset_id,
@@ -516,12 +527,7 @@ def load_problems(
             id_field=id_field,
             limit=limit,
         )
-    name = source.lower()
-    if name not in BENCHMARKS:
-        raise ProblemsError(
-            f"unknown problem source {source!r}: use one of {', '.join(BENCHMARKS)}, "
-            f"a .jsonl/.csv path, or hf:<dataset id>"
-        )
+    name = check_source_name(source)
     split = _normalise_split(name, split)
     if name == "synthetic":
         syn = synthetic or SyntheticConfig()
@@ -535,6 +541,52 @@ def load_problems(
             n = _DEFAULT_FEWSHOT
         return synthetic_problems(split, n, difficulty=syn.difficulty, seed=syn.seed)
     return _load_benchmark(name, split, data_dir, limit)
+
+
+def check_source_name(source: str) -> str:
+    """Refuse a problem source `load_problems` would not recognise (from its form alone); returns
+    the benchmark name (lower case), or the source itself for a path or hf: id."""
+    source = str(source).strip()
+    if source.startswith("hf:"):
+        _parse_hf_source(source)
+        return source
+    if source.lower().endswith((".jsonl", ".csv")):
+        return source
+    if source.lower() not in BENCHMARKS:
+        raise ProblemsError(
+            f"unknown problem source {source!r}: use one of {', '.join(BENCHMARKS)}, "
+            f"a .jsonl/.csv path, or hf:<dataset id>"
+        )
+    return source.lower()
+
+
+def check_source(
+    source: str, split: str | None = None, data_dir: str | os.PathLike[str] | None = None
+) -> None:
+    """Refuse, without reading it, a source `load_problems` could not find: a file that does not
+    exist, a benchmark with neither a local nor a hub copy. A hub dataset is looked up when
+    loaded (no network here)."""
+    name = check_source_name(source)
+    if name.startswith("hf:") or name == "synthetic":
+        return
+    if name.lower().endswith((".jsonl", ".csv")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ProblemsError(f"{path} does not exist")
+        return
+    _locate_benchmark(name, _normalise_split(name, split), data_dir)
+
+
+def check_train_source(cfg: Config) -> None:
+    """`check_source` for the training problems `load_train_problems` reads."""
+    check_source(cfg.data.train, cfg.data.train_split, cfg.data.data_dir)
+
+
+def check_eval_source(cfg: Config, benchmark: str) -> None:
+    """`check_source` for one benchmark as `load_eval_problems` reads it."""
+    name = benchmark.strip().lower()
+    split = _default_split(name) if name in BENCHMARKS else None
+    check_source(benchmark, split, cfg.data.data_dir)
 
 
 def load_train_problems(cfg: Config) -> list[Problem]:

@@ -30,9 +30,11 @@ from ssb.report.formatting import fmt_num, pct, pct_interval, table
 from ssb.report.plots import plot_accuracy, plot_funnel, plot_training
 from ssb.report.sections import (
     HIGHLIGHTS,
+    applies,
     config_has,
     eval_section,
     funnel_section,
+    resolved_lines,
     rounds_section,
     stages_section,
     teacher_signal_section,
@@ -73,6 +75,7 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
         lines.append(f"Model: `{model}`" + (f" (dtype {dtype})" if dtype else ""))
     if manifest.get("model") is not None:
         lines.append(f"Model record: `{json.dumps(manifest['model'], sort_keys=True)}`")
+    lines += resolved_lines(manifest)
     if manifest.get("config_hash"):
         lines.append(f"Config hash: `{manifest['config_hash']}`")
     lines.append("")
@@ -81,7 +84,7 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
         rows = [
             [label, fmt_num(lookup(config, key))]
             for key, label in HIGHLIGHTS
-            if config_has(config, key)
+            if config_has(config, key) and applies(config, key)
         ]
         if rows:
             lines += ["## Configuration highlights", ""]

@@ -41,6 +41,50 @@ HIGHLIGHTS = (
 )
 
 
+# Settings that mean something only when another has a given value.
+_APPLIES_WHEN = {"targets.topk": ("targets.mode", "topk")}
+
+
+def applies(config: dict[str, Any], dotted: str) -> bool:
+    """Whether a setting is in use (top-k only for topk targets)."""
+    if dotted not in _APPLIES_WHEN:
+        return True
+    key, value = _APPLIES_WHEN[dotted]
+    return lookup(config, key) == value
+
+
+def resolved_lines(manifest: dict[str, Any]) -> list[str]:
+    """What "auto" settings resolved to, from the manifest: the model and the hardware."""
+    lines = []
+    ident = manifest.get("model_identity") or {}
+    if ident:
+        what = ident.get("model_id") or ident.get("path") or ident.get("name")
+        extra = [f"{k} {ident[k]}" for k in ("revision", "commit", "vocab_size") if ident.get(k)]
+        lines.append(f"Resolved model: `{what}`" + (f" ({', '.join(extra)})" if extra else ""))
+    hw = manifest.get("hardware") or {}
+    if hw:
+        parts = [f"device {hw.get('device')}", f"dtype {hw.get('dtype')}"]
+        if hw.get("gpu"):
+            parts.append(f"GPU {hw['gpu']} x{hw.get('gpu_count', 1)}")
+        parts.append(
+            f"CPU {hw.get('cpu')} (torch capability {hw.get('cpu_capability')}, native bf16 "
+            f"{'yes' if hw.get('native_bf16') else 'no'}), {hw.get('torch_threads')} threads"
+        )
+        lines.append("Hardware: " + ", ".join(parts))
+    return lines
+
+
+def noise_verdict(c: dict[str, Any]) -> str:
+    """In words: is a paired difference within noise (its 95% interval includes 0)?"""
+    interval = c.get("diff_interval")
+    if not interval or any(v is None for v in interval):
+        return "n/a"
+    low, high = interval
+    if low <= 0 <= high:
+        return "within noise (interval includes 0)"
+    return "higher, beyond noise" if low > 0 else "lower, beyond noise"
+
+
 def config_has(config: dict[str, Any], dotted: str) -> bool:
     node: Any = config
     for part in dotted.split("."):
@@ -83,23 +127,35 @@ def training_section(
         return []
     lines = ["## Training", "", f"{len(records)} records in `train_log.jsonl`.", ""]
     rows = []
+    span = 0
     for name in (*LOSS_KEYS, "grad_norm", "reply_length", "learning_rate"):
         if name not in series:
             continue
         xs, ys = series[name]
+        # One logged record can be a single noisy batch: the first and last columns are means
+        # over the first and last tenth of the records.
+        k = max(1, len(ys) // 10)
+        span = max(span, k)
         rows.append(
             [
                 name,
                 fmt_num(len(ys)),
                 fmt_num(xs[-1]),
-                fmt_num(ys[0]),
-                fmt_num(ys[-1]),
+                fmt_num(sum(ys[:k]) / k),
+                fmt_num(sum(ys[-k:]) / k),
                 fmt_num(min(ys)),
                 fmt_num(max(ys)),
             ]
         )
-    lines += table(["quantity", "points", "last step", "first", "last", "min", "max"], rows)
-    lines.append("")
+    header = ["quantity", "points", "last step", "first (mean)", "last (mean)", "min", "max"]
+    lines += table(header, rows)
+    lines += [
+        "",
+        f"first / last: the mean of the first and last tenth of the logged records ({span} "
+        "here, at least 1); each record is itself the mean over its `train.logging_steps` "
+        "optimizer steps. min / max: single records.",
+        "",
+    ]
     if plot:
         lines += ["![training dynamics](plots/training.png)", ""]
     return lines
@@ -131,6 +187,7 @@ def eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
                     pct(r.get("accuracy_math_verify")),
                     pct(r.get("accuracy_reference")),
                     pct(r.get("truncation_rate")),
+                    pct(r.get("no_answer_rate")),
                     "n/a"
                     if r.get("mean_output_tokens") is None
                     else f"{r['mean_output_tokens']:.1f}",
@@ -144,6 +201,7 @@ def eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
         "math-verify",
         "reference harness",
         "truncated",
+        "no answer",
         "mean output tokens",
     ]
     lines += table(header, rows) + [""]
@@ -152,14 +210,16 @@ def eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
     for model, benches in comparisons.items():
         for bench, c in benches.items():
             label = f"{model} vs {c.get('vs', 'base')}"
-            crows.append([*paired_cells(label, bench, c), pp(lookup(c, "reference.diff"))])
+            crows.append(
+                [*paired_cells(label, bench, c), noise_verdict(c), pp(lookup(c, "reference.diff"))]
+            )
     if crows:
         lines += [
             "### Paired comparison with base (same problems)",
             "",
             "Wins: problems the model scores higher on than base; p: exact McNemar test on the "
             "discordant problems (a sign test for avg@k); difference interval: paired bootstrap "
-            "over problems.",
+            "over problems; a difference whose interval includes 0 is within noise.",
             "",
         ]
         header = [
@@ -171,6 +231,7 @@ def eval_section(summary: dict[str, Any], plot: bool) -> list[str]:
             "ties",
             "difference [95% interval]",
             "p",
+            "in words",
             "difference (reference harness)",
         ]
         lines += table(header, crows) + [""]
@@ -276,17 +337,26 @@ def stages_section(manifest: dict[str, Any]) -> list[str]:
         seconds = info.get("seconds") if isinstance(info, dict) else None
         if is_number(seconds):
             total += seconds
+        killed = info.get("killed_attempts", 0) if isinstance(info, dict) else 0
         rows.append(
             [
                 name,
                 str(info.get("status", "")) if isinstance(info, dict) else "",
                 "n/a" if not is_number(seconds) else f"{seconds:.1f}",
+                fmt_num(killed),
                 fmt_num(info.get("tokens_per_second")) if isinstance(info, dict) else "",
             ]
         )
-    rows.append(["total", "", f"{total:.1f}", ""])
+    rows.append(["total", "", f"{total:.1f}", "", ""])
     lines = ["## Stages", ""]
-    lines += table(["stage", "status", "wall time (s)", "generation tokens/s"], rows) + [""]
+    header = ["stage", "status", "wall time (s)", "killed attempts", "generation tokens/s"]
+    lines += table(header, rows)
+    lines += [
+        "",
+        "Wall time: every attempt, a failed, interrupted or killed one and its resumption "
+        "included (a killed attempt up to the last file it wrote).",
+        "",
+    ]
     return lines
 
 

@@ -4,6 +4,7 @@ from what the run directory holds (`RunFacts`); every number comes from the run'
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
@@ -59,14 +60,54 @@ def _reply_writer(facts: RunFacts) -> str:
     return ", ".join(f"`{m}`" for m in sorted(models))
 
 
+def _writers(facts: RunFacts) -> set[str | None]:
+    if not facts.imported:
+        return {facts.base_model}
+    return {(i.get("origin") or {}).get("model") for i in facts.imported}
+
+
+def dataset_licence(facts: RunFacts) -> tuple[str, str | None]:
+    """(license, license_name) of the exported pairs: the replies and rollouts are the model's
+    output, so its licence (Gemma's terms for google/gemma-3-270m), not the problems'; "other"
+    when the writing model's licence is not known here (the card's Licence section says why)."""
+    writers = _writers(facts)
+    if len(writers) == 1:
+        (writer,) = writers
+        if writer in MODEL_LICENCES:
+            return MODEL_LICENCES[writer]
+    return "other", "model-output"
+
+
+def import_command(facts: RunFacts, where: str) -> str:
+    """`ssb import-pairs` with the settings that render this run's prompts: the preset whose
+    prompt settings are the run's (else --set for each that differs), and the model."""
+    from ssb.config import load_config  # noqa: PLC0415
+    from ssb.presets import PRESETS  # noqa: PLC0415
+
+    prompt = facts.cfg.prompt
+    preset = next((p for p in PRESETS if load_config(preset=p).prompt == prompt), None)
+    base = load_config(preset=preset).prompt
+    parts = ["ssb import-pairs --run-dir runs/mine"]
+    parts += [f"--preset {preset}"] if preset else []
+    parts += [f"--from {where}", f"--set model.name={facts.base_model}"]
+    for key, value in vars(prompt).items():
+        if value != getattr(base, key):
+            # JSON strings are YAML double-quoted scalars: --set reads "\n\n" back exactly.
+            text = json.dumps(value) if isinstance(value, (str, list)) or value is None else value
+            parts.append(f"--set {shlex.quote(f'prompt.{key}={text}')}")
+    return " ".join(parts)
+
+
 def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
     """The dataset card (README.md of the exported dataset)."""
 
     src = data_source(facts)
     writer = _reply_writer(facts)
     n = len(facts.pairs)
+    licence, licence_name = dataset_licence(facts)
     data = DatasetCardData(
-        license=src["licence"],
+        license=licence,
+        license_name=licence_name,
         language=["en"],
         pretty_name=f"SSB pairs: {facts.name}",
         size_categories=[_size_category(n)],
@@ -162,16 +203,17 @@ def dataset_card(facts: RunFacts, dataset_repo: str | None) -> Any:
     )
     body += ["", "Continue an ssb run from them (targets, then training):", ""]
     body += _code(
-        f"ssb import-pairs --run-dir runs/mine --from {where} --set model.name={facts.base_model}"
-        "\nssb targets --run-dir runs/mine && ssb train --run-dir runs/mine",
+        import_command(facts, where)
+        + "\nssb targets --run-dir runs/mine && ssb train --run-dir runs/mine",
         "bash",
     )
     body += [
         "",
         "## Licence",
         "",
-        f"Problems: {src['note']}. The replies and rollouts were written by {writer}; its "
-        "licence terms may apply to them too.",
+        f"`{licence}`{f' ({licence_name})' if licence_name else ''}: the replies and rollouts "
+        f"were written by {writer}, whose licence terms apply to its output. Problems: "
+        f"{src['note']}.",
     ]
     return _front_matter_card(DatasetCard, data, body)
 

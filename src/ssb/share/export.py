@@ -2,8 +2,8 @@
 folder and optionally on the Hugging Face Hub.
 
     <out>/dataset/   README.md, data/train-00000-of-00001.parquet, ssb_export.json
-    <out>/model/     README.md + a byte-for-byte copy of the run's adapter/ (PEFT's own
-                     README.md excepted)
+    <out>/model/     README.md + a copy of the run's adapter/ (PEFT's own README.md
+                     excepted) whose adapter_config.json names the base's public identity
 
 The run directory is only read. The folder is built next to `<out>` and moved into place, so a
 killed export never leaves a half-written one; an earlier export in `<out>` is replaced, any
@@ -28,9 +28,9 @@ import datasets
 from huggingface_hub import HfApi, get_token
 
 from ssb.config import to_dict
-from ssb.identity import adapter_hash, has_adapter
+from ssb.identity import ADAPTER_CONFIG, adapter_hash, has_adapter, write_adapter_config
 from ssb.models import hub_reachable
-from ssb.rundir import RunDir
+from ssb.rundir import RunDir, current_umask
 from ssb.share import (
     DATASET_DIR,
     EXPORT_FORMAT,
@@ -92,7 +92,7 @@ def export_run(
         log.warning("export: %s has no adapter; exporting the pairs only", rundir.adapter_dir)
     _check_out(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would keep the export from others
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would keep the export from others
     try:
         write_dataset(facts, tmp / DATASET_DIR, dataset_repo)
         if with_model:
@@ -112,12 +112,6 @@ def export_run(
             upload(out, push_to_hub if with_model else None, dataset_repo, token, private)
         )
     return summary
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_out(out: Path) -> None:
@@ -188,7 +182,13 @@ def write_model(
         ignore=shutil.ignore_patterns("README.md"),
         copy_function=shutil.copyfile,
     )
-    rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 0))
+    # The run's adapter names where this machine loaded the base from (for the embedded model,
+    # the conversion cache under the user's home); a shared one names the base's public identity,
+    # so PEFT (AutoPeftModelForCausalLM, vLLM) resolves it anywhere.
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    config.update(base_model_name_or_path=facts.base_model, revision=facts.base_revision)
+    write_adapter_config(directory, config)
+    rank = int(config.get("r", 0))
     model_card(facts, model_repo, dataset_repo, rank).save(directory / "README.md")
 
 

@@ -60,6 +60,7 @@ class RunFacts:
     summary: dict[str, Any]  # eval/summary.json, {} when not evaluated
     base_model: str  # how to load the base: a hub id, or the configured path
     base_on_hub: bool
+    base_revision: str | None  # the hub commit (or revision) of the base, when known
     chat: bool | None  # chat template (True) or few-shot (False); None when unknown
     student_prompt_text: str | None  # the first pair's student prompt as tokenizer input text
     imported: list[dict[str, Any]] = field(default_factory=list)  # manifest imported_pairs
@@ -90,12 +91,15 @@ def read_run_facts(rundir: RunDir) -> RunFacts:
     manifest = rundir.read_manifest()
     ident = manifest.get("model_identity") or {}
     kind = ident.get("source")
+    revision = None  # the embedded GGUF names no hub commit of google/gemma-3-270m
     if kind == "embedded" or (kind is None and cfg.model.name.strip().lower() == "embedded"):
         base, on_hub = EMBEDDED_MODEL_ID, True
     else:
         # Recorded as a hub id, or (no record) a name that is not an existing path.
         on_hub = kind == "hub" or (kind is None and not Path(cfg.model.name).expanduser().exists())
         base = cfg.model.name
+        if on_hub:
+            revision = ident.get("commit") or cfg.model.revision
     chat, prompt_text = _prompt_example(cfg, pairs[0])
     summary_path = rundir.eval_summary_path
     summary = _read_json(summary_path)
@@ -109,6 +113,7 @@ def read_run_facts(rundir: RunDir) -> RunFacts:
         summary=summary,
         base_model=base,
         base_on_hub=on_hub,
+        base_revision=revision,
         chat=chat,
         student_prompt_text=prompt_text,
         imported=manifest.get(IMPORTS_KEY) or [],

@@ -118,7 +118,8 @@ def run_import_pairs(
     check_model_identity(rundir, cfg, tokenizer)
     exported_vocab = (meta.get("model_identity") or {}).get("vocab_hash")
     same_tokenizer = exported_vocab is not None and exported_vocab == vocab_hash(tokenizer)
-    end_token_id = reply_format(tokenizer, cfg.prompt).end_token_id
+    fmt_reply = reply_format(tokenizer, cfg.prompt)
+    end_token_id = fmt_reply.end_token_id
 
     present = {p["id"] for p in read_jsonl(rundir.pairs_path)}
     todo, seen = [], set()
@@ -138,6 +139,7 @@ def run_import_pairs(
             "uses). To keep theirs: --set prompt.system_prompt=...",
             other_system,
         )
+    misfits = [] if fmt_reply.chat else fewshot_misfits(todo, cfg.prompt.stop_strings)
     for i in range(0, len(records), APPEND_BATCH):
         append_jsonl(rundir.pairs_path, records[i : i + APPEND_BATCH])
     summary: dict[str, Any] = {
@@ -153,6 +155,8 @@ def run_import_pairs(
     }
     if other_system:
         summary["other_student_system_prompt"] = other_system
+    if misfits:
+        summary["replies_unlike_fewshot_answers"] = len(misfits)
     if meta:
         summary["origin"] = {k: meta.get(k) for k in ("run_name", "model", "data", "funnel")}
     if records:  # where the pairs came from, for the cards of a later `ssb export`
@@ -167,6 +171,28 @@ def run_import_pairs(
         already,
     )
     return summary
+
+
+def fewshot_misfits(rows: list[SourcePair], stop_strings: list[str]) -> list[str]:
+    """Warn, naming each pair, about replies a few-shot run would not generate: one holding a
+    stop string (generation, and so eval, stops there, but the student would be distilled past
+    it) or one without the leading space that follows "Answer:". Returns the pairs' ids."""
+    misfits = []
+    for row in rows:
+        stops = [json.dumps(s) for s in stop_strings if s and s in row.reply]
+        why = [f"contains the stop string {', '.join(stops)}"] if stops else []
+        if not row.reply.startswith(" "):
+            why.append('does not start with the space that follows "Answer:"')
+        if why:
+            misfits.append(row.id)
+            log.warning(
+                "import-pairs: pair %s (%s): its reply %s; the student would learn a reply the "
+                "few-shot prompt never produces (edit it, or set prompt.stop_strings)",
+                row.id,
+                row.where,
+                " and ".join(why),
+            )
+    return misfits
 
 
 def _system(cfg: Config) -> str | None:

@@ -73,15 +73,35 @@ def run_bootstrap(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[st
     bcfg = cfg.bootstrap
     rollouts = read_jsonl(rundir.rollouts_path)
     if not rollouts:
+        if rundir.is_complete("rollout"):
+            raise ValueError(
+                f"{rundir.rollouts_path} is empty: the rollout stage found no training problems "
+                "(check data.train, data.max_problems and data.skip_problems)"
+            )
         raise FileNotFoundError(f"no rollouts in {rundir.rollouts_path}: run `ssb rollout` first")
     ranks = launched_ranks()
     order = [r["id"] for r in rollouts]
     if ranks.main:  # what a killed multi-process launch left behind
         _merge_rank_parts(rundir, order, bcfg.target_pairs)
     ranks.barrier()
-    decided = {r["id"] for r in read_jsonl(rundir.bootstrap_log_path)}
-    decided |= {r["id"] for r in read_jsonl(rundir.pairs_path)}
-    kept = len(read_jsonl(rundir.pairs_path))
+    decisions_so_far = read_jsonl(rundir.bootstrap_log_path)
+    pair_ids = {r["id"] for r in read_jsonl(rundir.pairs_path)}
+    decided = {r["id"] for r in decisions_so_far} | pair_ids
+    # A "kept" decision whose pair is gone (a torn last line of pairs.jsonl): the pair cannot
+    # be rebuilt from the decision, so the problem is decided again (teacher samples are
+    # seeded per problem, so it gets the same reply), never silently dropped.
+    lost = sorted(
+        {r["id"] for r in decisions_so_far if r.get("status") == "kept"} - pair_ids, key=str
+    )
+    if lost:
+        log.warning(
+            "bootstrap: %d kept pairs are missing from %s (%s): deciding them again",
+            len(lost),
+            rundir.pairs_path,
+            ", ".join(map(str, lost[:5])) + (", ..." if len(lost) > 5 else ""),
+        )
+        decided -= set(lost)
+    kept = len(pair_ids)
     todo = [r for r in rollouts if r["id"] not in decided]
     log.info("bootstrap: %d rolled-out problems, %d to decide", len(rollouts), len(todo))
 

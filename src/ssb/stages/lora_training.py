@@ -14,8 +14,15 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from ssb.config import Config, flatten
+from ssb.identity import ADAPTER_CONFIG, write_adapter_config
 from ssb.models import disable_checkpointing
-from ssb.rundir import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from ssb.rundir import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    honour_umask,
+    read_jsonl,
+)
 from ssb.sharding import is_sharded, trainable_state_dict
 
 
@@ -97,6 +104,25 @@ def start_log(log_path: Path, checkpoint: Path | None) -> None:
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def logged_mean_loss(log_path: Path) -> float | None:
+    """The mean training loss over every optimizer step in the log, each record weighted by the
+    steps it averages. Unlike Trainer's `training_loss`, which covers only the steps its own
+    process ran, this includes the steps before a resume."""
+    records = sorted(
+        (
+            r
+            for r in read_jsonl(log_path)
+            if isinstance(r.get("loss"), (int, float)) and "step" in r
+        ),
+        key=lambda r: r["step"],
+    )
+    total, previous = 0.0, 0
+    for record in records:
+        total += record["loss"] * (record["step"] - previous)
+        previous = record["step"]
+    return total / previous if previous else None
+
+
 # --------------------------------------------------------------------------- adapter and base
 
 
@@ -114,6 +140,9 @@ def save_adapter_atomically(
         model.save_pretrained(str(tmp))
     else:
         model.save_pretrained(str(tmp), state_dict=state_dict)
+    # The same adapter is the same bytes (PEFT writes target_modules in set order).
+    write_adapter_config(tmp, json.loads((tmp / ADAPTER_CONFIG).read_text()))
+    honour_umask(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)

@@ -43,7 +43,7 @@ from ssb.distill.losses import KDLossOutput, chunked_kd_loss, normalise
 from ssb.distill.store import TargetReader
 from ssb.hardware import pick_device
 from ssb.prompts import reply_format
-from ssb.rundir import RunDir, read_jsonl
+from ssb.rundir import RESUME_FREE_KEYS, RunDir, read_jsonl
 from ssb.sharding import (
     FSDP2,
     ZERO3,
@@ -61,6 +61,7 @@ from ssb.stages.lora_training import (
     JsonlLogCallback,
     check_resumable,
     last_checkpoint,
+    logged_mean_loss,
     lora_config,
     restore_base,
     save_adapter,
@@ -618,7 +619,8 @@ def run_train(
         summary = {
             "steps": trainer.state.global_step,
             "examples": len(pairs),
-            "train_loss": round(float(result.training_loss), 6),
+            # Over every step, the ones before a resume included (Trainer's covers its own).
+            "train_loss": round(logged_mean_loss(rundir.train_log_path) or result.training_loss, 6),
             "adapter": str(rundir.adapter_dir),
         }
         if is_sharded(model):
@@ -641,7 +643,7 @@ def run_train(
 
 # What a checkpoint's optimizer state and step count depend on; logging, saving and the number
 # of epochs may change between a run and its resumption.
-_RESUME_FREE = ("logging_steps", "save_steps", "report_to", "epochs")
+_RESUME_FREE = tuple(k.removeprefix("train.") for k in RESUME_FREE_KEYS if k.startswith("train."))
 FINGERPRINT_NAME = "ssb_train.json"
 
 
