@@ -241,6 +241,27 @@ def test_gradient_cosine_is_one_when_kd_is_ce(tmp_path):
     assert not any("lora" in name for name, _ in base.model.named_modules())
 
 
+def test_gradient_cosine_runs_the_loss_with_its_target_filter(tmp_path):
+    """With train.loss.target_filter the cosine is measured on the filtered teacher (what
+    training distils): the collator carries the suppressed ids, aligned with the reply rows, so
+    a one-hot teacher on the labels (never suppressed) still gives +1."""
+    cfg, rundir, _ = make_run(
+        tmp_path,
+        "chatml",
+        "targets.mode=dense",
+        "train.loss.temperature=1",
+        "train.loss.target_filter=true",
+        n=4,
+    )
+    base = load_base(cfg)
+    pairs = read_jsonl(rundir.pairs_path)
+    reader = _one_hot_store(cfg, rundir, 0)
+    out = gradient_cosine(
+        cfg, base.model, pairs, reader, base.tokenizer.pad_token_id, base.tokenizer
+    )
+    assert out["target_filter"] is True and out["value"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_kd_ce_cosine_uses_the_loss_settings(tmp_path):
     """At tau 2 against the same one-hot teacher the KD gradient is no longer CE's."""
     cfg, rundir, _ = make_run(tmp_path, "chatml", "targets.mode=dense", n=2)

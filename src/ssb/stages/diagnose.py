@@ -38,7 +38,14 @@ from ssb.stages.targets import (
     student_sequence,
     teacher_sequence,
 )
-from ssb.stages.train import IGNORE, DistillCollator, distillation_loss, load_targets, student_model
+from ssb.stages.train import (
+    IGNORE,
+    DistillCollator,
+    distillation_loss,
+    load_targets,
+    student_model,
+    target_filter_table,
+)
 from ssb.target_modes import TARGET_MODES
 
 # Where the teacher's distributions come from, by targets.mode.
@@ -150,15 +157,21 @@ def gradient_cosine(
     pairs: list[dict[str, Any]],
     reader: TargetReader | None,
     pad_id: int,
+    tokenizer: Any = None,
 ) -> dict[str, Any] | None:
     """`kd_ce_cosine` of a fresh seeded student on `targets.diagnose_batches` batches of
-    `train.batch_size` pairs (a seeded sample); the shared base is restored afterwards."""
+    `train.batch_size` pairs (a seeded sample), with the loss as training will run it
+    (`train.loss`: its target filter and advantage weighting included); the shared base is
+    restored afterwards."""
     n = cfg.targets.diagnose_batches
     if n == 0 or not pairs:
         return None
     lc = cfg.train.loss
     picked = random.Random(cfg.seed).sample(pairs, min(len(pairs), n * cfg.train.batch_size))
-    collator = DistillCollator(pad_id=pad_id, mode=cfg.targets.mode, reader=reader)
+    suppress = target_filter_table(cfg, picked, tokenizer) if tokenizer is not None else None
+    collator = DistillCollator(
+        pad_id=pad_id, mode=cfg.targets.mode, reader=reader, suppress=suppress
+    )
     batches = [collator(b) for b in chunks(picked, cfg.train.batch_size)]
     was_training = base_model.training
     hooks_before = set(base_model.get_input_embeddings()._forward_hooks)
@@ -175,6 +188,8 @@ def gradient_cosine(
         "divergence": lc.divergence,
         "temperature": lc.temperature,
         "tau_squared": lc.tau_squared,
+        "target_filter": suppress is not None,
+        "advantage_weighting": lc.advantage_weighting,
     }
 
 
@@ -223,7 +238,7 @@ def run_diagnose(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
         "stop_token_ids": sorted(set(stop_ids)),
         **sums.summary(),
     }
-    result["grad_cosine"] = gradient_cosine(cfg, base.model, pairs, reader, pad_id)
+    result["grad_cosine"] = gradient_cosine(cfg, base.model, pairs, reader, pad_id, base.tokenizer)
     atomic_write_json(rundir.teacher_signal_path, result)
     if result["verdict"]["teacher_advantage"] is False:
         log.warning("diagnose: %s", result["verdict"]["text"])
