@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,8 +156,11 @@ def test_ablate_every_arm_two_seeds_killed_and_resumed(run_root, monkeypatch):
     }
 
     # A random tiny teacher is never right: count every teacher sample that stopped as correct,
-    # so the teacher-context arms get pairs (the resumed run makes their bootstraps).
+    # so the teacher-context arms get pairs. Every arm's data is made before any training, so
+    # the killed run already made (empty) context bootstraps: the resumed run makes them again.
     monkeypatch.setattr("ssb.stages.bootstrap.grade", lambda text, gold: True)
+    for context in ("correct_only", "gold"):
+        shutil.rmtree(ablate / f"ssb.{context}")
     assert main(argv(run_root)) == 0
 
     # The arm and seed finished before the kill was not redone.
