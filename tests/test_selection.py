@@ -177,8 +177,9 @@ def test_grids_need_a_validation_split():
         _cfg("ablate.tau_grid=[1,2]", "targets.mode=topk")
 
 
-def test_synthetic_validation_split_is_disjoint():
-    cfg = _cfg()
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_synthetic_validation_split_is_disjoint(shuffle):
+    cfg = _cfg(f"data.shuffle={str(shuffle).lower()}")
     train = {p.id for p in load_train_problems(cfg)}
     val = [p.id for p in validation_problems(cfg)]
     test = {p.id for p in load_eval_problems(cfg, "synthetic")}

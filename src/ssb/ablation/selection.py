@@ -18,31 +18,27 @@ from typing import Any
 
 from ssb.ablation.arms import Arm, arm_config, grid_points, point_tag, train_or_reuse
 from ssb.config import Config
-from ssb.problems import load_problems
+from ssb.problems import load_train_problems
 from ssb.rundir import AblationDir, RunDir, atomic_write_json, atomic_write_text
 from ssb.stages.common import log
 from ssb.stages.evaluate import run_eval
 
 
 def validation_problems(cfg: Config) -> list[Any]:
-    """The validation split: problems [skip + max_problems, + validation_problems) of the
-    training source, in the order `load_train_problems` reads it."""
+    """The validation split: the first `ablate.validation_problems` problems of the training
+    source, in file order after the first data.skip_problems + data.max_problems, that the run
+    does not train on (with data.shuffle the training problems come from anywhere)."""
     data, n = cfg.data, cfg.ablate.validation_problems
     start = data.skip_problems + int(data.max_problems or 0)
-    problems = load_problems(
-        data.train,
-        data.train_split,
-        data_dir=data.data_dir,
-        question_field=data.question_field,
-        answer_field=data.answer_field,
-        id_field=data.id_field,
-        synthetic=data.synthetic,
-        limit=start + n,
-    )[start:]
+    in_order = dataclasses.replace(data, shuffle=False, skip_problems=0, max_problems=None)
+    pool = load_train_problems(dataclasses.replace(cfg, data=in_order))[start:]
+    training = {p.id for p in load_train_problems(cfg)}
+    problems = [p for p in pool if p.id not in training][:n]
     if len(problems) < n:
         raise ValueError(
             f"ablate.validation_problems={n}: {data.train} has only {len(problems)} problems "
-            f"after the first {start} (data.skip_problems + data.max_problems)"
+            f"after the first {start} (data.skip_problems + data.max_problems) that the run "
+            "does not train on"
         )
     return problems
 
