@@ -159,8 +159,10 @@ class TargetsConfig:
     # diagnostics/teacher_signal.json. Cheap: one student forward per pair (plus one teacher
     # forward in topk/online modes) and `diagnose_batches` gradient batches.
     diagnose: bool = True
-    # Batches of train.batch_size pairs for the KD-vs-CE gradient cosine (0 = skip it).
-    diagnose_batches: int = 4
+    # Batches of train.batch_size pairs for the KD-vs-CE gradient cosine (0 = skip it). Each is a
+    # KD and a CE forward-backward of the student, the diagnostic's main cost: 2 keeps it a
+    # fraction of a CPU quickstart; raise it for a steadier cosine on a GPU.
+    diagnose_batches: int = 2
 
 
 @dataclass
