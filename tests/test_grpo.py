@@ -115,6 +115,10 @@ def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
     assert plain.generation_kwargs == {"eos_token_id": [7, 9], "stop_strings": ["\n\n"]}
 
     monkeypatch.setattr("ssb.stages.grpo.select_backend", lambda name: "vllm")
+    # vLLM's CPU build: GRPO keeps generating with transformers (no sleep mode on that platform).
+    monkeypatch.setattr("ssb.stages.grpo.vllm_device", lambda: "cpu")
+    assert not grpo.grpo_arguments(cfg, rundir, cpu, [7, 9], ["\n\n"], progress=False).use_vllm
+    monkeypatch.setattr("ssb.stages.grpo.vllm_device", lambda: "cuda")
     args = grpo.grpo_arguments(cfg, rundir, cpu, [7, 9], ["\n\n"], progress=False)
     assert args.use_vllm and args.vllm_mode == "colocate" and args.vllm_enable_sleep_mode
     assert args.vllm_gpu_memory_utilization == 0.25
