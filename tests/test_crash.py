@@ -370,7 +370,10 @@ def test_interrupt_prints_one_line_and_resumes(tiny, stage, sig):
         trigger = output = stopped / "rollouts.jsonl"
     run_inprocess(stage, ref, sets)
     _, rc, stderr = run_and_kill(stage, stopped, sets, trigger, rng, sig=sig)
-    if rc == 0:
+    status = json.loads((stopped / "manifest.json").read_text())["stages"][stage]["status"]
+    if rc == 0 or status == "complete":
+        # The stage finished first; a signal then caught the process exiting (Python dies of
+        # SIGINT on a KeyboardInterrupt outside main), which is not what this test is about.
         pytest.skip(f"{stage} finished before the signal arrived (delay too long on this machine)")
     assert rc == 128 + sig, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
