@@ -15,10 +15,11 @@ Located here once, from the pair record and the tokenizer, for the teacher-signa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ssb.generate.base import first_prefix
 from ssb.grading import answer_sentence_start
 
 BOXED = "\\boxed{"
@@ -32,20 +33,6 @@ class LeakRows:
     answer_phrase_row: int | None  # predicts the first token of the answer's sentence
     wrong_answer_row: int | None  # where the hint's wrong answer departs from the reply's
     wrong_answer_token: int | None  # ... and the token it would write there
-
-
-def _first_prefix(n: int, holds: Callable[[int], bool]) -> int | None:
-    """The smallest i in [0, n] with holds(i), for a property monotone in i (binary search)."""
-    if not holds(n):
-        return None
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if holds(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -62,7 +49,7 @@ def answer_rows(reply_ids: Sequence[int], tokenizer: Any) -> tuple[int | None, i
         return None, None
     n = len(reply_ids)
     # The first prefix whose text holds the whole last "\boxed{" ends on its "{".
-    boxed_row = _first_prefix(
+    boxed_row = first_prefix(
         n, lambda i: _decode(tokenizer, reply_ids[:i]).count(BOXED) >= 1 + text[:at].count(BOXED)
     )
     start = answer_sentence_start(text)
@@ -71,7 +58,7 @@ def answer_rows(reply_ids: Sequence[int], tokenizer: Any) -> tuple[int | None, i
         # The token that covers the character after the break (index start + 1) starts the
         # sentence. (Not the break's own last character: a "\n" is its own token, and its row
         # predicts the newline, not the sentence.)
-        first_past = _first_prefix(n, lambda i: len(_decode(tokenizer, reply_ids[:i])) > start + 1)
+        first_past = first_prefix(n, lambda i: len(_decode(tokenizer, reply_ids[:i])) > start + 1)
         phrase_row = None if first_past is None else first_past - 1
     return phrase_row, boxed_row
 

@@ -19,7 +19,7 @@ here) and returns, per prompt and in input order, `n` `Completion`s whose `token
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -133,17 +133,23 @@ def stop_string_cut(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[
         text = tokenizer.decode(list(token_ids[:k]), skip_special_tokens=True)
         return any(s in text for s in stop_strings)
 
-    n = len(token_ids)
-    if not contains(n):
+    first = first_prefix(len(token_ids), contains, start=1)
+    return None if first is None else first - 1
+
+
+def first_prefix(n: int, holds: Callable[[int], bool], start: int = 0) -> int | None:
+    """The smallest k in [start, n] with holds(k), for a property monotone in k (a binary search
+    of O(log n) calls); None when holds(n) is false."""
+    if not holds(n):
         return None
-    lo, hi = 1, n  # contains(hi) is True; find the smallest such k
+    lo, hi = start, n
     while lo < hi:
         mid = (lo + hi) // 2
-        if contains(mid):
+        if holds(mid):
             hi = mid
         else:
             lo = mid + 1
-    return lo - 1
+    return lo
 
 
 def trim_completion(
