@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssb.distill.losses import (
+    CHUNK_LOGITS_BYTES,
+    chunk_rows,
     chunked_kd_loss,
     dense_targets,
     dense_token_divergence,
@@ -242,6 +244,57 @@ def test_full_vocab_chunks_never_save_logits():
     s_logits = hidden.detach() @ weight.detach().T
     ref = topk_token_divergence(s_logits, ids, logp, tail, 2.0).sum() * 4
     torch.testing.assert_close(out.loss_sum.detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _saved_vocab_wide(vocab: int, **kw) -> int:
+    """How many (rows, V) tensors one unchunked loss call keeps for its backward."""
+    hidden, weight, teacher_hidden, labels = _problem(n=6, h=8, v=vocab)
+    h, w = _leaves(hidden, weight)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    targets = _targets("hidden", None, 2.0, teacher_hidden=teacher_hidden)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = chunked_kd_loss(h, w, targets, labels, mode="hidden", tau=2.0, chunk_size=64, **kw)
+    out.loss_sum.backward()
+    return sum(1 for shape in saved if len(shape) == 2 and shape[-1] == vocab)
+
+
+def test_a_term_of_weight_zero_keeps_nothing_for_backward():
+    """CE at weight 0 (SSB's default: reported only) and KD at weight 0 (sft) build no graph: their
+    vocabulary-wide backward would be multiplied by 0 yet held at the loss's peak."""
+    vocab = 96
+    kd_only = _saved_vocab_wide(vocab)  # labels given, ce_weight 0
+    both = _saved_vocab_wide(vocab, ce_weight=1.0)
+    ce_only = _saved_vocab_wide(vocab, kd_weight=0.0, ce_weight=1.0)
+    assert 0 < kd_only < both and 0 < ce_only < both
+
+
+def test_weight_zero_terms_are_still_reported():
+    hidden, weight, teacher_hidden, labels = _problem()
+    targets = _targets("hidden", None, 2.0, teacher_hidden=teacher_hidden)
+    h, w = _leaves(hidden, weight)
+    kd_only = chunked_kd_loss(h, w, targets, labels, mode="hidden", tau=2.0, chunk_size=3)
+    ce_only = chunked_kd_loss(
+        h, w, targets, labels, mode="hidden", tau=2.0, kd_weight=0.0, ce_weight=1.0, chunk_size=3
+    )
+    s_logits = hidden @ weight.T
+    torch.testing.assert_close(kd_only.ce_sum, F.cross_entropy(s_logits, labels, reduction="sum"))
+    torch.testing.assert_close(ce_only.kd_sum, kd_only.kd_sum)
+    torch.testing.assert_close(ce_only.loss_sum.detach(), ce_only.ce_sum)
+
+
+def test_chunk_rows_from_the_vocabulary():
+    assert chunk_rows(151936) == 96  # Qwen2.5
+    assert chunk_rows(262144) == 64  # Gemma 3
+    assert chunk_rows(10**9) == 16  # never fewer
+    assert chunk_rows(262144, 7) == 7  # an explicit size wins
+    for vocab in (4096, 151936, 262144):
+        rows = chunk_rows(vocab)
+        assert rows % 16 == 0 and rows * vocab * 4 <= CHUNK_LOGITS_BYTES
 
 
 # --------------------------------------------------------------------------- target forms

@@ -191,7 +191,9 @@ class LossConfig:
     tau_squared: bool = True  # multiply by tau^2 (Hinton et al.; the paper does)
     kd_weight: float = 1.0
     ce_weight: float = 0.0
-    chunk_size: int = 256  # reply positions per chunk of vocabulary-sized work
+    # Reply positions per chunk of vocabulary-sized work (the loss's memory); null: as many as
+    # keep one chunk's float32 logits within 64 MiB (ssb.distill.losses.chunk_rows).
+    chunk_size: int | None = None
     clip: float | None = None  # per-token divergence clip (None = off)
     # Take out of the teacher's targets what the hint teaches wrongly (ssb.distill.hint_leaks):
     # the stop tokens' mass at every reply row but the last, and the hint's wrong answer where
@@ -500,7 +502,6 @@ def validate(cfg: Config) -> Config:
         "train.lora.r",
         "train.batch_size",
         "train.grad_accum",
-        "train.loss.chunk_size",
         "train.lora.alpha",
         "train.learning_rate",
         "train.logging_steps",
@@ -520,6 +521,10 @@ def validate(cfg: Config) -> Config:
     for key in ("train.max_grad_norm", "train.weight_decay", "grpo.max_grad_norm"):
         if flat[key] < 0:  # 0: no clipping / no decay
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    if flat["train.loss.chunk_size"] is not None and flat["train.loss.chunk_size"] <= 0:
+        raise ConfigError(
+            f"train.loss.chunk_size: must be > 0 (or null), got {flat['train.loss.chunk_size']}"
+        )
     for key in ("data.max_problems", "eval.max_problems", "bootstrap.target_pairs"):
         if flat[key] is not None and flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0 (or null for all), got {flat[key]}")

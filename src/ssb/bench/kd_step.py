@@ -159,7 +159,7 @@ class _SSBStep:
         self.model, self.device, self.gen = model, device, gen
         self.vocab, self.k, self.store_root = spec["vocab"], spec["topk"], Path(spec["tmp"])
         # The paper's loss (forward KL at tau=2 with tau^2, KD only) at the bench's chunk size.
-        self.loss_config = LossConfig(temperature=TAU, chunk_size=spec.get("chunk_size", 256))
+        self.loss_config = LossConfig(temperature=TAU, chunk_size=spec.get("chunk_size"))
 
     def data(self, ids: Any) -> dict[str, Any]:
         # pairs.jsonl-like records (prompt = first half, reply + end token = second half) and

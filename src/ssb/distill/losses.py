@@ -42,6 +42,7 @@ __all__ = [
     "MODES",
     "TARGET_KEYS",
     "KDLossOutput",
+    "chunk_rows",
     "chunked_kd_loss",
     "dense_targets",
     "dense_token_divergence",
@@ -352,6 +353,19 @@ def topk_targets(teacher_logits: Tensor, k: int, tau: float) -> tuple[Tensor, Te
 
 # --------------------------------------------------------------------------- chunked driver
 
+# The float32 logits of one chunk take at most this much memory. A chunk's forward and backward
+# hold a few vocabulary-wide tensors of that size at once: the loss's share of a step's peak.
+CHUNK_LOGITS_BYTES = 64 * 2**20
+
+
+def chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk of vocabulary-sized work: ``chunk_size`` when given, else as many as keep
+    one chunk's float32 logits within :data:`CHUNK_LOGITS_BYTES` (a multiple of 16, at least 16;
+    96 rows for Qwen2.5's 151,936-entry vocabulary, 64 for Gemma 3's 262,144)."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(16, CHUNK_LOGITS_BYTES // (4 * vocab_size) // 16 * 16)
+
 
 @dataclass
 class KDLossOutput:
@@ -403,7 +417,7 @@ def _validate(
     beta: float,
     kd_weight: float,
     ce_weight: float,
-    chunk_size: int,
+    chunk_size: int | None,
     suppress: Tensor | None = None,
     advantage_weighting: str = "none",
 ) -> None:
@@ -412,7 +426,7 @@ def _validate(
     _check_kind(kind, beta)
     if tau <= 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
-    if chunk_size <= 0:
+    if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if student_hidden.dim() != 2 or lm_head_weight.dim() != 2:
         raise ValueError("student_hidden must be (N, H) and lm_head_weight (V, H)")
@@ -463,7 +477,7 @@ def chunked_kd_loss(
     tau_squared: bool = True,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     clip: float | None = None,
     logit_softcap: float | None = None,
     lm_head_bias: Tensor | None = None,
@@ -487,7 +501,8 @@ def chunked_kd_loss(
         tau_squared: multiply KD by tau^2 (Hinton et al.; keeps gradient scale comparable across
             temperatures; the paper and the reference do).
         kd_weight, ce_weight: per-row loss = ``kd_weight * KD + ce_weight * CE``.
-        chunk_size: rows per chunk; peak memory is O(chunk_size x V), never O(N x V).
+        chunk_size: rows per chunk; peak memory is O(chunk_size x V), never O(N x V). None: as
+            many rows as :func:`chunk_rows` allows for this vocabulary.
         clip: if set, per-token clamp (max) of KD after the tau^2 factor, in the spirit of the
             OPSD / verl ``loss_max_clamp`` clipping: a few tokens with huge divergence (stylistic
             tokens, hint leakage) cannot dominate the step. Clipped tokens get zero KD gradient.
@@ -525,6 +540,7 @@ def chunked_kd_loss(
     )
     keys = TARGET_KEYS[mode] if targets is not None else ()
     n = student_hidden.shape[0]
+    chunk_size = chunk_rows(lm_head_weight.shape[0], chunk_size)
     scale = tau * tau if tau_squared else 1.0
 
     plain = suppress is None and advantage_weighting == "none"
@@ -590,25 +606,30 @@ def chunked_kd_loss(
         *tgt: Tensor,
     ) -> Tensor:
         logits = project_logits(h, weight, bias, logit_softcap)
-        if not tgt and targets is None:  # hard labels only: no teacher
-            kd = logits.new_zeros(logits.shape[0])
-        elif not plain:
-            kd = shaped_kd(logits, weight, bias, lab, sup, tgt)
-        elif mode == "dense":
-            kd = dense_token_divergence(logits, tgt[0], tau, kind, beta)
-        elif mode == "topk":
-            kd = topk_token_divergence(logits, tgt[0], tgt[1], tgt[2], tau, kind, beta)
-        else:
-            kd = hidden_token_divergence(
-                logits, tgt[0], weight, tau, kind, beta, logit_softcap, bias
-            )
-        kd = kd * scale
-        if clip is not None:
-            kd = kd.clamp(max=clip)
-        if lab is not None:
-            ce = F.cross_entropy(logits, lab.long(), reduction="none")
-        else:
-            ce = torch.zeros_like(kd)
+        # A term of weight 0 is only reported: no graph for it, so its backward (a vocabulary-
+        # wide gradient per row, multiplied by 0) is neither computed nor held at the peak.
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and kd_weight != 0):
+            if not tgt and targets is None:  # hard labels only: no teacher
+                kd = logits.new_zeros(logits.shape[0])
+            elif not plain:
+                kd = shaped_kd(logits, weight, bias, lab, sup, tgt)
+            elif mode == "dense":
+                kd = dense_token_divergence(logits, tgt[0], tau, kind, beta)
+            elif mode == "topk":
+                kd = topk_token_divergence(logits, tgt[0], tgt[1], tgt[2], tau, kind, beta)
+            else:
+                kd = hidden_token_divergence(
+                    logits, tgt[0], weight, tau, kind, beta, logit_softcap, bias
+                )
+            kd = kd * scale
+            if clip is not None:
+                kd = kd.clamp(max=clip)
+        with torch.set_grad_enabled(grad and ce_weight != 0):
+            if lab is not None:
+                ce = F.cross_entropy(logits, lab.long(), reduction="none")
+            else:
+                ce = torch.zeros_like(kd)
         # Skip zero-weighted terms rather than multiplying: 0 * inf would be NaN.
         loss = torch.zeros_like(kd)
         if kd_weight != 0:
