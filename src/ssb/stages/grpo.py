@@ -374,8 +374,9 @@ class GRPOTraining(LoraTraining):
     tokenizer: Any
     reply: Any  # ssb.prompts.ReplyFormat
     progress: bool = True
-    base_model: Any = None
-    saved: dict[str, Any] = field(default_factory=dict)
+    # Set by `setup`: the base model and what of it `cleanup` restores.
+    base_model: Any = field(init=False, default=None)
+    saved: dict[str, Any] = field(init=False, default_factory=dict)
 
     def setup(self, base_model: Any) -> None:
         # TRL writes the pad id into the model's configs, Trainer turns `use_cache` off: both

@@ -105,6 +105,7 @@ def shared_arguments(
         data_seed=cfg.seed,
         report_to=list(cfg.train.report_to) or "none",
         run_name=run_name,
+        # The model's own dtype rules; no autocast (TRL turns bf16 on by default).
         bf16=False,
         fp16=False,
         remove_unused_columns=False,
