@@ -326,3 +326,37 @@ def test_hard_labels_loss_is_cross_entropy_with_no_teacher():
     assert out.kd_sum == 0 and out.num_tokens == 7
     with pytest.raises(ValueError, match="only the CE term"):
         chunked_kd_loss(hidden, head, None, labels, mode="hidden", tau=2.0, kd_weight=1.0)
+
+
+def test_onpolicy_samples_in_the_step_and_resumes_to_the_same_samples(run_root, tmp_path):
+    """What the onpolicy arm adds to the LoRA recipe (tests/test_lora_training.py): each step's
+    replies are the student's samples, counted in the log; its checkpoints carry their own
+    fingerprint (the sampling settings and step count); and a resumed run samples what the
+    killed one did (the sampling seeds follow the step), so a redone step has the same loss."""
+    from ssb.ablation.onpolicy import FINGERPRINT_NAME, onpolicy_fingerprint, run_onpolicy
+    from ssb.stages.common import load_base
+
+    cfg = load_config(overrides=sets(run_root))
+    run = RunDir(tmp_path / "arm")
+    run.path.mkdir()
+    shutil.copy(run_root / "run" / "pairs.jsonl", run.pairs_path)
+    first = run_onpolicy(cfg, run, steps=2, progress=False)
+    assert first["steps"] == 2 and first["examples"] == 6 and "resumed_from" not in first
+    full_log = read_jsonl(run.train_log_path)
+    assert [r["step"] for r in full_log] == [1, 2]
+    assert all(r["scored_replies"] == 2 and r["sampled_tokens"] >= 2 for r in full_log)
+    fingerprint = json.loads((run.checkpoints_dir / FINGERPRINT_NAME).read_text())
+    assert fingerprint == json.loads(json.dumps(onpolicy_fingerprint(cfg, 2)))
+
+    shutil.rmtree(run.checkpoints_dir / "checkpoint-2")
+    shutil.rmtree(run.adapter_dir)
+    second = run_onpolicy(cfg, run, steps=2, progress=False)
+    assert second["resumed_from"] == "checkpoint-1"
+    log = read_jsonl(run.train_log_path)
+    assert [r["step"] for r in log] == [1, 2] and log[0] == full_log[0]
+    assert log[1]["sampled_tokens"] == full_log[1]["sampled_tokens"]
+    assert log[1]["loss"] == pytest.approx(full_log[1]["loss"], rel=1e-5)
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+    assert not any("lora" in name for name, _ in load_base(cfg).model.named_modules())
+    with pytest.raises(ValueError, match="max_steps"):
+        run_onpolicy(cfg, run, steps=3, progress=False)

@@ -25,12 +25,12 @@ from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import read_jsonl
 from ssb.stages.common import load_base
+from ssb.stages.lora_training import last_checkpoint
 from ssb.stages.targets import run_targets
 from ssb.stages.train import (
     IGNORE,
     DistillCollator,
     check_head_frozen,
-    last_checkpoint,
     lora_config,
     make_trainer,
     run_train,

@@ -24,21 +24,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, to_dict
 from ssb.distill.forward import unwrap_model
 from ssb.generate import SamplingParams, make_generator
 from ssb.rundir import RunDir
-from ssb.stages.common import load_base, log, stable_seed
+from ssb.stages.common import load_base, stable_seed
 from ssb.stages.lora_training import (
     JsonlLogCallback,
-    check_resumable,
-    last_checkpoint,
-    restore_base,
-    save_adapter_atomically,
-    start_log,
-    write_fingerprint,
+    LoraTraining,
+    attach_reporting,
+    run_lora_training,
 )
 from ssb.stages.targets import check_lora_targets, check_prompts
 from ssb.stages.train import (
@@ -47,6 +43,7 @@ from ssb.stages.train import (
     PairDataset,
     SSBTrainer,
     check_head_frozen,
+    student_files,
     student_model,
     train_fingerprint,
     training_arguments,
@@ -163,23 +160,45 @@ def run_onpolicy(cfg: Config, rundir: RunDir, steps: int, progress: bool = True)
     check_lora_targets(cfg)
     pairs = rundir.read_pairs()
     base = load_base(cfg, rundir)
-    tokenizer = base.tokenizer
-    check_prompts(pairs, tokenizer, cfg)
-    checkpoint = last_checkpoint(rundir.checkpoints_dir)
-    fingerprint_path = rundir.checkpoints_dir / FINGERPRINT_NAME
-    fingerprint = onpolicy_fingerprint(cfg, steps)
-    check_resumable(fingerprint_path, fingerprint, checkpoint)
+    check_prompts(pairs, base.tokenizer, cfg)
+    training = OnPolicyTraining(
+        name="onpolicy",
+        files=student_files(rundir, FINGERPRINT_NAME),
+        fingerprint=onpolicy_fingerprint(cfg, steps),
+        cfg=cfg,
+        rundir=rundir,
+        tokenizer=base.tokenizer,
+        reply=base.reply,
+        pairs=pairs,
+        steps=steps,
+        progress=progress,
+    )
+    return run_lora_training(training, base.model)
 
-    was_training = base.model.training
-    hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
-    model = student_model(cfg, base.model)
-    try:
+
+@dataclass(kw_only=True)
+class OnPolicyTraining(LoraTraining):
+    """The onpolicy arm as a LoraTraining: the LoRA student trained by OnPolicyTrainer."""
+
+    cfg: Config
+    rundir: RunDir
+    tokenizer: Any
+    reply: Any  # ssb.prompts.ReplyFormat
+    pairs: list[dict[str, Any]]
+    steps: int
+    progress: bool = True
+
+    def attach(self, base_model: Any) -> Any:
+        return student_model(self.cfg, base_model)
+
+    def make_trainer(self, model: Any) -> OnPolicyTrainer:
+        cfg = self.cfg
         check_head_frozen(model, "online")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         sampler = ReplySampler(
             cfg,
-            tokenizer,
-            base.reply,
+            self.tokenizer,
+            self.reply,
             DistillCollator(pad_id=pad, mode="online"),
             cfg.ablate.onpolicy_sampling,
             cfg.ablate.onpolicy_max_new_tokens or cfg.generation.max_new_tokens,
@@ -187,29 +206,18 @@ def run_onpolicy(cfg: Config, rundir: RunDir, steps: int, progress: bool = True)
         device = next(model.parameters()).device
         trainer = OnPolicyTrainer(
             model=model,
-            args=training_arguments(cfg, rundir, device, progress, max_steps=steps),
-            train_dataset=PairDataset(pairs),
+            args=training_arguments(cfg, self.rundir, device, self.progress, max_steps=self.steps),
+            train_dataset=PairDataset(self.pairs),
             data_collator=_pass_pairs,
             loss_config=cfg.train.loss,
             sampler=sampler,
-            callbacks=[JsonlLogCallback(rundir.train_log_path), LogLastStepCallback()],
+            callbacks=[JsonlLogCallback(self.files.log_path), LogLastStepCallback()],
         )
-        if not progress:
-            trainer.remove_callback(PrinterCallback)
-        if checkpoint is not None:
-            log.info("onpolicy: resuming from %s", checkpoint)
-        start_log(rundir.train_log_path, checkpoint)
-        write_fingerprint(fingerprint_path, fingerprint)
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        save_adapter_atomically(model, rundir.adapter_dir)
-        summary = {
-            "steps": trainer.state.global_step,
-            "examples": len(pairs),
+        attach_reporting(trainer, self.rundir.path, self.progress)
+        return trainer
+
+    def summary(self, trainer: OnPolicyTrainer, result: Any) -> dict[str, Any]:
+        return {
+            "examples": len(self.pairs),
             "train_loss": round(float(result.training_loss), 6),
-            "adapter": str(rundir.adapter_dir),
         }
-        if checkpoint is not None:
-            summary["resumed_from"] = checkpoint.name
-        return summary
-    finally:
-        restore_base(model, was_training=was_training, hooks_before=hooks_before)

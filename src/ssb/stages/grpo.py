@@ -38,37 +38,34 @@ settings match).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, ConfigError, to_dict
 from ssb.generate import select_backend
-from ssb.generate.base import make_completion, stop_string_cut
+from ssb.generate.base import make_completion
 from ssb.generate.vllm import shutdown_llm, vllm_device
 from ssb.grading import extract_boxed, grade
 from ssb.problems import load_train_problems
 from ssb.prompts import fewshot_text, render_prompt_ids, student_messages, uses_chat_template
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.common import load_base, log
+from ssb.stages.common import load_base
 from ssb.stages.lora_training import (
     JsonlLogCallback,
-    check_resumable,
-    last_checkpoint,
+    LoraFiles,
+    LoraTraining,
+    attach_reporting,
     lora_config,
-    restore_base,
-    save_adapter,
-    start_log,
-    write_fingerprint,
+    run_lora_training,
+    shared_arguments,
 )
-from ssb.trackers import attach_trackers, check_report_to, tracker_run_name
+from ssb.trackers import tracker_run_name
 
 FINGERPRINT_NAME = "ssb_grpo.json"
 
@@ -156,105 +153,10 @@ def prompt_key(prompt: Any) -> str:
 
 
 def _trainer_class() -> type:
-    """`SSBGRPOTrainer`, defined on first use (importing trl takes a few seconds)."""
-    global _SSBGRPOTrainer
-    if _SSBGRPOTrainer is not None:
-        return _SSBGRPOTrainer
-    from trl import GRPOTrainer  # noqa: PLC0415 -- optional: trl is the grpo extra
+    """`SSBGRPOTrainer`, imported on first use (importing trl takes a few seconds)."""
+    from ssb.stages.grpo_trainer import SSBGRPOTrainer  # noqa: PLC0415 -- imports trl
 
-    class SSBGRPOTrainer(GRPOTrainer):
-        """TRL's GRPOTrainer plus three guards: the prompt ids TRL renders are checked against
-        `render_prompt_ids`; generation also stops at our stop token ids and stop strings; and
-        completions are cut after the first stop string (see the module docstring)."""
-
-        def __init__(
-            self,
-            *args: Any,
-            expected_prompt_ids: dict[str, list[int]],
-            stop_token_ids: list[int],
-            stop_strings: list[str],
-            **kwargs: Any,
-        ):
-            super().__init__(*args, **kwargs)
-            self.expected_prompt_ids = expected_prompt_ids
-            self.prompts_checked = 0
-            self.stop_strings = list(stop_strings)
-            # Masking after EOS uses `eos_token_ids` (the generation config gets the same ids
-            # through `generation_kwargs`).
-            extra = [t for t in stop_token_ids if t not in self.eos_token_ids]
-            self.eos_token_ids = [*self.eos_token_ids, *extra]
-
-        def _tokenize_prompts(self, prompts: list) -> Any:
-            prompt_ids, *rest = super()._tokenize_prompts(prompts)
-            for prompt, ids in zip(prompts, prompt_ids, strict=True):
-                expected = self.expected_prompt_ids.get(prompt_key(prompt))
-                if expected is None or [int(t) for t in ids] != expected:
-                    raise RuntimeError(
-                        "GRPO: the prompt ids TRL rendered differ from ssb.prompts.render_prompt_ids "
-                        f"(TRL: {list(ids)[:12]}..., ssb: {(expected or [])[:12]}...)"
-                    )
-                self.prompts_checked += 1
-            return (prompt_ids, *rest)
-
-        def _generate_single_turn(self, prompt_ids: Any, *args: Any, **kwargs: Any) -> Any:
-            with self._tokenizer_for_generate():
-                completion_ids, logprobs = super()._generate_single_turn(
-                    prompt_ids, *args, **kwargs
-                )
-            if self.stop_strings:
-                completion_ids, logprobs = self._cut_at_stop_strings(completion_ids, logprobs)
-            mode = "train" if self.model.training else "eval"
-            stopped = [self._stopped(ids) for ids in completion_ids]
-            self._metrics[mode]["completions/stopped_ratio"].append(
-                sum(stopped) / max(len(stopped), 1)
-            )
-            return completion_ids, logprobs
-
-        @contextlib.contextmanager
-        def _tokenizer_for_generate(self) -> Iterator[None]:
-            """transformers' `generate` needs `tokenizer=` for `stop_strings`; TRL does not pass
-            it, so the unwrapped model's `generate` gets it bound for this call only."""
-            if not self.stop_strings or self.use_vllm:
-                yield
-                return
-            model = self.accelerator.unwrap_model(self.model_wrapped)
-            original = model.generate
-
-            def generate(*a: Any, **kw: Any) -> Any:
-                kw.setdefault("tokenizer", self._tokenizer)
-                return original(*a, **kw)
-
-            model.generate = generate
-            try:
-                yield
-            finally:
-                del model.generate  # the instance attribute; the class method shows again
-
-        def _cut_at_stop_strings(self, completion_ids: list, logprobs: Any) -> tuple[list, Any]:
-
-            out_ids, out_lp = [], [] if logprobs is not None else None
-            for k, ids in enumerate(completion_ids):
-                ids = [int(t) for t in ids]
-                cut = stop_string_cut(ids, self._tokenizer, self.stop_strings)
-                end = len(ids) if cut is None else cut + 1
-                out_ids.append(ids[:end])
-                if out_lp is not None:
-                    out_lp.append(logprobs[k][:end])
-            return out_ids, out_lp
-
-        def _stopped(self, ids: list[int]) -> bool:
-            if ids and ids[-1] in self.eos_token_ids:
-                return True
-            if not self.stop_strings or not ids:
-                return False
-            text = self._tokenizer.decode(ids, skip_special_tokens=True)
-            return any(s in text for s in self.stop_strings)
-
-    _SSBGRPOTrainer = SSBGRPOTrainer
     return SSBGRPOTrainer
-
-
-_SSBGRPOTrainer: type | None = None
 
 
 def check_grpo_config(cfg: Config) -> None:
@@ -299,75 +201,64 @@ def grpo_arguments(
     progress: bool = True,
     **overrides: Any,
 ) -> Any:
-    """TRL GRPOConfig from `cfg.grpo` (`overrides` win; tests use them)."""
+    """TRL GRPOConfig: `shared_arguments` from `cfg.grpo`, plus GRPO's own fields and where
+    it generates (`overrides` win; tests use them)."""
     from trl import GRPOConfig  # noqa: PLC0415 -- optional: trl is the grpo extra
 
-    check_report_to(cfg.train.report_to)
     g = cfg.grpo
-    fields = GRPOConfig.__dataclass_fields__
-    kwargs: dict[str, Any] = {}
-    if "warmup_ratio" in fields:
-        kwargs["warmup_ratio"] = g.warmup_ratio
-    else:  # transformers 5: a float in [0, 1) is a ratio
-        kwargs["warmup_steps"] = float(g.warmup_ratio)
-    # transformers 5 renames gradient_checkpointing (TRL defaults it to True) to
-    # activation_checkpointing; either way it follows train.gradient_checkpointing, as in SSB.
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else None
-    kwargs[ckpt or "gradient_checkpointing"] = cfg.train.gradient_checkpointing
-    if use_grpo_vllm(cfg):
-        # TRL passes generation_kwargs to vLLM's SamplingParams there, to `generate` otherwise.
-        generation_kwargs: dict[str, Any] = {"stop_token_ids": list(stop_token_ids)}
-        if stop_strings:
-            generation_kwargs["stop"] = list(stop_strings)
-        kwargs.update(
-            use_vllm=True,
-            vllm_mode="colocate",
-            vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-            vllm_tensor_parallel_size=cfg.generation.tensor_parallel_size,
-            # The engine's weights and KV cache leave the GPU while the optimizer runs.
-            vllm_enable_sleep_mode=True,
-        )
-    else:
-        generation_kwargs = {"eos_token_id": stop_token_ids}
+    fields: dict[str, Any] = {
+        # TRL counts completions: each device's batch holds batch_size prompt groups.
+        "per_device_train_batch_size": g.batch_size * g.num_generations,
+        "gradient_accumulation_steps": 1,
+        "num_generations": g.num_generations,
+        "max_steps": g.max_steps,
+        "beta": g.beta,
+        "loss_type": g.loss_type,
+        "temperature": g.sampling.temperature,
+        "top_p": g.sampling.top_p,
+        "top_k": g.sampling.top_k,
+        "max_completion_length": g.max_completion_length,
+        "reward_weights": [1.0, g.format_reward_weight],
+        "logging_steps": 1,
+        "log_completions": False,
+        **generation_fields(cfg, stop_token_ids, stop_strings),
+        **overrides,
+    }
+    return shared_arguments(
+        GRPOConfig,
+        cfg,
+        "grpo",
+        output_dir=rundir.grpo_checkpoints_dir,
+        run_name=tracker_run_name(cfg, rundir.grpo_dir, role="grpo"),
+        device=device,
+        progress=progress,
+        **fields,
+    )
+
+
+def generation_fields(
+    cfg: Config, stop_token_ids: list[int], stop_strings: list[str]
+) -> dict[str, Any]:
+    """The GRPOConfig fields of where completions are sampled (a colocated vLLM engine, see
+    `use_grpo_vllm`, or transformers' `generate`) and where they stop."""
+    if not use_grpo_vllm(cfg):
+        generation_kwargs: dict[str, Any] = {"eos_token_id": stop_token_ids}
         if stop_strings:
             generation_kwargs["stop_strings"] = list(stop_strings)
-    kwargs.update(
-        output_dir=str(rundir.grpo_checkpoints_dir),
-        # TRL counts completions: each device's batch holds batch_size prompt groups.
-        per_device_train_batch_size=g.batch_size * g.num_generations,
-        gradient_accumulation_steps=1,
-        num_generations=g.num_generations,
-        max_steps=g.max_steps,
-        learning_rate=g.learning_rate,
-        lr_scheduler_type=g.lr_scheduler,
-        weight_decay=g.weight_decay,
-        max_grad_norm=g.max_grad_norm,
-        beta=g.beta,
-        loss_type=g.loss_type,
-        temperature=g.sampling.temperature,
-        top_p=g.sampling.top_p,
-        top_k=g.sampling.top_k,
-        max_completion_length=g.max_completion_length,
-        reward_weights=[1.0, g.format_reward_weight],
-        generation_kwargs=generation_kwargs,
-        # The model's own dtype rules (as in `ssb train`); no autocast.
-        bf16=False,
-        fp16=False,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=g.save_steps,
-        save_total_limit=2,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=list(cfg.train.report_to) or "none",
-        run_name=tracker_run_name(cfg, rundir.grpo_dir, role="grpo"),
-        use_cpu=device.type == "cpu",
-        dataloader_num_workers=0,
-        disable_tqdm=not progress,
-        log_completions=False,
-    )
-    kwargs.update(overrides)
-    return GRPOConfig(**kwargs)
+        return {"generation_kwargs": generation_kwargs}
+    # TRL passes generation_kwargs to vLLM's SamplingParams there, to `generate` otherwise.
+    generation_kwargs = {"stop_token_ids": list(stop_token_ids)}
+    if stop_strings:
+        generation_kwargs["stop"] = list(stop_strings)
+    return {
+        "generation_kwargs": generation_kwargs,
+        "use_vllm": True,
+        "vllm_mode": "colocate",
+        "vllm_gpu_memory_utilization": cfg.grpo.vllm_gpu_memory_utilization,
+        "vllm_tensor_parallel_size": cfg.generation.tensor_parallel_size,
+        # The engine's weights and KV cache leave the GPU while the optimizer runs.
+        "vllm_enable_sleep_mode": True,
+    }
 
 
 def unique_token_ids(*id_lists: Any) -> list[int]:
@@ -417,9 +308,7 @@ def make_grpo_trainer(
         stop_token_ids=stop_ids,
         stop_strings=reply.stop_strings,
     )
-    if not progress:
-        trainer.remove_callback(PrinterCallback)
-    attach_trackers(trainer, rundir.grpo_dir)
+    attach_reporting(trainer, rundir.grpo_dir, progress)
     return trainer
 
 
@@ -454,47 +343,67 @@ def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, An
     """Train the GRPO baseline LoRA; returns a summary for the manifest."""
     check_grpo_config(cfg)
     base = load_base(cfg, rundir)
-    model, tokenizer = base.model, base.tokenizer
-    if hasattr(model, "peft_config"):
+    if hasattr(base.model, "peft_config"):
         raise RuntimeError("the base model already carries a PEFT adapter")
-    checkpoint = last_checkpoint(rundir.grpo_checkpoints_dir)
-    fingerprint_path = rundir.grpo_checkpoints_dir / FINGERPRINT_NAME
-    check_resumable(fingerprint_path, grpo_fingerprint(cfg), checkpoint)
-    log_path = rundir.grpo_log_path
+    files = LoraFiles(
+        checkpoints_dir=rundir.grpo_checkpoints_dir,
+        log_path=rundir.grpo_log_path,
+        adapter_dir=rundir.grpo_adapter_dir,
+        fingerprint_name=FINGERPRINT_NAME,
+    )
+    training = GRPOTraining(
+        name="grpo",
+        files=files,
+        fingerprint=grpo_fingerprint(cfg),
+        cfg=cfg,
+        rundir=rundir,
+        tokenizer=base.tokenizer,
+        reply=base.reply,
+        progress=progress,
+    )
+    return run_lora_training(training, base.model)
 
-    # TRL writes the pad id into the model's configs, Trainer turns `use_cache` off, and TRL wraps
-    # the model in LoRA layers in place; all of it is undone below, so later stages get the base
-    # model back unchanged.
-    saved_generation_config = copy.deepcopy(model.generation_config)
-    saved_pad = model.config.get_text_config().pad_token_id
-    saved_use_cache = getattr(model.config, "use_cache", None)  # Trainer sets it to False
-    was_training = model.training
-    hooks_before = set(model.get_input_embeddings()._forward_hooks)
-    trainer = None
-    try:
-        trainer = make_grpo_trainer(cfg, rundir, model, tokenizer, base.reply, progress)
-        if trainer.is_world_process_zero():
-            if checkpoint is not None:
-                log.info("grpo: resuming from %s", checkpoint)
-            start_log(log_path, checkpoint)
-            write_fingerprint(fingerprint_path, grpo_fingerprint(cfg))
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        save_adapter(trainer.model, rundir.grpo_adapter_dir, trainer.is_world_process_zero())
-        trainer.accelerator.wait_for_everyone()
-        summary = _summary(trainer, result, read_jsonl(log_path), rundir.grpo_adapter_dir)
-        if checkpoint is not None:
-            summary["resumed_from"] = checkpoint.name
-        return summary
-    finally:
+
+@dataclass(kw_only=True)
+class GRPOTraining(LoraTraining):
+    """`ssb grpo` as a LoraTraining: TRL's trainer attaches the LoRA to the base model itself,
+    and changes more of it, which `setup` notes and `cleanup` undoes."""
+
+    cfg: Config
+    rundir: RunDir
+    tokenizer: Any
+    reply: Any  # ssb.prompts.ReplyFormat
+    progress: bool = True
+    # Set by `setup`: the base model and what of it `cleanup` restores.
+    base_model: Any = field(init=False, default=None)
+    saved: dict[str, Any] = field(init=False, default_factory=dict)
+
+    def setup(self, base_model: Any) -> None:
+        # TRL writes the pad id into the model's configs, Trainer turns `use_cache` off: both
+        # are put back, so later stages get the base model back unchanged.
+        self.base_model = base_model
+        self.saved = {
+            "generation_config": copy.deepcopy(base_model.generation_config),
+            "pad": base_model.config.get_text_config().pad_token_id,
+            "use_cache": getattr(base_model.config, "use_cache", None),
+        }
+
+    def make_trainer(self, model: Any) -> Any:
+        return make_grpo_trainer(
+            self.cfg, self.rundir, model, self.tokenizer, self.reply, self.progress
+        )
+
+    def summary(self, trainer: Any, result: Any) -> dict[str, Any]:
+        return grpo_summary(trainer, result, read_jsonl(self.files.log_path))
+
+    def cleanup(self, trainer: Any | None) -> None:
         if trainer is not None:
             _stop_colocated_vllm(trainer)
-        if trainer is not None and hasattr(trainer.model, "peft_config"):
-            restore_base(trainer.model, was_training, hooks_before)
-        model.generation_config = saved_generation_config
-        model.config.get_text_config().pad_token_id = saved_pad
-        if saved_use_cache is not None:
-            model.config.use_cache = saved_use_cache
-        model.train(was_training)
+        model = self.base_model
+        model.generation_config = self.saved["generation_config"]
+        model.config.get_text_config().pad_token_id = self.saved["pad"]
+        if self.saved["use_cache"] is not None:
+            model.config.use_cache = self.saved["use_cache"]
 
 
 def _stop_colocated_vllm(trainer: Any) -> None:
@@ -511,16 +420,15 @@ def _stop_colocated_vllm(trainer: Any) -> None:
     shutdown_llm(llm)
 
 
-def _summary(trainer: Any, result: Any, records: list[dict[str, Any]], adapter: Path) -> dict:
+def grpo_summary(trainer: Any, result: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """GRPO's summary keys: its batch, loss, prompt checks, and rewards and KL from the log."""
     g = trainer.args
     summary: dict[str, Any] = {
-        "steps": trainer.state.global_step,
         "problems": len(trainer.train_dataset),
         "completions_per_step": g.per_device_train_batch_size * trainer.accelerator.num_processes,
         "num_generations": g.num_generations,
         "train_loss": round(float(result.training_loss), 6),
         "prompts_checked": trainer.prompts_checked,
-        "adapter": str(adapter),
     }
     rewards = [r["reward"] for r in records if isinstance(r.get("reward"), (int, float))]
     if rewards:

@@ -18,13 +18,12 @@ the ecosystem. What it adds:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, LossConfig, to_dict
 from ssb.distill.forward import (
@@ -47,26 +46,22 @@ from ssb.rundir import RESUME_FREE_KEYS, RunDir, read_jsonl
 from ssb.sharding import (
     FSDP2,
     ZERO3,
-    deepspeed_launch,
     full_parameter,
-    is_sharded,
     launch_sharding,
     partition_for_zero3,
     requested_sharding,
-    shard_report,
     size_zero3_as_transformers,
 )
-from ssb.stages.common import load_base, log, release_accelerator
+from ssb.stages.common import load_base, log
 from ssb.stages.lora_training import (
     JsonlLogCallback,
-    check_resumable,
-    last_checkpoint,
+    LoraFiles,
+    LoraTraining,
+    attach_reporting,
     logged_mean_loss,
     lora_config,
-    restore_base,
-    save_adapter,
-    start_log,
-    write_fingerprint,
+    run_lora_training,
+    shared_arguments,
 )
 from ssb.stages.targets import (
     check_lora_targets,
@@ -76,7 +71,7 @@ from ssb.stages.targets import (
     teacher_sequence,
 )
 from ssb.target_modes import TARGET_MODES
-from ssb.trackers import attach_trackers, check_report_to, tracker_run_name
+from ssb.trackers import check_report_to, tracker_run_name
 
 IGNORE = -100
 # Summed by SSBTrainer between logs: kd and ce (as shares of their step's per-token means), reply
@@ -421,51 +416,27 @@ def check_head_frozen(model: Any, mode: str) -> None:
 def training_arguments(
     cfg: Config, rundir: RunDir, device: torch.device, progress: bool = True, **overrides: Any
 ) -> TrainingArguments:
-    """TrainingArguments from the config (fields checked against the installed transformers:
-    5.x folds `warmup_ratio` into a fractional `warmup_steps` and renames
-    `gradient_checkpointing` to `activation_checkpointing`). `overrides` win (tests use them,
-    e.g. `optim="sgd"`)."""
-
+    """TrainingArguments of `ssb train` (and of the onpolicy arm): `shared_arguments` from
+    `cfg.train` plus the batch, epochs and logging of `cfg.train`. `overrides` win (tests use
+    them, e.g. `optim="sgd"`; `ssb ablate` sets `max_steps`)."""
     tc = cfg.train
-    check_report_to(tc.report_to)
-    fields = TrainingArguments.__dataclass_fields__
-    kwargs: dict[str, Any] = {}
-    if "warmup_ratio" in fields:
-        kwargs["warmup_ratio"] = tc.warmup_ratio
-    elif tc.warmup_ratio < 1:
-        kwargs["warmup_steps"] = float(tc.warmup_ratio)  # a float in [0, 1) is a ratio
-    else:
-        raise ValueError(f"train.warmup_ratio must be < 1, got {tc.warmup_ratio}")
-    if tc.gradient_checkpointing:
-        key = "activation_checkpointing" if "activation_checkpointing" in fields else None
-        kwargs[key or "gradient_checkpointing"] = True
-    kwargs.update(
-        output_dir=str(rundir.checkpoints_dir),
-        per_device_train_batch_size=tc.batch_size,
-        gradient_accumulation_steps=tc.grad_accum,
-        num_train_epochs=tc.epochs,
-        learning_rate=tc.learning_rate,
-        lr_scheduler_type=tc.lr_scheduler,
-        weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm,
-        logging_steps=tc.logging_steps,
-        save_strategy="steps",
-        save_steps=tc.save_steps,
-        save_total_limit=2,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=list(tc.report_to) or "none",
+    fields = {
+        "per_device_train_batch_size": tc.batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "num_train_epochs": tc.epochs,
+        "logging_steps": tc.logging_steps,
+        **overrides,
+    }
+    return shared_arguments(
+        TrainingArguments,
+        cfg,
+        "train",
+        output_dir=rundir.checkpoints_dir,
         run_name=tracker_run_name(cfg, rundir.path),
-        remove_unused_columns=False,
-        # Normalise by the reply tokens of all processes (see SSBTrainer.compute_loss).
-        average_tokens_across_devices=True,
-        # Not under DeepSpeed: on CPU processes accelerate would then run plain DDP instead.
-        use_cpu=device.type == "cpu" and not deepspeed_launch(),
-        dataloader_num_workers=0,
-        disable_tqdm=not progress,
+        device=device,
+        progress=progress,
+        **fields,
     )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 def make_trainer(
@@ -500,10 +471,7 @@ def make_trainer(
         target_mode=cfg.targets.mode,
         callbacks=[JsonlLogCallback(rundir.train_log_path), LogLastStepCallback()],
     )
-    if not progress:
-        # With tqdm off, Trainer prints every log dict instead; stages do not print.
-        trainer.remove_callback(PrinterCallback)
-    attach_trackers(trainer, rundir.path)
+    attach_reporting(trainer, rundir.path, progress)
     return trainer
 
 
@@ -565,11 +533,32 @@ def run_train(
     sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
     pairs = rundir.read_pairs()
     base = load_base(cfg, rundir, to_shard=sharding is not None)
-    tokenizer = base.tokenizer
-    check_prompts(pairs, tokenizer, cfg)
-    reader = (
-        load_targets(cfg, rundir, base.model, tokenizer) if uses_teacher(cfg.train.loss) else None
+    check_prompts(pairs, base.tokenizer, cfg)
+    training = StudentTraining(
+        name="train",
+        files=student_files(rundir, FINGERPRINT_NAME),
+        fingerprint={**train_fingerprint(cfg), **({"overrides": overrides} if overrides else {})},
+        callbacks=list(callbacks or []),
+        cfg=cfg,
+        rundir=rundir,
+        tokenizer=base.tokenizer,
+        pairs=pairs,
+        reader=student_targets(cfg, rundir, base.model, base.tokenizer, pairs),
+        sharding=sharding,
+        progress=progress,
+        overrides=overrides,
     )
+    return run_lora_training(training, base.model)
+
+
+def student_targets(
+    cfg: Config, rundir: RunDir, model: Any, tokenizer: Any, pairs: list[dict[str, Any]]
+) -> TargetReader | None:
+    """The stored teacher targets of every pair (None when none are distilled or the teacher
+    runs in the step)."""
+    if not uses_teacher(cfg.train.loss):
+        return None
+    reader = load_targets(cfg, rundir, model, tokenizer)
     if reader is not None:
         stored = set(reader.ids())
         missing = [p["id"] for p in pairs if p["id"] not in stored]
@@ -578,67 +567,84 @@ def run_train(
                 f"{len(missing)} pairs have no stored targets (first: {missing[0]}); "
                 "run `ssb targets` to finish them"
             )
-    checkpoint = last_checkpoint(rundir.checkpoints_dir)
-    fingerprint_path = rundir.checkpoints_dir / FINGERPRINT_NAME
-    fingerprint = {**train_fingerprint(cfg), **({"overrides": overrides} if overrides else {})}
-    check_resumable(fingerprint_path, fingerprint, checkpoint)
+    return reader
 
-    was_training = base.model.training
-    hooks_before = set(base.model.get_input_embeddings()._forward_hooks)
-    model = student_model(cfg, base.model)
-    try:
-        if sharding == ZERO3:
+
+def student_files(rundir: RunDir, fingerprint_name: str) -> LoraFiles:
+    """Where a student trained on `rundir`'s pairs (ssb train, an ablation arm) keeps its files."""
+    return LoraFiles(
+        checkpoints_dir=rundir.checkpoints_dir,
+        log_path=rundir.train_log_path,
+        adapter_dir=rundir.adapter_dir,
+        fingerprint_name=fingerprint_name,
+    )
+
+
+@dataclass(kw_only=True)
+class StudentTraining(LoraTraining):
+    """`ssb train` as a LoraTraining: the LoRA student distilled by SSBTrainer, sharded when the
+    launch asks for FSDP2 or ZeRO-3."""
+
+    cfg: Config
+    rundir: RunDir
+    tokenizer: Any
+    pairs: list[dict[str, Any]]
+    reader: TargetReader | None
+    sharding: str | None
+    progress: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def attach(self, base_model: Any) -> Any:
+        return student_model(self.cfg, base_model)
+
+    def make_trainer(self, model: Any) -> SSBTrainer:
+        if self.sharding == ZERO3:
             # Partitioned now, one parameter at a time, rather than moved whole onto the device
             # when the Trainer starts DeepSpeed.
             partition_for_zero3(model)
         # Activation checkpointing (Trainer turns it on) is non-reentrant in transformers 5, so
         # the frozen embeddings' outputs need not require grad.
-        trainer = make_trainer(cfg, rundir, model, tokenizer, pairs, reader, progress, **overrides)
-        for callback in callbacks or []:
-            trainer.add_callback(callback)
-        if sharding == FSDP2 and not trainer.accelerator.is_fsdp2:
-            raise RuntimeError(
-                f"the launch asks for FSDP2 but accelerate runs "
-                f"{trainer.accelerator.distributed_type} (accelerate 1.x runs FSDP on GPUs "
-                "only; on CPU it would silently train unsharded under DDP)"
-            )
-        if sharding == ZERO3 and trainer.accelerator.state.deepspeed_plugin is None:
-            raise RuntimeError(
-                f"the launch asks for DeepSpeed ZeRO-3 but accelerate runs "
-                f"{trainer.accelerator.distributed_type} (unpartitioned)"
-            )
+        trainer = make_trainer(
+            self.cfg,
+            self.rundir,
+            model,
+            self.tokenizer,
+            self.pairs,
+            self.reader,
+            self.progress,
+            **self.overrides,
+        )
+        check_launch_sharding(trainer, self.sharding)
         size_zero3_as_transformers(trainer.accelerator)
-        if trainer.is_world_process_zero():
-            if checkpoint is not None:
-                log.info("train: resuming from %s", checkpoint)
-            start_log(rundir.train_log_path, checkpoint)
-            write_fingerprint(fingerprint_path, fingerprint)
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        save_adapter(model, rundir.adapter_dir, trainer.is_world_process_zero())
-        trainer.accelerator.wait_for_everyone()
+        return trainer
+
+    def summary(self, trainer: SSBTrainer, result: Any) -> dict[str, Any]:
+        log_path = self.files.log_path
         summary = {
-            "steps": trainer.state.global_step,
-            "examples": len(pairs),
+            "examples": len(self.pairs),
             # Over every step, the ones before a resume included (Trainer's covers its own).
-            "train_loss": round(logged_mean_loss(rundir.train_log_path) or result.training_loss, 6),
-            "adapter": str(rundir.adapter_dir),
+            "train_loss": round(logged_mean_loss(log_path) or result.training_loss, 6),
         }
-        if is_sharded(model):
-            summary["sharding"] = shard_report(model)  # this rank's share of the parameters
-        if checkpoint is not None:
-            summary["resumed_from"] = checkpoint.name
-        losses = [r["loss"] for r in read_jsonl(rundir.train_log_path) if "loss" in r]
+        losses = [r["loss"] for r in read_jsonl(log_path) if "loss" in r]
         if losses:
             summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
         return summary
-    finally:
-        if is_sharded(model):
-            # fully_shard / ZeRO-3 changed the shared base in place (DTensor or partitioned
-            # parameters, FSDP module classes, DeepSpeed hooks); it cannot be given back as it
-            # was, so later stages load it afresh.
-            release_accelerator("after sharded training")
-        else:
-            restore_base(model, was_training=was_training, hooks_before=hooks_before)
+
+
+def check_launch_sharding(trainer: SSBTrainer, sharding: str | None) -> None:
+    """Refuse to train unsharded when the launch asked for FSDP2 or ZeRO-3 and accelerate did
+    not set it up."""
+    if sharding == FSDP2 and not trainer.accelerator.is_fsdp2:
+        raise RuntimeError(
+            f"the launch asks for FSDP2 but accelerate runs "
+            f"{trainer.accelerator.distributed_type} (accelerate 1.x runs FSDP on GPUs "
+            "only; on CPU it would silently train unsharded under DDP)"
+        )
+    if sharding == ZERO3 and trainer.accelerator.state.deepspeed_plugin is None:
+        raise RuntimeError(
+            f"the launch asks for DeepSpeed ZeRO-3 but accelerate runs "
+            f"{trainer.accelerator.distributed_type} (unpartitioned)"
+        )
 
 
 # What a checkpoint's optimizer state and step count depend on; logging, saving and the number
