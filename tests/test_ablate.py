@@ -326,3 +326,19 @@ def test_hard_labels_loss_is_cross_entropy_with_no_teacher():
     assert out.kd_sum == 0 and out.num_tokens == 7
     with pytest.raises(ValueError, match="only the CE term"):
         chunked_kd_loss(hidden, head, None, labels, mode="hidden", tau=2.0, kd_weight=1.0)
+
+
+def test_run_report_carries_the_ablation_section_only_through_the_ablation_writer(tmp_path):
+    """`ssb report` and `ssb run` write report.md with `write_run_report`, which adds the
+    ablation's section; the plain report (below the ablation) knows nothing of it."""
+    from ssb.ablation.report import write_run_report
+    from ssb.report import write_report
+
+    rundir = RunDir(tmp_path / "run")
+    ablation = rundir.ablation()
+    ablation.path.mkdir(parents=True)
+    summary = {"equal_budget": "12 optimizer steps", "seeds": [0], "benchmarks": [], "base": {}}
+    ablation.summary_path.write_text(json.dumps({**summary, "arms": {}}))
+    assert "Ablation: what makes SSB work" not in write_report(rundir).read_text()
+    text = write_run_report(rundir).read_text()
+    assert "## Ablation: what makes SSB work" in text and "12 optimizer steps" in text
