@@ -84,7 +84,7 @@ def rollout_record(i: int, question: str, gold: str, reply: str, tokenizer: Any)
 def run_root(tmp_path_factory) -> Path:
     """A tiny model, six problems (with worked solutions), and a run directory that already has
     rollouts, a bootstrap decision for every problem and six pairs."""
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     root = tmp_path_factory.mktemp("ablate")
     save_tiny_model(root / "model", "qwen2", "chatml")

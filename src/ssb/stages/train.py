@@ -56,7 +56,8 @@ from ssb.sharding import (
     shard_report,
     size_zero3_as_transformers,
 )
-from ssb.stages.common import load_base, log, release_accelerator
+from ssb.stages.base import load_base, release_accelerator
+from ssb.stages.common import log
 from ssb.stages.lora_training import (
     JsonlLogCallback,
     check_resumable,
