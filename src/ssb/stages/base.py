@@ -9,7 +9,6 @@ run's adapter on top (`model.adapter`: the previous round's student in iterated 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import logging
@@ -40,10 +39,11 @@ class BaseModel:
     tokenizer: Any
     reply: ReplyFormat
     identity: dict[str, Any]  # manifest.json `model_identity`
-    hardware: dict[str, Any]  # manifest.json `hardware`, as resolved by this call
+    hardware: dict[str, Any]  # manifest.json `hardware`: device, dtype, CPU, threads, as now
 
 
-_LOADED: dict[str, BaseModel] = {}
+# The weights and tokenizer of each model, prompt and placement loaded in this process.
+_LOADED: dict[str, tuple[Any, Any]] = {}
 
 
 def _base_key(cfg: Config) -> str:
@@ -59,50 +59,39 @@ def load_base(
     dtype the device computes in, and `fully_shard` or `deepspeed.zero.Init` then moves only
     this rank's shard of each parameter onto the device: a 70B model does not fit one 80 GB GPU
     whole. `weights=False` (a stage whose vLLM engine loads the weights itself): the tokenizer
-    and reply format alone, the hardware being the engine's device."""
+    alone, and the engine's device."""
 
     if weights:
-        base = _loaded(cfg, to_shard)
+        device = pick_device(cfg.model.device) if to_shard else None
+        key = _base_key(cfg) + (" on the host, to shard" if to_shard else "")
+        if key not in _LOADED:
+            release_accelerator()  # keep one model in memory at a time
+            placement = (
+                {"device": "cpu", "dtype": pick_dtype(cfg.model.dtype, device)} if device else {}
+            )
+            model, tokenizer = load_model_and_tokenizer(cfg.model, **placement)
+            _LOADED[key] = (model.eval(), tokenizer)
+        model, tokenizer = _LOADED[key]
+        param = next(model.parameters())
+        device, dtype = device or param.device, param.dtype
     else:
-        base = _tokenizer_only(cfg)
+        loaded = _LOADED.get(_base_key(cfg))
+        model, tokenizer = None, loaded[1] if loaded is not None else load_tokenizer(cfg.model)
+        # The device the engine computes on: a GPU, or the host with vLLM's CPU build.
+        device = torch.device(vllm_device() or "cuda")
+        dtype = pick_dtype(cfg.model.dtype, device)
+    base = BaseModel(
+        model,
+        tokenizer,
+        identity=model_identity(cfg.model, tokenizer),
+        reply=reply_format(tokenizer, cfg.prompt),
+        hardware=hardware_info(device, dtype),
+    )
     if rundir is not None:
         check_model_identity(rundir, base.identity)
         if rundir.read_manifest().get("hardware") != base.hardware:
             rundir.update_manifest(hardware=base.hardware)
     return base
-
-
-def _loaded(cfg: Config, to_shard: bool) -> BaseModel:
-    key = _base_key(cfg) + (" on the host, to shard" if to_shard else "")
-    device = pick_device(cfg.model.device) if to_shard else None
-    if key not in _LOADED:
-        release_accelerator()  # keep one model in memory at a time
-        placement = (
-            {"device": "cpu", "dtype": pick_dtype(cfg.model.dtype, device)} if device else {}
-        )
-        model, tokenizer = load_model_and_tokenizer(cfg.model, **placement)
-        model.eval()
-        reply = reply_format(tokenizer, cfg.prompt)
-        _LOADED[key] = BaseModel(model, tokenizer, reply, model_identity(cfg.model, tokenizer), {})
-    param = next(_LOADED[key].model.parameters())
-    # Per call: the threads (and, to shard, the device) are those of this stage.
-    return dataclasses.replace(
-        _LOADED[key], hardware=hardware_info(device or param.device, param.dtype)
-    )
-
-
-def _tokenizer_only(cfg: Config) -> BaseModel:
-    loaded = _LOADED.get(_base_key(cfg))
-    tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(cfg.model)
-    # The device the engine computes on: a GPU, or the host with vLLM's CPU build.
-    device = torch.device(vllm_device() or "cuda")
-    return BaseModel(
-        None,
-        tokenizer,
-        reply_format(tokenizer, cfg.prompt),
-        model_identity(cfg.model, tokenizer),
-        hardware_info(device, pick_dtype(cfg.model.dtype, device)),
-    )
 
 
 def release_accelerator(why: str = "") -> None:
