@@ -623,7 +623,7 @@ def check_lora_tokens(
     from ssb.hardware import pick_dtype
     from ssb.problems import load_eval_problems
     from ssb.prompts import render_prompt_ids, student_messages
-    from ssb.stages.common import release_accelerator
+    from ssb.stages.base import release_accelerator
     from ssb.stages.engine import generation_engine
 
     cfg = load_config(config_file=run / "config.yaml")

@@ -106,7 +106,7 @@ def make_run(
 ) -> tuple[Config, RunDir, list[dict[str, Any]]]:
     """A tiny saved model (cached per tmp_path and template), a config for it and a run directory
     holding pairs.jsonl."""
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     model_dir = tmp_path / f"model-{template}"
     if not model_dir.exists():

@@ -84,7 +84,7 @@ def rollout_record(i: int, question: str, gold: str, reply: str, tokenizer: Any)
 def run_root(tmp_path_factory) -> Path:
     """A tiny model, six problems (with worked solutions), and a run directory that already has
     rollouts, a bootstrap decision for every problem and six pairs."""
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     root = tmp_path_factory.mktemp("ablate")
     save_tiny_model(root / "model", "qwen2", "chatml")
@@ -334,7 +334,7 @@ def test_onpolicy_samples_in_the_step_and_resumes_to_the_same_samples(run_root, 
     fingerprint (the sampling settings and step count); and a resumed run samples what the
     killed one did (the sampling seeds follow the step), so a redone step has the same loss."""
     from ssb.ablation.onpolicy import FINGERPRINT_NAME, onpolicy_fingerprint, run_onpolicy
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     cfg = load_config(overrides=sets(run_root))
     run = RunDir(tmp_path / "arm")
@@ -360,3 +360,19 @@ def test_onpolicy_samples_in_the_step_and_resumes_to_the_same_samples(run_root, 
     assert not any("lora" in name for name, _ in load_base(cfg).model.named_modules())
     with pytest.raises(ValueError, match="max_steps"):
         run_onpolicy(cfg, run, steps=3, progress=False)
+
+
+def test_run_report_carries_the_ablation_section_only_through_the_ablation_writer(tmp_path):
+    """`ssb report` and `ssb run` write report.md with `write_run_report`, which adds the
+    ablation's section; the plain report (below the ablation) knows nothing of it."""
+    from ssb.ablation.report import write_run_report
+    from ssb.report import write_report
+
+    rundir = RunDir(tmp_path / "run")
+    ablation = rundir.ablation()
+    ablation.path.mkdir(parents=True)
+    summary = {"equal_budget": "12 optimizer steps", "seeds": [0], "benchmarks": [], "base": {}}
+    ablation.summary_path.write_text(json.dumps({**summary, "arms": {}}))
+    assert "Ablation: what makes SSB work" not in write_report(rundir).read_text()
+    text = write_run_report(rundir).read_text()
+    assert "## Ablation: what makes SSB work" in text and "12 optimizer steps" in text

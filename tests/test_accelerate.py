@@ -202,7 +202,7 @@ def test_targets_two_cpu_processes_match_one(tmp_path, mode):
 def test_parts_left_by_a_killed_run_are_merged_not_rescored(tmp_path):
     """A rank's part store that a kill left behind is merged on the next run; only the rest is
     scored."""
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     cfg, rundir, pairs = make_run(tmp_path, "chatml", "targets.mode=hidden", n=5)
     base = load_base(cfg)

@@ -247,7 +247,7 @@ def test_bootstrap_crash_resume(tiny):
 
 
 def _write_pairs(tiny, sets):
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     cfg = load_config(overrides=sets)
     tokenizer = load_base(cfg).tokenizer

@@ -23,7 +23,7 @@ from ssb.distill.hint_leaks import (
 from ssb.distill.signal import SignalSums, verdict
 from ssb.distill.store import TargetReader, TargetWriter
 from ssb.rundir import read_jsonl
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.diagnose import gradient_cosine, kd_ce_cosine, run_diagnose, signal_sums
 from ssb.stages.targets import run_targets, student_sequence, targets_meta, teacher_sequence
 from ssb.stages.train import DistillCollator, student_model

@@ -17,7 +17,7 @@ from tiny_models import build_tokenizer, save_tiny_model
 from ssb.generate import SamplingParams, VLLMGenerator
 from ssb.generate.base import GenerationAborted
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages import common
+from ssb.stages import base
 
 
 @pytest.fixture
@@ -92,12 +92,12 @@ def test_eval_drops_the_transformers_model_then_starts_one_engine_for_all_models
     _adapter(tiny_dir, rundir.path / "adapter", 4)
     _adapter(tiny_dir, rundir.path / "grpo" / "adapter", 4)
 
-    alive = weakref.ref(common.load_base(cfg).model)  # what a previous stage left behind
+    alive = weakref.ref(base.load_base(cfg).model)  # what a previous stage left behind
     assert alive() is not None
     fake = FakeVLLM(build_tokenizer("chatml"))
     starts = []
     fake.on_start = lambda kwargs: starts.append(
-        {"transformers model alive": alive() is not None, "cached": bool(common._LOADED)}
+        {"transformers model alive": alive() is not None, "cached": bool(base._LOADED)}
     )
     fake.install(monkeypatch)
     gc.collect()
@@ -135,14 +135,14 @@ def test_rollout_on_vllm_never_loads_transformers_weights(monkeypatch, tmp_path,
     def no_weights(*args, **kwargs):
         raise AssertionError("a vLLM stage loaded transformers weights")
 
-    monkeypatch.setattr("ssb.stages.common.load_model_and_tokenizer", no_weights)
+    monkeypatch.setattr("ssb.stages.base.load_model_and_tokenizer", no_weights)
     cfg = tiny_config(tiny_dir, "data.max_problems=3", "generation.max_new_tokens=6")
     cfg.model.adapter = str(_adapter(tiny_dir, tmp_path / "round1", 4))
     rundir = RunDir(tmp_path / "run")
     rundir.path.mkdir()
     fake = FakeVLLM(build_tokenizer("chatml"))
     fake.install(monkeypatch)
-    common._LOADED.clear()
+    base._LOADED.clear()
 
     summary = run_rollout(cfg, rundir, progress=False)
 

@@ -254,7 +254,7 @@ def test_run_eval_student_paired_and_base_left_plain(tmp_path, tiny_dir, tiny_ad
 
     import torch
 
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
     from ssb.stages.eval_setup import records_path
     from ssb.stages.evaluate import run_eval
 

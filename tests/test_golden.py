@@ -56,8 +56,8 @@ def _adapter_norms(directory: Path) -> dict[str, float]:
 def run_every_stage(tmp: Path) -> dict[str, Any]:
     """Run the stages on a tiny model and collect what they wrote (paths spelled out, so this
     also runs on older code)."""
+    from ssb.stages.base import load_base
     from ssb.stages.bootstrap import run_bootstrap
-    from ssb.stages.common import load_base
     from ssb.stages.evaluate import run_eval
     from ssb.stages.grpo import run_grpo
     from ssb.stages.rollout import run_rollout

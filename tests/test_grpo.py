@@ -24,7 +24,7 @@ from ssb.problems import load_train_problems
 from ssb.prompts import render_prompt_ids, reply_format, student_messages
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages import grpo
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.eval_setup import available_models
 from ssb.stages.lora_training import last_checkpoint
 

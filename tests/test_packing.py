@@ -16,7 +16,7 @@ from peft import get_peft_model
 
 from ssb.distill.forward import pack_rows, packing_isolates, should_pack
 from ssb.distill.store import TargetReader
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.targets import run_targets
 from ssb.stages.train import (
     IGNORE,

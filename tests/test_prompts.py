@@ -165,7 +165,7 @@ def test_rollout_training_and_eval_prompts_are_token_identical(
     monkeypatch.setattr(gen_mod, "make_generator", recording("eval"))
     run_eval(cfg, rundir, progress=False)
 
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     tokenizer = load_base(cfg).tokenizer
     batch = DistillCollator(pad_id=tokenizer.pad_token_id or 0, mode="online")(pairs)

@@ -68,16 +68,16 @@ def error_line(err: str) -> str:
 
 
 def _fresh_models():
-    from ssb.stages import common
+    from ssb.stages import base
 
-    common._LOADED.clear()
+    base._LOADED.clear()
 
 
 # --------------------------------------------------------------------------- integrity
 
 
 def _targets_run(tmp_path: Path, model: Path) -> tuple[Path, list[str]]:
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     sets = [f"model.name={model}", *TINY_SETS]
     run = tmp_path / "run"
@@ -432,21 +432,22 @@ def test_a_run_refuses_another_tokenizer_unless_forced(tmp_path):
     from tiny_models import build_tokenizer, save_tiny_model
 
     from ssb.config import load_config
+    from ssb.identity import model_identity
     from ssb.rundir import RunDir, RunDirError
-    from ssb.stages.common import check_model_identity
+    from ssb.stages.base import check_model_identity
 
     model_dir = save_tiny_model(tmp_path / "m", "qwen2", "chatml")
     cfg = load_config(overrides=[f"model.name={model_dir}"])
     rd = RunDir(tmp_path / "run")
-    check_model_identity(rd, cfg, build_tokenizer("chatml"))
+    check_model_identity(rd, model_identity(cfg.model, build_tokenizer("chatml")))
     recorded = rd.read_manifest()["model_identity"]
     assert recorded["vocab_hash"] and recorded["source"] == "local"
-    check_model_identity(rd, cfg, build_tokenizer("chatml"))  # the same: fine
+    check_model_identity(rd, model_identity(cfg.model, build_tokenizer("chatml")))  # the same: fine
     with pytest.raises(RunDirError, match="vocab_hash"):
-        check_model_identity(rd, cfg, build_tokenizer("gemma"))
+        check_model_identity(rd, model_identity(cfg.model, build_tokenizer("gemma")))
     RunDir(tmp_path / "run", force=True)  # --force proceeds and records the new identity
     forced = RunDir(tmp_path / "run", force=True)
-    check_model_identity(forced, cfg, build_tokenizer("gemma"))
+    check_model_identity(forced, model_identity(cfg.model, build_tokenizer("gemma")))
     assert rd.read_manifest()["model_identity"] != recorded
 
 

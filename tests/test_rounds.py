@@ -14,7 +14,7 @@ from ssb.config import ConfigError, load_config
 from ssb.problems import load_train_problems
 from ssb.report import write_report
 from ssb.rundir import RunDir, append_jsonl, atomic_write_json
-from ssb.stages.common import load_base, policy_model
+from ssb.stages.base import load_base, policy_model
 from ssb.stages.eval_setup import rival_pairs
 from ssb.stages.pipeline import round_config
 from ssb.stages.train import student_model

@@ -41,7 +41,7 @@ def study_sets(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def study_root(tmp_path_factory) -> Path:
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
 
     root = tmp_path_factory.mktemp("study")
     save_tiny_model(root / "model", "qwen2", "chatml")

@@ -23,7 +23,7 @@ from ssb.rundir import RunDir, append_jsonl, read_jsonl
 from ssb.share import DATASET_DIR, MODEL_DIR, PAIR_FIELDS, PARQUET_NAME, ShareError
 from ssb.share.export import export_run
 from ssb.share.import_pairs import run_import_pairs
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.evaluate import run_eval
 from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train

@@ -18,7 +18,7 @@ from ssb.distill.losses import (
     suppress_topk,
     topk_targets,
 )
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.train import DistillCollator, distillation_loss, student_model
 
 NEG = float("-inf")

@@ -16,7 +16,7 @@ from tiny_models import build_tiny_model, build_tokenizer
 from ssb.distill.forward import output_head, reply_rows
 from ssb.distill.store import TargetReader, TargetStoreError
 from ssb.rundir import append_jsonl, read_jsonl
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.targets import run_targets
 
 

@@ -24,7 +24,7 @@ from ssb.models import checkpointing_enabled
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import read_jsonl
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.lora_training import last_checkpoint
 from ssb.stages.targets import run_targets
 from ssb.stages.train import (

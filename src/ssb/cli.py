@@ -74,15 +74,15 @@ def _stage_eval(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[s
 
 
 def _stage_ablate(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
-    from ssb.stages.ablate import run_ablate
+    from ssb.ablation.ablate import run_ablate
 
     return run_ablate(cfg, rundir, progress=not args.quiet)
 
 
 def _stage_report(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
-    from ssb.report import write_report
+    from ssb.ablation.report import write_run_report
 
-    return {"report": str(write_report(rundir, cfg))}
+    return {"report": str(write_run_report(rundir, cfg))}
 
 
 STAGES: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
@@ -363,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
             set_seed(cfg.seed)
             log.info("run directory: %s", rundir.path.resolve())
             if args.command == "run":
+                from ssb.ablation.report import write_run_report
                 from ssb.stages.pipeline import run_pipeline
 
-                summary = run_pipeline(cfg, rundir, progress=not args.quiet)
+                summary = run_pipeline(
+                    cfg, rundir, progress=not args.quiet, report_writer=write_run_report
+                )
                 _print_artifacts(rundir)
             elif args.command == "import-pairs":
                 summary = _import_pairs(cfg, rundir, args)

@@ -46,8 +46,8 @@ from ssb.rundir import (
     atomic_write_text,
     read_jsonl,
 )
+from ssb.stages.base import load_base
 from ssb.stages.bootstrap import run_bootstrap
-from ssb.stages.common import load_base
 from ssb.stages.diagnose import run_diagnose
 from ssb.stages.grpo import run_grpo
 from ssb.stages.targets import run_targets

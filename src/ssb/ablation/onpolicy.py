@@ -29,7 +29,8 @@ from ssb.config import Config, to_dict
 from ssb.distill.forward import unwrap_model
 from ssb.generate import SamplingParams, make_generator
 from ssb.rundir import RunDir
-from ssb.stages.common import load_base, stable_seed
+from ssb.stages.base import load_base
+from ssb.stages.common import stable_seed
 from ssb.stages.lora_training import (
     JsonlLogCallback,
     LoraTraining,

@@ -1,6 +1,6 @@
 """The ablation's report: `ablate/report.md`, `ablate/plots/training.png` (every arm's training
-dynamics on one figure), and the same section inside the run's report.md. Built only from
-`ablate/summary.json` and the arms' training logs."""
+dynamics on one figure), and the same section inside the run's report.md (`write_run_report`).
+Built only from `ablate/summary.json` and the arms' training logs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ssb.config import Config
+from ssb.report import write_report
 from ssb.report.data import training_series
 from ssb.report.formatting import pct, pct_interval, table
 from ssb.report.plots import panel_grid, save_png
@@ -274,3 +276,9 @@ def ablation_section(rundir: RunDir) -> list[str]:
     plot = ablation.plots_dir / TRAINING_PLOT
     relative = str(plot.relative_to(rundir.path)) if plot.exists() else None
     return ablation_lines(summary, relative)
+
+
+def write_run_report(rundir: RunDir, cfg: Config | None = None) -> Path:
+    """The run's report.md (`ssb report`, `ssb run`), with the ablation's section when `ssb
+    ablate` has written a summary; returns its path."""
+    return write_report(rundir, cfg, sections=ablation_section(rundir))

@@ -89,7 +89,7 @@ def child_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     from ssb.problems import load_train_problems
     from ssb.prompts import render_prompt_ids, student_messages
     from ssb.rundir import RunDir
-    from ssb.stages.common import load_base
+    from ssb.stages.base import load_base
     from ssb.stages.lora_training import lora_config
     from ssb.stages.targets import teacher_rows, teacher_sequence
     from ssb.stages.train import DistillCollator, make_trainer

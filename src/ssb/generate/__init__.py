@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ssb.config import Config
 from ssb.generate.base import (
@@ -36,6 +37,7 @@ __all__ = [
     "HFGenerator",
     "SamplingParams",
     "VLLMGenerator",
+    "context_limit",
     "make_completion",
     "make_generator",
     "select_backend",
@@ -58,9 +60,19 @@ def max_lora_rank(adapter_paths: Iterable[str | Path], default_rank: int) -> int
     return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
 
 
+def context_limit(cfg: Config, model_config: Any) -> int | None:
+    """The most tokens (prompt + generated) a sequence may have: `model.max_context` when set,
+    else the model config's `max_position_embeddings` (None when neither is known)."""
+    if cfg.model.max_context:
+        return int(cfg.model.max_context)
+    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 def vllm_context_limit(cfg: Config, limit: int | None) -> int | None:
     """The longest sequence a vLLM engine of this host is started for, given the model's
-    context `limit` (`ssb.stages.common.context_limit`): on vLLM's CPU platform at most
+    context `limit` (`context_limit`): on vLLM's CPU platform at most
     `CPU_MAX_MODEL_LEN` unless `model.max_context` asks for more; elsewhere `limit` itself."""
     if vllm_device() != "cpu" or cfg.model.max_context:
         return limit
@@ -106,8 +118,6 @@ def make_generator(
         model_config = load_model_config(cfg.model)
         if max_model_len is None:
             # The stage passes its limit; other callers get the model's own, capped likewise.
-            from ssb.stages.common import context_limit  # noqa: PLC0415 -- stages import this module
-
             max_model_len = context_limit(cfg, model_config)
         max_model_len = vllm_context_limit(cfg, max_model_len)
         assert max_model_len is not None  # a CPU engine always has a bounded context

@@ -22,6 +22,7 @@ numbers and tables; `write_report` here puts them together.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from ssb.config import Config, lookup
@@ -45,8 +46,13 @@ from ssb.rundir import RunDir, atomic_write_text, read_jsonl
 __all__ = ["funnel_counts", "pct", "pct_interval", "training_series", "write_report"]
 
 
-def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path:
-    """Write report.md and plots/*.png for the run; returns the path of report.md."""
+def write_report(
+    rundir: RunDir | str | Path, cfg: Config | None = None, sections: Sequence[str] = ()
+) -> Path:
+    """Write report.md and plots/*.png for the run; returns the path of report.md.
+
+    `sections`: markdown lines that a feature above the report adds (the ablation's), placed
+    before the stage table."""
     if not isinstance(rundir, RunDir):
         rundir = RunDir(rundir)
     config = load_config(rundir, cfg)
@@ -95,10 +101,7 @@ def write_report(rundir: RunDir | str | Path, cfg: Config | None = None) -> Path
     lines += training_section(train_log, series, made["training.png"])
     lines += eval_section(summary, made["accuracy.png"])
     lines += rounds_section(rundir, summary)
-    # ssb.ablation.report draws with this package's plots: imported here to break the cycle.
-    from ssb.ablation.report import ablation_section  # noqa: PLC0415 -- import cycle
-
-    lines += ablation_section(rundir)
+    lines += sections
     lines += stages_section(manifest)
     packages = manifest.get("packages") or {}
     if packages:

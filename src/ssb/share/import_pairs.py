@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 
 from ssb.config import Config
 from ssb.grading import extract_boxed
-from ssb.identity import vocab_hash
+from ssb.identity import model_identity, vocab_hash
 from ssb.models import load_tokenizer
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, reply_format, student_messages
@@ -72,7 +72,7 @@ from ssb.share import (
     PAIR_FIELDS,
     ShareError,
 )
-from ssb.stages.common import check_model_identity
+from ssb.stages.base import check_model_identity
 
 log = logging.getLogger("ssb")
 APPEND_BATCH = 256  # pairs per fsynced append: a killed import loses at most this many
@@ -115,7 +115,7 @@ def run_import_pairs(
         rows, files = read_reference(source, Path(student_file) if student_file else None)
         meta = {}
     tokenizer = load_tokenizer(cfg.model)
-    check_model_identity(rundir, cfg, tokenizer)
+    check_model_identity(rundir, model_identity(cfg.model, tokenizer))
     exported_vocab = (meta.get("model_identity") or {}).get("vocab_hash")
     same_tokenizer = exported_vocab is not None and exported_vocab == vocab_hash(tokenizer)
     fmt_reply = reply_format(tokenizer, cfg.prompt)

@@ -29,7 +29,8 @@ from ssb.distill.hint_leaks import leak_rows
 from ssb.distill.signal import SignalSums
 from ssb.distill.store import TargetReader
 from ssb.rundir import RunDir, atomic_write_json
-from ssb.stages.common import chunks, load_base, log, policy_model
+from ssb.stages.base import load_base, policy_model
+from ssb.stages.common import chunks, log
 from ssb.stages.lora_training import restore_base
 from ssb.stages.targets import (
     SCORE_CHUNK,

@@ -39,6 +39,7 @@ from ssb.generate import (
     Generator,
     SamplingParams,
     VLLMGenerator,
+    context_limit,
     make_generator,
     select_backend,
     vllm_context_limit,
@@ -49,15 +50,8 @@ from ssb.identity import has_adapter
 from ssb.models import load_model_config
 from ssb.prompts import ReplyFormat
 from ssb.rundir import RunDir
-from ssb.stages.common import (
-    BaseModel,
-    attached_adapter,
-    context_limit,
-    fitting_prompts,
-    load_base,
-    load_base_tokenizer,
-    release_accelerator,
-)
+from ssb.stages.base import BaseModel, attached_adapter, load_base, release_accelerator
+from ssb.stages.common import fitting_prompts
 from ssb.stages.ranks import cpus_for_this_rank, gpus_for_this_rank
 
 log = logging.getLogger("ssb")
@@ -110,7 +104,8 @@ def generation_engine(
             base=base,
         )
         return
-    tokenizer, reply = load_base_tokenizer(cfg, rundir)
+    base = load_base(cfg, rundir, weights=False)  # the engine loads the weights itself
+    tokenizer, reply = base.tokenizer, base.reply
     # The engine is started for exactly the context the stage checks prompts against.
     limit = vllm_context_limit(cfg, context_limit(cfg, load_model_config(cfg.model)))
     release_accelerator("before the vLLM engine starts")

@@ -161,9 +161,8 @@ def write_summary(
     settings = eval_settings(cfg)
     all_models = available_models(rundir)
     all_models.update(models or {})
-    greedy = settings["greedy"]
     results: dict[str, dict[str, Any]] = {}
-    kept: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    kept: Kept = {}
     model_info: dict[str, Any] = {}
     for name, adapter in all_models.items():
         fp = fingerprint(cfg, settings, adapter)
@@ -184,6 +183,28 @@ def write_summary(
                 "adapter": display_path(rundir, adapter),
                 "adapter_hash": adapter_hash(adapter),
             }
+    summary = {
+        "settings": settings,
+        "models": model_info,
+        "benchmarks": {
+            bench: {"n_problems": len(plist), "file_slug": bench_slug(bench)}
+            for bench, plist in problems.items()
+        },
+        "results": results,
+        "comparisons": _comparisons_with_base(cfg, settings, kept),
+        "head_to_head": _head_to_head(cfg, settings, kept),
+    }
+    atomic_write_json(rundir.eval_summary_path, summary)
+    return summary
+
+
+Kept = dict[str, dict[str, list[dict[str, Any]]]]  # model -> benchmark -> records that count
+
+
+def _comparisons_with_base(
+    cfg: Config, settings: dict[str, Any], kept: Kept
+) -> dict[str, dict[str, Any]]:
+    """Each model against base on every benchmark both have, under both verdicts."""
     comparisons: dict[str, dict[str, Any]] = {}
     for name, benches in kept.items():
         if name == "base":
@@ -194,12 +215,17 @@ def write_summary(
                 continue
             seed = stable_seed(cfg.seed, "paired", bench)
             both = {
-                scoring: paired_comparison(records, base_records, key, greedy, seed)
+                scoring: paired_comparison(records, base_records, key, settings["greedy"], seed)
                 for scoring, key in VERDICT_KEYS.items()
             }
             entry = {"vs": "base", "scoring": settings["scoring"], **both[settings["scoring"]]}
             entry.update(both)
             comparisons.setdefault(name, {})[bench] = entry
+    return comparisons
+
+
+def _head_to_head(cfg: Config, settings: dict[str, Any], kept: Kept) -> list[dict[str, Any]]:
+    """Student against GRPO and each round against the one before (`rival_pairs`)."""
     head_to_head = []
     for model, rival in rival_pairs(list(kept)):
         for bench in kept[model]:
@@ -207,18 +233,8 @@ def write_summary(
                 continue
             seed = stable_seed(cfg.seed, "paired", bench, model, rival)
             key = VERDICT_KEYS[settings["scoring"]]
-            result = paired_comparison(kept[model][bench], kept[rival][bench], key, greedy, seed)
+            result = paired_comparison(
+                kept[model][bench], kept[rival][bench], key, settings["greedy"], seed
+            )
             head_to_head.append({"model": model, "vs": rival, "benchmark": bench, **result})
-    summary = {
-        "settings": settings,
-        "models": model_info,
-        "benchmarks": {
-            bench: {"n_problems": len(plist), "file_slug": bench_slug(bench)}
-            for bench, plist in problems.items()
-        },
-        "results": results,
-        "comparisons": comparisons,
-        "head_to_head": head_to_head,
-    }
-    atomic_write_json(rundir.eval_summary_path, summary)
-    return summary
+    return head_to_head

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import Config
-from ssb.generate.base import SamplingParams
-from ssb.problems import load_eval_problems
+from ssb.generate.base import Generator, SamplingParams
+from ssb.problems import Problem, load_eval_problems
 from ssb.prompts import render_prompt_ids, student_messages
 from ssb.rundir import (
     RunDir,
@@ -43,7 +43,12 @@ from ssb.stages.common import (
     log,
     stable_seed,
 )
-from ssb.stages.engine import GenerationStats, generate_chunk, generation_engine
+from ssb.stages.engine import (
+    GenerationEngine,
+    GenerationStats,
+    generate_chunk,
+    generation_engine,
+)
 from ssb.stages.eval_setup import (
     bench_slug,
     eval_record,
@@ -53,7 +58,7 @@ from ssb.stages.eval_setup import (
     resolve_models,
 )
 from ssb.stages.eval_summary import write_summary
-from ssb.stages.ranks import launched_ranks, merge_parts
+from ssb.stages.ranks import Ranks, launched_ranks, merge_parts
 
 
 def _load_current(path: Path, fp: str) -> dict[str, dict[str, Any]]:
@@ -102,22 +107,7 @@ def run_eval(
             "give the files distinct names"
         )
     chosen = resolve_models(rundir, models)
-    problems = {}
-    bad_golds: dict[str, int] = {}
-    for bench in cfg.eval.benchmarks:
-        problems[bench], skipped_ids = drop_unparseable_golds(
-            load_eval_problems(cfg, bench), "eval"
-        )
-        bad_golds[bench] = len(skipped_ids)
-    for bench, plist in problems.items():
-        ids = [str(p.id) for p in plist]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"benchmark {bench!r} has duplicate problem ids")
-    n = settings["num_samples"]
-    chunk_size = generation_chunk_size(cfg, n)
-    new_records: dict[str, dict[str, int]] = {name: {b: 0 for b in problems} for name in chosen}
-    stats = GenerationStats()
-    todo: dict[str, list[tuple[str, list[Any]]]] = {}
+    problems, bad_golds = _eval_problems(cfg)
     fingerprints = {name: fingerprint(cfg, settings, a) for name, a in chosen.items()}
     ranks = launched_ranks()
     if ranks.main:  # merge what a killed multi-process launch left; set stale records aside
@@ -127,68 +117,24 @@ def run_eval(
                 merge_parts(rundir, path, [p.id for p in plist])
                 _load_current(path, fingerprints[name])
     ranks.barrier()
-    for name in chosen:
-        for bench, plist in problems.items():
-            done = {
-                str(r["id"])
-                for r in read_jsonl(records_path(rundir, name, bench))
-                if r.get("fingerprint") == fingerprints[name]
-            }
-            for chunk in chunks(ranks.mine(plist), chunk_size):
-                left = [p for p in chunk if str(p.id) not in done]
-                if left:
-                    todo.setdefault(name, []).append((bench, left))
+    chunk_size = generation_chunk_size(cfg, settings["num_samples"])
+    todo = _todo(rundir, problems, fingerprints, ranks, chunk_size)
+    new_records: dict[str, dict[str, int]] = {name: {b: 0 for b in problems} for name in chosen}
+    stats = GenerationStats()
     # One engine serves every model that has problems left (on vLLM: the base without a LoRA
     # request, each adapter as its own); see ssb.stages.engine.
     with contextlib.ExitStack() as stack:
-        engine = None
         if todo:
-            engine = stack.enter_context(
-                generation_engine(cfg, rundir, {name: chosen[name] for name in todo})
-            )
+            served = {name: chosen[name] for name in todo}
+            engine = stack.enter_context(generation_engine(cfg, rundir, served))
         for name, model_todo in todo.items():
             log.info("eval: %s: %d problems to evaluate", name, sum(len(c) for _, c in model_todo))
             with engine.serving(name) as generator:
                 for bench, chunk in model_todo:
-                    prompts = [
-                        render_prompt_ids(
-                            engine.tokenizer, student_messages(p, cfg.prompt), cfg.prompt
-                        )
-                        for p in chunk
-                    ]
-                    params = SamplingParams(
-                        temperature=settings["temperature"],
-                        top_p=settings["top_p"],
-                        top_k=settings["top_k"],
-                        max_new_tokens=settings["max_new_tokens"],
-                        n=n,
-                        stop_strings=engine.reply.stop_strings,
-                        # The same seeds for every model: paired comparisons share the randomness.
-                        prompt_seeds=[
-                            stable_seed(cfg.seed, "eval", bench_slug(bench), p.id) for p in chunk
-                        ],
+                    where = (name, bench, fingerprints[name])
+                    records = _evaluate_chunk(
+                        cfg, engine, generator, where, chunk, settings, stats, progress
                     )
-                    kept, outputs = generate_chunk(
-                        engine,
-                        generator,
-                        [str(p.id) for p in chunk],
-                        prompts,
-                        params,
-                        f"eval {name} {bench}",
-                        stats,
-                        progress,
-                    )
-                    records = [
-                        eval_record(
-                            chunk[i],
-                            engine.tokenizer.decode(prompts[i]),
-                            outs,
-                            bench,
-                            settings["scoring"],
-                            fingerprints[name],
-                        )
-                        for i, outs in zip(kept, outputs)
-                    ]
                     new_records[name][bench] += append_jsonl(
                         ranks.output(rundir, records_path(rundir, name, bench)), records
                     )
@@ -215,3 +161,85 @@ def run_eval(
     }
     out.update(stats.summary())
     return out
+
+
+def _eval_problems(cfg: Config) -> tuple[dict[str, list[Problem]], dict[str, int]]:
+    """Each benchmark's problems whose gold answer can be graded, and how many were not."""
+    problems, bad_golds = {}, {}
+    for bench in cfg.eval.benchmarks:
+        problems[bench], skipped_ids = drop_unparseable_golds(
+            load_eval_problems(cfg, bench), "eval"
+        )
+        bad_golds[bench] = len(skipped_ids)
+    for bench, plist in problems.items():
+        ids = [str(p.id) for p in plist]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"benchmark {bench!r} has duplicate problem ids")
+    return problems, bad_golds
+
+
+def _todo(
+    rundir: RunDir,
+    problems: dict[str, list[Problem]],
+    fingerprints: dict[str, str],
+    ranks: Ranks,
+    chunk_size: int,
+) -> dict[str, list[tuple[str, list[Problem]]]]:
+    """Per model, the chunks (benchmark, problems) of this rank's problems without a record."""
+    todo: dict[str, list[tuple[str, list[Problem]]]] = {}
+    for name, fp in fingerprints.items():
+        for bench, plist in problems.items():
+            done = {
+                str(r["id"])
+                for r in read_jsonl(records_path(rundir, name, bench))
+                if r.get("fingerprint") == fp
+            }
+            for chunk in chunks(ranks.mine(plist), chunk_size):
+                left = [p for p in chunk if str(p.id) not in done]
+                if left:
+                    todo.setdefault(name, []).append((bench, left))
+    return todo
+
+
+def _evaluate_chunk(
+    cfg: Config,
+    engine: GenerationEngine,
+    generator: Generator,
+    where: tuple[str, str, str],
+    chunk: list[Problem],
+    settings: dict[str, Any],
+    stats: GenerationStats,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """One chunk of one benchmark through one model (`where`: model name, benchmark, the
+    records' fingerprint): its eval records."""
+    name, bench, fp = where
+    prompts = [
+        render_prompt_ids(engine.tokenizer, student_messages(p, cfg.prompt), cfg.prompt)
+        for p in chunk
+    ]
+    params = SamplingParams(
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        top_k=settings["top_k"],
+        max_new_tokens=settings["max_new_tokens"],
+        n=settings["num_samples"],
+        stop_strings=engine.reply.stop_strings,
+        # The same seeds for every model: paired comparisons share the randomness.
+        prompt_seeds=[stable_seed(cfg.seed, "eval", bench_slug(bench), p.id) for p in chunk],
+    )
+    ids = [str(p.id) for p in chunk]
+    kept, outputs = generate_chunk(
+        engine, generator, ids, prompts, params, f"eval {name} {bench}", stats, progress
+    )
+    return [
+        eval_record(
+            chunk[i],
+            engine.tokenizer.decode(prompts[i]),
+            outs,
+            bench,
+            settings["scoring"],
+            fp,
+        )
+        for i, outs in zip(kept, outputs)
+    ]

@@ -55,7 +55,7 @@ from ssb.grading import extract_boxed, grade
 from ssb.problems import load_train_problems
 from ssb.prompts import fewshot_text, render_prompt_ids, student_messages, uses_chat_template
 from ssb.rundir import RunDir, read_jsonl
-from ssb.stages.common import load_base
+from ssb.stages.base import load_base
 from ssb.stages.lora_training import (
     JsonlLogCallback,
     LoraFiles,

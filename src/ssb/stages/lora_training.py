@@ -31,7 +31,8 @@ from ssb.rundir import (
     read_jsonl,
 )
 from ssb.sharding import deepspeed_launch, is_sharded, shard_report, trainable_state_dict
-from ssb.stages.common import log, release_accelerator
+from ssb.stages.base import release_accelerator
+from ssb.stages.common import log
 from ssb.trackers import attach_trackers, check_report_to
 
 

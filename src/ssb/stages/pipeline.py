@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ssb.config import Config
@@ -136,7 +137,14 @@ def run_eval_stage(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[s
     return summary
 
 
-def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(
+    cfg: Config,
+    rundir: RunDir,
+    progress: bool = True,
+    report_writer: Callable[[RunDir, Config], Path] = write_report,
+) -> dict[str, Any]:
+    """Every stage of `ssb run`, then the report; `report_writer` writes report.md (the command
+    passes one that adds the ablation's section, a feature above the stages)."""
 
     check_report_to(cfg.train.report_to)  # now, not after hours of rollouts
     out = train_round(cfg, rundir, progress)
@@ -158,6 +166,6 @@ def run_pipeline(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
             out["grpo"] = run_and_record(rundir, "grpo", lambda: run_grpo(cfg, rundir, progress))
     out["eval"] = run_and_record(rundir, "eval", lambda: run_eval_stage(cfg, rundir, progress))
     out["report"] = run_and_record(
-        rundir, "report", lambda: {"report": str(write_report(rundir, cfg))}
+        rundir, "report", lambda: {"report": str(report_writer(rundir, cfg))}
     )
     return out

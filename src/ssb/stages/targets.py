@@ -32,7 +32,8 @@ from ssb.identity import model_identity
 from ssb.prompts import render_prompt_ids
 from ssb.rundir import RunDir
 from ssb.sharding import is_sharded, launch_sharding, shard_for_scoring, shard_report
-from ssb.stages.common import chunks, load_base, log, policy_model, release_accelerator
+from ssb.stages.base import load_base, policy_model, release_accelerator
+from ssb.stages.common import chunks, log
 from ssb.target_modes import TARGET_MODES
 
 # Where each rank writes its share under `accelerate launch`, before rank 0 merges them.

@@ -52,7 +52,8 @@ from ssb.sharding import (
     requested_sharding,
     size_zero3_as_transformers,
 )
-from ssb.stages.common import load_base, log
+from ssb.stages.base import load_base
+from ssb.stages.common import log
 from ssb.stages.lora_training import (
     JsonlLogCallback,
     LoraFiles,
