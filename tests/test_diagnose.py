@@ -24,7 +24,13 @@ from ssb.distill.signal import SignalSums, verdict
 from ssb.distill.store import TargetReader, TargetWriter
 from ssb.rundir import read_jsonl
 from ssb.stages.base import load_base
-from ssb.stages.diagnose import gradient_cosine, kd_ce_cosine, run_diagnose, signal_sums
+from ssb.stages.diagnose import (
+    gradient_cosine,
+    kd_ce_cosine,
+    run_diagnose,
+    run_targets_and_diagnose,
+    signal_sums,
+)
 from ssb.stages.targets import run_targets, student_sequence, targets_meta, teacher_sequence
 from ssb.stages.train import DistillCollator, student_model
 
@@ -345,7 +351,7 @@ def test_targets_writes_the_diagnostic_when_asked(tmp_path, mode):
 
 def test_targets_skips_the_diagnostic_when_off(tmp_path):
     cfg, rundir, _ = make_run(tmp_path, "chatml", "targets.diagnose=false", n=2)
-    summary = run_targets(cfg, rundir, progress=False)
+    summary = run_targets_and_diagnose(cfg, rundir, progress=False)
     assert "diagnostic" not in summary and not rundir.teacher_signal_path.exists()
 
 

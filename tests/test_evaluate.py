@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from ssb.config import config_from_dict
-from ssb.identity import has_adapter
-from ssb.rundir import RunDir, read_jsonl
+from ssb.rundir import RunDir, has_adapter, read_jsonl
 from ssb.stages.eval_setup import available_models, bench_slug, eval_settings, resolve_models
 from ssb.stages.eval_summary import benchmark_result, paired_comparison
 from ssb.stats import mcnemar_exact, wilson_interval

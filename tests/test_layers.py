@@ -49,8 +49,6 @@ STILL_TO_REMOVE = {
     ("ssb.config", "ssb.problems.record"): "config validation names problems' error",
     ("ssb.config", "ssb.problems.sources"): "config validation checks source names there",
     ("ssb.config", "ssb.trackers"): "config.check_available checks the trackers are installed",
-    ("ssb.rundir", "ssb.identity"): "RunDir.trained_adapters uses identity.has_adapter",
-    ("ssb.stages.targets", "ssb.stages.diagnose"): "run_targets ends with the diagnostic",
 }
 
 # A comment that says the import dodges a cycle: "import cycle", "circular", "X imports this

@@ -44,9 +44,9 @@ def _stage_bootstrap(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> d
 
 
 def _stage_targets(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:
-    from ssb.stages.targets import run_targets
+    from ssb.stages.diagnose import run_targets_and_diagnose
 
-    return run_targets(cfg, rundir, progress=not args.quiet)
+    return run_targets_and_diagnose(cfg, rundir, progress=not args.quiet)
 
 
 def _stage_diagnose(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from ssb.config import ModelConfig
 from ssb.models import EMBEDDED_MODEL_ID, gguf_key, resolve_source
-from ssb.rundir import atomic_write_text
+from ssb.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES, atomic_write_text
 
 
 def vocab_hash(tokenizer) -> str:
@@ -41,20 +41,6 @@ def directory_hash(path: Path, head_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def has_adapter(path: str | Path | None) -> bool:
-    """True when `path` holds a saved PEFT adapter (config + weights)."""
-    if path is None:
-        return False
-    path = Path(path)
-    return (path / "adapter_config.json").is_file() and any(
-        (path / f).is_file() for f in ADAPTER_WEIGHT_FILES
-    )
-
-
-ADAPTER_CONFIG = "adapter_config.json"
 # Where the base was loaded from (a cache path on one machine, a hub id in an export): not what
 # the adapter is, so not part of its hash.
 _BASE_LOCATION_KEYS = ("base_model_name_or_path", "revision")

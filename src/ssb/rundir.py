@@ -58,6 +58,20 @@ TRACKED_PACKAGES = (
 log = logging.getLogger("ssb")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def has_adapter(path: str | Path | None) -> bool:
+    """True when `path` holds a saved PEFT adapter (config + weights)."""
+    if path is None:
+        return False
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and any(
+        (path / f).is_file() for f in ADAPTER_WEIGHT_FILES
+    )
+
+
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (incompatible config, unwritable, ...)."""
 
@@ -390,8 +404,6 @@ class RunDir:
     def trained_adapters(self) -> dict[str, Path]:
         """name -> adapter directory of every model trained in this run: "student" (adapter/)
         and "<name>" for any direct sub-directory holding `<name>/adapter/` (grpo, round2, ...)."""
-        from ssb.identity import has_adapter  # noqa: PLC0415 -- start-up: rundir is imported by the CLI, identity loads torch
-
         found = {"student": self.adapter_dir} if has_adapter(self.adapter_dir) else {}
         if self.path.is_dir():
             for sub in sorted(self.path.iterdir()):

@@ -34,9 +34,9 @@ from ssb.config import Config
 from ssb.funnel import funnel
 from ssb.rundir import AblationDir, RunDir, read_jsonl
 from ssb.stages.common import log
+from ssb.stages.diagnose import run_targets_and_diagnose
 from ssb.stages.evaluate import run_eval
 from ssb.stages.pipeline import generate_pairs, run_and_record
-from ssb.stages.targets import run_targets
 
 # The run's stages whose output each kind of arm trains from (its data cost).
 DATA_STAGES = {
@@ -53,7 +53,7 @@ def prepare_run(cfg: Config, rundir: RunDir, arms: list[Arm], progress: bool = T
 
     generate_pairs(cfg, rundir, progress)
     if any(a.kind == "ssb" and a.context is None for a in arms) and needs_stored_targets(cfg):
-        run_and_record(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
+        run_and_record(rundir, "targets", lambda: run_targets_and_diagnose(cfg, rundir, progress))
 
 
 def data_cost(rundir: RunDir, ablation: AblationDir, arm: Arm, examples: int) -> dict[str, Any]:

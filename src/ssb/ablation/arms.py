@@ -32,7 +32,6 @@ from typing import Any
 from ssb.ablation.onpolicy import run_onpolicy
 from ssb.config import Config, to_dict, variant_config
 from ssb.funnel import funnel
-from ssb.identity import has_adapter
 from ssb.models import set_seed
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, student_messages
@@ -44,13 +43,13 @@ from ssb.rundir import (
     RunDir,
     atomic_write_json,
     atomic_write_text,
+    has_adapter,
     read_jsonl,
 )
 from ssb.stages.base import load_base
 from ssb.stages.bootstrap import run_bootstrap
-from ssb.stages.diagnose import run_diagnose
+from ssb.stages.diagnose import run_diagnose, run_targets_and_diagnose
 from ssb.stages.grpo import run_grpo
-from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train
 from ssb.target_modes import TARGET_MODES
 
@@ -210,7 +209,7 @@ def prepare_arm_data(
     info = pair_yield(counts, ctx_cfg.bootstrap.teacher_context)
     if counts["kept"] and needs_stored_targets(cfg) and not data.is_complete("targets"):
         with data.stage("targets") as summary:
-            summary.update(run_targets(ctx_cfg, data, progress))
+            summary.update(run_targets_and_diagnose(ctx_cfg, data, progress))
     if counts["kept"] and cfg.targets.diagnose and not data.teacher_signal_path.exists():
         run_diagnose(ctx_cfg, data, progress)  # online targets, or targets made before it existed
     return data, info

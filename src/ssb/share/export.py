@@ -28,9 +28,9 @@ import datasets
 from huggingface_hub import HfApi, get_token
 
 from ssb.config import to_dict
-from ssb.identity import ADAPTER_CONFIG, adapter_hash, has_adapter, write_adapter_config
+from ssb.identity import adapter_hash, write_adapter_config
 from ssb.models import hub_reachable
-from ssb.rundir import RunDir, current_umask
+from ssb.rundir import ADAPTER_CONFIG, RunDir, current_umask, has_adapter
 from ssb.share import (
     DATASET_DIR,
     EXPORT_FORMAT,

@@ -23,10 +23,10 @@ from peft import PeftModel
 from ssb.config import Config, to_dict
 from ssb.generate.vllm import vllm_device
 from ssb.hardware import hardware_info, pick_device, pick_dtype
-from ssb.identity import has_adapter, model_identity
+from ssb.identity import model_identity
 from ssb.models import load_model_and_tokenizer, load_tokenizer
 from ssb.prompts import ReplyFormat, reply_format
-from ssb.rundir import RunDir, RunDirError
+from ssb.rundir import RunDir, RunDirError, has_adapter
 
 log = logging.getLogger("ssb")
 

@@ -16,6 +16,7 @@ when the teacher carries no advantage. `ssb targets` runs it at its end (`target
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from typing import Any
 
@@ -36,6 +37,7 @@ from ssb.stages.targets import (
     SCORE_CHUNK,
     check_prompts,
     reply_hidden_rows,
+    run_targets,
     student_sequence,
     teacher_sequence,
 )
@@ -246,3 +248,17 @@ def run_diagnose(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str
     else:
         log.info("diagnose: %s", result["verdict"]["text"])
     return brief(result, str(rundir.teacher_signal_path))
+
+
+def run_targets_and_diagnose(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
+    """The `targets` stage as `ssb targets`, `ssb run` and an ablation's teacher contexts run it:
+    the teacher's targets, then the teacher-signal diagnostic when `targets.diagnose` is on. One
+    process only: under a multi-process launch the base may be sharded, and the diagnostic is
+    cheap enough to run alone."""
+    summary = run_targets(cfg, rundir, progress)
+    if not cfg.targets.diagnose:
+        return summary
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.info("targets: run `ssb diagnose` in one process for the teacher-signal diagnostic")
+        return summary
+    return {**summary, "diagnostic": run_diagnose(cfg, rundir, progress)}

@@ -46,10 +46,9 @@ from ssb.generate import (
 )
 from ssb.generate.base import Completion, require_finished
 from ssb.generate.vllm import vllm_device
-from ssb.identity import has_adapter
 from ssb.models import load_model_config
 from ssb.prompts import ReplyFormat
-from ssb.rundir import RunDir
+from ssb.rundir import RunDir, has_adapter
 from ssb.stages.base import BaseModel, attached_adapter, load_base, release_accelerator
 from ssb.stages.common import fitting_prompts
 from ssb.stages.ranks import cpus_for_this_rank, gpus_for_this_rank

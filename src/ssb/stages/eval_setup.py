@@ -13,8 +13,8 @@ from typing import Any
 
 from ssb.config import Config, to_dict
 from ssb.grading import extract_boxed, grade, reference_grade
-from ssb.identity import adapter_hash, has_adapter
-from ssb.rundir import RunDir, read_jsonl
+from ssb.identity import adapter_hash
+from ssb.rundir import RunDir, has_adapter, read_jsonl
 
 SCORINGS = ("math-verify", "reference")
 

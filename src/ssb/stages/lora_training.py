@@ -21,9 +21,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from ssb.config import Config, flatten
-from ssb.identity import ADAPTER_CONFIG, write_adapter_config
+from ssb.identity import write_adapter_config
 from ssb.models import disable_checkpointing
 from ssb.rundir import (
+    ADAPTER_CONFIG,
     append_jsonl,
     atomic_write_json,
     atomic_write_text,

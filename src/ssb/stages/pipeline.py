@@ -28,10 +28,10 @@ from ssb.report import write_report
 from ssb.rundir import RunDir
 from ssb.stages.bootstrap import run_bootstrap
 from ssb.stages.common import log
+from ssb.stages.diagnose import run_targets_and_diagnose
 from ssb.stages.evaluate import run_eval
 from ssb.stages.grpo import run_grpo
 from ssb.stages.rollout import run_rollout
-from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train
 from ssb.trackers import check_report_to, report_eval
 
@@ -118,7 +118,9 @@ def train_round(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     if cfg.model.adapter is not None and funnel(rundir)["kept"] == 0:
         # A later round with nothing to learn from (round 1 fails in train, saying so).
         return {**out, "stopped": "no pairs kept"}
-    out["targets"] = run_and_record(rundir, "targets", lambda: run_targets(cfg, rundir, progress))
+    out["targets"] = run_and_record(
+        rundir, "targets", lambda: run_targets_and_diagnose(cfg, rundir, progress)
+    )
     if rundir.is_complete("train") and rundir.adapter_dir.exists():
         log.info("train: already complete, adapter in %s", rundir.adapter_dir)
     else:

@@ -171,7 +171,7 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
             "scored": 0,
             "bytes_per_reply_token": 0.0,
         }
-        return with_diagnostic(cfg, rundir, summary, progress)
+        return summary
 
     sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
     base = load_base(cfg, rundir, to_shard=sharding is not None)
@@ -202,24 +202,7 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     }
     if sharded is not None:
         summary["sharding"] = sharded  # this rank's share of the parameters
-    return with_diagnostic(cfg, rundir, summary, progress)
-
-
-def with_diagnostic(
-    cfg: Config, rundir: RunDir, summary: dict[str, Any], progress: bool = True
-) -> dict[str, Any]:
-    """`summary` plus the teacher-signal diagnostic (`ssb diagnose`) when `targets.diagnose` is
-    on, so every caller of `run_targets` (`ssb targets`, `ssb run`, an ablation's teacher
-    contexts) gets it when its targets are made. One process only: under a multi-process
-    launch the base may be sharded, and the diagnostic is cheap enough to run alone."""
-    if not cfg.targets.diagnose:
-        return summary
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        log.info("targets: run `ssb diagnose` in one process for the teacher-signal diagnostic")
-        return summary
-    from ssb.stages.diagnose import run_diagnose  # noqa: PLC0415 - it imports this module
-
-    return {**summary, "diagnostic": run_diagnose(cfg, rundir, progress)}
+    return summary
 
 
 def teacher_length(pair: dict[str, Any]) -> int:
