@@ -49,7 +49,7 @@ import torch
 from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback
 
-from ssb.config import Config, ConfigError, to_dict
+from ssb.config import Config, to_dict
 from ssb.generate import select_backend
 from ssb.generate.base import make_completion, stop_string_cut
 from ssb.generate.vllm import shutdown_llm, vllm_device
@@ -257,30 +257,6 @@ def _trainer_class() -> type:
 _SSBGRPOTrainer: type | None = None
 
 
-def check_grpo_config(cfg: Config) -> None:
-    g = cfg.grpo
-    for key in ("batch_size", "max_steps", "max_completion_length", "save_steps"):
-        if getattr(g, key) <= 0:
-            raise ConfigError(f"grpo.{key}: must be > 0, got {getattr(g, key)!r}")
-    if g.num_generations < 2:
-        raise ConfigError(f"grpo.num_generations: GRPO needs >= 2, got {g.num_generations}")
-    if g.sampling.temperature <= 0:
-        raise ConfigError(
-            f"grpo.sampling.temperature: must be > 0 (GRPO samples), got {g.sampling.temperature}"
-        )
-    if g.beta < 0 or g.learning_rate <= 0 or g.format_reward_weight < 0:
-        raise ConfigError(
-            "grpo.beta and grpo.format_reward_weight must be >= 0, grpo.learning_rate > 0"
-        )
-    if not 0 <= g.warmup_ratio < 1:
-        raise ConfigError(f"grpo.warmup_ratio: must be in [0, 1), got {g.warmup_ratio}")
-    if not 0 < g.vllm_gpu_memory_utilization < 1:
-        raise ConfigError(
-            "grpo.vllm_gpu_memory_utilization: must be in (0, 1), got "
-            f"{g.vllm_gpu_memory_utilization}"
-        )
-
-
 def use_grpo_vllm(cfg: Config) -> bool:
     """GRPO generates with a colocated vLLM engine when generation.backend resolves to vllm on a
     GPU. On a CPU host (vLLM's CPU build) it generates with transformers: TRL's colocated mode
@@ -452,7 +428,6 @@ def grpo_fingerprint(cfg: Config) -> dict[str, Any]:
 
 def run_grpo(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str, Any]:
     """Train the GRPO baseline LoRA; returns a summary for the manifest."""
-    check_grpo_config(cfg)
     base = load_base(cfg, rundir)
     model, tokenizer = base.model, base.tokenizer
     if hasattr(model, "peft_config"):

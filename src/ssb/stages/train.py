@@ -69,7 +69,6 @@ from ssb.stages.lora_training import (
     write_fingerprint,
 )
 from ssb.stages.targets import (
-    check_lora_targets,
     check_prompts,
     student_sequence,
     targets_meta,
@@ -432,10 +431,8 @@ def training_arguments(
     kwargs: dict[str, Any] = {}
     if "warmup_ratio" in fields:
         kwargs["warmup_ratio"] = tc.warmup_ratio
-    elif tc.warmup_ratio < 1:
-        kwargs["warmup_steps"] = float(tc.warmup_ratio)  # a float in [0, 1) is a ratio
     else:
-        raise ValueError(f"train.warmup_ratio must be < 1, got {tc.warmup_ratio}")
+        kwargs["warmup_steps"] = float(tc.warmup_ratio)  # a float in [0, 1) is a ratio
     if tc.gradient_checkpointing:
         key = "activation_checkpointing" if "activation_checkpointing" in fields else None
         kwargs[key or "gradient_checkpointing"] = True
@@ -560,7 +557,6 @@ def run_train(
     an FSDP2 or ZeRO-3 launch (`examples/accelerate_fsdp.yaml`, `examples/accelerate_zero3.yaml`)
     the base and the LoRA weights are sharded over the processes; the adapter is still written
     once, in the same files."""
-    check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
     sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
     pairs = rundir.read_pairs()
