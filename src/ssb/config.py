@@ -1122,7 +1122,9 @@ def reference_markdown() -> str:
         "",
         "Generated from `ssb.config` by `ssb config --reference` (do not edit by hand). Every key "
         "can be set in a YAML file or with `--set KEY=VALUE` (dotted path; lists as `a,b,c`; "
-        "`null` for none); `ssb config` prints a resolved config with these notes as comments.",
+        "`null` for none); `ssb config` prints a resolved config with these notes as comments. "
+        "Configs written when the sampling keys sat directly in each section "
+        "(`rollout.temperature`, ...) still load, with a warning.",
         "",
         "## Top level",
         "",
