@@ -226,8 +226,25 @@ def test_a_section_checks_itself_and_the_error_names_the_dotted_key():
         load_config(overrides=["train.loss.kd_weight=0"])
     with pytest.raises(ConfigError, match=r"^top_k: must be >= 0"):
         SamplingConfig(top_k=-1)
-    with pytest.raises(ConfigError, match=r"^ablate\.variants: 'x: train\.loss\.jsd_beta=2'"):
-        load_config(overrides=['ablate.variants=["x: train.loss.jsd_beta=2"]'])
+    variant = r"^ablate\.variants: 'x: train\.loss\.temperature=0': train\.loss\.temperature: "
+    with pytest.raises(ConfigError, match=variant + "must be > 0"):
+        load_config(overrides=['ablate.variants=["x: train.loss.temperature=0"]'])
+
+
+def test_an_error_says_where_the_value_came_from(tmp_path):
+    """The last layer that set the key: a --set, the config file's line, or the preset."""
+    f = tmp_path / "c.yaml"
+    f.write_text("rollout:\n  num_samples: 8\ntrain:\n  loss:\n    temperature: 0\n")
+    with pytest.raises(ConfigError, match=re.escape(f"got 0.0 (from {f}, line 5)")):
+        load_config(config_file=f)
+    with pytest.raises(ConfigError, match=re.escape("(from --set train.loss.temperature=-1)")):
+        load_config(config_file=f, overrides=["train.loss.temperature=-1"])
+    with pytest.raises(ConfigError, match=re.escape("train.loss: kd_weight and ce_weight")):
+        load_config(overrides=["train.loss.kd_weight=0"])  # a section's check: a key under it
+    with pytest.raises(ConfigError, match=r"^ablate\.tau_grid: .*\(from preset ablation-cpu\)$"):
+        load_config(preset="ablation-cpu", overrides=["targets.mode=topk"])
+    with pytest.raises(ConfigError, match=r"^train\.loss\.temperature: must be > 0, got 0\.0$"):
+        config_from_dict({"train": {"loss": {"temperature": 0}}})  # no layers: no source
 
 
 def _sections(cls: type) -> list[type]:

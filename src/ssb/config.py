@@ -45,6 +45,12 @@ class ConfigError(ValueError):
         self.key = key
         self.problem = message
 
+    def set_by(self, source: str) -> ConfigError:
+        """The same error, saying where the value came from ("--set a.b=1", "c.yaml, line 3")."""
+        error = ConfigError(f"{self} (from {source})")
+        error.key, error.problem = self.key, f"{self.problem} (from {source})"
+        return error
+
     def under(self, prefix: str) -> ConfigError:
         """The same error, its key under `prefix` ("train.loss.") where the section sits."""
         if not prefix:
@@ -738,11 +744,6 @@ class Config(Section):
                 "arm already uses",
                 "ablate.teacher_contexts",
             )
-        names = [variant_config(self, spec)[0] for spec in a.variants]
-        taken = set(a.arms) | set(a.teacher_contexts)
-        clash = [n for n in names if n in taken] or [n for n in names if names.count(n) > 1]
-        if clash:
-            raise ConfigError(f"the name {clash[0]!r} is used twice", "ablate.variants")
         if a.validation_problems and self.data.max_problems is None:
             raise ConfigError(
                 "needs data.max_problems (the validation problems are the ones after the "
@@ -755,6 +756,12 @@ class Config(Section):
                 "it with hidden or online targets",
                 "ablate.tau_grid",
             )
+        # Last: each variant is a whole config, checked like this one.
+        names = [variant_config(self, spec)[0] for spec in a.variants]
+        taken = set(a.arms) | set(a.teacher_contexts)
+        clash = [n for n in names if n in taken] or [n for n in names if names.count(n) > 1]
+        if clash:
+            raise ConfigError(f"the name {clash[0]!r} is used twice", "ablate.variants")
         return self
 
 
@@ -784,28 +791,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+                errors.append(exc)
+        raise errors[0] if errors else ConfigError(f"bad value {value!r}", key)
     if origin is list:
         (item_type,) = typing.get_args(tp)
         if isinstance(value, str):  # --set a.b=x,y
             value = [v for v in value.split(",") if v]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"expected a list, got {value!r}", key)
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"expected a mapping, got {value!r}", key)
         return _build(tp, value, key + ".")
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"expected true/false, got {value!r}", key)
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"expected an integer, got {value!r}", key)
         if isinstance(value, int):
             return value
         if isinstance(value, str):
@@ -813,7 +820,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"expected an integer, got {value!r}", key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -822,24 +829,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"expected a number, got {value!r}", key)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"expected a string, got {value!r}", key)
     if tp is Any:
         return value
-    raise ConfigError(f"{key}: unsupported type {tp}")
+    raise ConfigError(f"unsupported type {tp}", key)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     fields = _resolved_fields(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
+        error = ConfigError(
             f"unknown config key {prefix}{unknown[0]!s} (valid keys under "
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))})"
         )
+        error.key = f"{prefix}{unknown[0]!s}"  # named in the message its own way
+        raise error
     default = cls()
     kwargs = {}
     for name, tp in fields.items():
@@ -916,7 +925,7 @@ def check_available(cfg: Config, stages: Collection[str]) -> None:
                 key = f"eval.benchmarks[{i}]"
                 check_eval_source(cfg, benchmark)
     except ProblemsError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+        raise ConfigError(str(exc), key) from None
     if stages & {"train", "grpo", "ablate"}:
         from ssb.trackers import check_report_to  # noqa: PLC0415 -- imports transformers
 
@@ -946,24 +955,25 @@ def variant_config(cfg: Config, spec: str) -> tuple[str, Config]:
     those keys changed, validated like any config."""
     name, sep, body = spec.partition(":")
     name = name.strip()
-    where = f"ablate.variants: {spec!r}"
+    where = "ablate.variants"
     if not sep or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(
-            f"{where}: expected 'name: key=value; key=value' (name: letters, digits, _ or -)"
+            f"{spec!r}: expected 'name: key=value; key=value' (name: letters, digits, _ or -)",
+            where,
         )
     pairs = [p.strip() for p in body.split(";") if p.strip()]
     if not pairs:
-        raise ConfigError(f"{where}: changes nothing")
+        raise ConfigError(f"{spec!r}: changes nothing", where)
     for pair in pairs:
         key = pair.split("=", 1)[0].strip()
         if "=" not in pair or key not in VARIANT_KEYS:
-            raise ConfigError(f"{where}: {key!r} is not one of {', '.join(VARIANT_KEYS)}")
+            raise ConfigError(f"{spec!r}: {key!r} is not one of {', '.join(VARIANT_KEYS)}", where)
     data = to_dict(cfg)
     data["ablate"]["variants"] = []  # the variant itself runs no ablation
     try:
         variant = _build(Config, _merge(data, parse_overrides(pairs))).validate()
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{spec!r}: {exc}", where) from None
     return name, variant
 
 
@@ -1013,16 +1023,19 @@ def load_config(
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """defaults <- preset <- YAML file <- --set overrides, validated."""
+    """defaults <- preset <- YAML file <- --set overrides, validated. An error names the key and
+    where its value came from (the --set, the file and line, or the preset)."""
     data: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
         data = _merge(data, PRESETS[preset])
+    file_text = None
     if config_file is not None:
         path = Path(config_file)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            file_text = path.read_text()
+            loaded = yaml.safe_load(file_text) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as exc:
@@ -1032,7 +1045,48 @@ def load_config(
         data = _merge(data, _move_legacy_sampling_keys(loaded))
     if overrides:
         data = _merge(data, _move_legacy_sampling_keys(parse_overrides(overrides)))
-    return _build(Config, data).validate()
+    try:
+        return _build(Config, data).validate()
+    except ConfigError as exc:
+        source = _where_set(exc.key, preset, config_file, file_text, overrides or [])
+        raise (exc.set_by(source) if source else exc) from None
+
+
+def _where_set(
+    key: str, preset: str | None, config_file: Any, file_text: str | None, overrides: list[str]
+) -> str:
+    """Where the value of `key` (a dotted path, a section's or one ending in [i]) was set: the
+    last --set of it or of a key under it, else its line in the config file, else the preset;
+    "" for a default."""
+    dotted = key.split("[")[0]
+    if not dotted:
+        return ""
+    for pair in reversed(overrides):
+        name = pair.split("=", 1)[0].strip()
+        if name == dotted or name.startswith(dotted + "."):
+            return f"--set {pair}"
+    line = _yaml_line(file_text, dotted) if file_text is not None else None
+    if line is not None:
+        return f"{config_file}, line {line}"
+    if preset is not None and _preset_value(PRESETS[preset], dotted)[0]:
+        return f"preset {preset}"
+    return ""
+
+
+def _yaml_line(text: str, dotted: str) -> int | None:
+    """The line (from 1) of key `dotted` in the YAML document `text`, or None."""
+    node = yaml.compose(text)
+    line = None
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for key_node, value_node in node.value:
+            if key_node.value == part:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            return None
+    return line
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
