@@ -263,12 +263,16 @@ class PromptConfig(Section):
         self._require(all(self.stop_strings), "stop_strings", "an empty stop string")
 
 
+# Generation engines (ssb.generate.select_backend resolves "auto").
+BACKENDS = ("auto", "hf", "vllm")
+
+
 @dataclass
 class GenerationConfig(Section):
     backend: str = setting(
         "auto",
         "auto: vllm if installed and a GPU is present, else hf.",
-        choices=("auto", "hf", "vllm"),
+        choices=BACKENDS,
     )
     batch_size: int = setting(
         16,
@@ -551,6 +555,10 @@ class GrpoConfig(Section):
         )
 
 
+# How eval grades (ssb.stages.eval_setup reads each one's verdict).
+SCORINGS = ("math-verify", "reference")
+
+
 @dataclass
 class EvalConfig(Section):
     benchmarks: list[str] = setting(
@@ -566,7 +574,7 @@ class EvalConfig(Section):
     scoring: str = setting(
         "math-verify",
         "How answers are graded: math-verify, or reference (the paper's harness).",
-        choices=("math-verify", "reference"),
+        choices=SCORINGS,
     )
 
     def __post_init__(self) -> None:
