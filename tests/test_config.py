@@ -1,9 +1,19 @@
+import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from ssb.config import Config, ConfigError, config_from_dict, dump_yaml, load_config
+from ssb.config import (
+    Config,
+    ConfigError,
+    LossConfig,
+    SamplingConfig,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+)
 
 
 def test_defaults_roundtrip_through_yaml():
@@ -84,6 +94,12 @@ def test_overrides_parse_types_and_nested_keys(tmp_path):
         (["eval.benchmarks=[gsm8k,math5000]"], r"eval.benchmarks[1]"),
         (["eval.benchmarks=[]"], "eval.benchmarks"),
         (["data.train=gsmk8"], "data.train"),
+        (["train.warmup_ratio=1"], "train.warmup_ratio"),
+        (["train.loss.kd_weight=-1"], "train.loss.kd_weight"),
+        (["grpo.weight_decay=-1"], "grpo.weight_decay"),
+        (["data.synthetic.difficulty=4"], "data.synthetic.difficulty"),
+        (["prompt.stop_strings=[a,'']"], "prompt.stop_strings"),
+        (["ablate.lr_grid=[1e-4,1e-4]", "ablate.validation_problems=8"], "ablate.lr_grid"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -187,3 +203,92 @@ def test_sampling_keys_of_older_configs_still_load(tmp_path, caplog):
     # Both spellings in one layer must agree.
     with pytest.raises(ConfigError, match="rollout.temperature and rollout.sampling.temperature"):
         config_from_dict({"rollout": {"temperature": 0.3, "sampling": {"temperature": 0.5}}})
+
+
+def test_lm_head_lora_refused_by_the_config():
+    """The loss computes logits through the plain lm_head weight (hidden targets are scored
+    through it too), so LoRA on the output layer is refused before any stage starts."""
+    for modules in ("q_proj,lm_head", "q_proj,gpt_neox.embed_out"):
+        with pytest.raises(ConfigError, match=r"train\.lora\.target_modules: .*output layer"):
+            load_config(overrides=[f"train.lora.target_modules={modules}"])
+
+
+def test_a_section_checks_itself_and_the_error_names_the_dotted_key():
+    """Built directly, a section names its own field; built from YAML or --set, the full path.
+    A check over several fields of a section names the section."""
+    with pytest.raises(ConfigError, match=r"^temperature: must be > 0, got 0"):
+        LossConfig(temperature=0)
+    with pytest.raises(ConfigError, match=r"^train\.loss\.temperature: must be > 0, got 0"):
+        config_from_dict({"train": {"loss": {"temperature": 0}}})
+    with pytest.raises(ConfigError, match=r"^eval\.sampling\.top_p: must be in \(0, 1\]"):
+        load_config(overrides=["eval.sampling.top_p=2"])
+    with pytest.raises(ConfigError, match=r"^train\.loss: kd_weight and ce_weight are both 0"):
+        load_config(overrides=["train.loss.kd_weight=0"])
+    with pytest.raises(ConfigError, match=r"^top_k: must be >= 0"):
+        SamplingConfig(top_k=-1)
+    variant = r"^ablate\.variants: 'x: train\.loss\.temperature=0': train\.loss\.temperature: "
+    with pytest.raises(ConfigError, match=variant + "must be > 0"):
+        load_config(overrides=['ablate.variants=["x: train.loss.temperature=0"]'])
+
+
+def test_an_error_says_where_the_value_came_from(tmp_path):
+    """The last layer that set the key: a --set, the config file's line, or the preset."""
+    f = tmp_path / "c.yaml"
+    f.write_text("rollout:\n  num_samples: 8\ntrain:\n  loss:\n    temperature: 0\n")
+    with pytest.raises(ConfigError, match=re.escape(f"got 0.0 (from {f}, line 5)")):
+        load_config(config_file=f)
+    with pytest.raises(ConfigError, match=re.escape("(from --set train.loss.temperature=-1)")):
+        load_config(config_file=f, overrides=["train.loss.temperature=-1"])
+    with pytest.raises(ConfigError, match=re.escape("train.loss: kd_weight and ce_weight")):
+        load_config(overrides=["train.loss.kd_weight=0"])  # a section's check: a key under it
+    with pytest.raises(ConfigError, match=r"^ablate\.tau_grid: .*\(from preset ablation-cpu\)$"):
+        load_config(preset="ablation-cpu", overrides=["targets.mode=topk"])
+    with pytest.raises(ConfigError, match=r"^train\.loss\.temperature: must be > 0, got 0\.0$"):
+        config_from_dict({"train": {"loss": {"temperature": 0}}})  # no layers: no source
+
+
+def _sections(cls: type) -> list[type]:
+    """`cls` and every section type under it."""
+    found = [cls]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            found += [t for t in _sections(type(default)) if t not in found]
+    return found
+
+
+def test_every_field_is_documented_where_it_is_declared():
+    from ssb.generate.base import SamplingParams
+
+    for cls in [*_sections(Config), SamplingParams]:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_docs_config_md_is_the_generated_reference():
+    """docs/config.md comes from the config classes; regenerate it with
+    `ssb config --reference > docs/config.md`."""
+    from ssb.config import reference_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert docs.read_text() == reference_markdown(), "run: ssb config --reference > docs/config.md"
+
+
+def test_ssb_config_prints_the_docs_as_comments_and_loads_back(capsys):
+    from ssb.cli import main
+
+    assert main(["config", "--preset", "paper", "--set", "train.loss.clip=5"]) == 0
+    out = capsys.readouterr().out
+    assert config_from_dict(yaml.safe_load(out)) == load_config(
+        preset="paper", overrides=["train.loss.clip=5"]
+    )
+    assert "\n    # tau: teacher and student logits divided by it. Must be > 0.\n" in out
+
+
+def test_hint_styles_and_teacher_contexts_are_the_templates_keys():
+    from ssb.config import HINT_STYLES, TEACHER_CONTEXTS
+    from ssb.prompts import CHAT_TEACHER_TEMPLATES, FEWSHOT_TEACHER_TEMPLATES
+
+    for templates in (CHAT_TEACHER_TEMPLATES, FEWSHOT_TEACHER_TEMPLATES):
+        assert tuple(templates) == HINT_STYLES
+        assert all(tuple(by_context) == TEACHER_CONTEXTS for by_context in templates.values())

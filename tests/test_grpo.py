@@ -11,6 +11,7 @@ A random model never answers correctly, so the end-to-end tests swap in a reward
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -88,10 +89,18 @@ def test_reward_funcs_grade_the_text_eval_grades(tiny):
     assert boxed(completion_ids=ids, **kw) == [1.0, 1.0, 0.0, 1.0]
 
 
-def test_grpo_config_checks(tiny):
-    for bad in ("grpo.num_generations=1", "grpo.max_steps=0", "grpo.sampling.temperature=0"):
-        with pytest.raises(ConfigError, match=bad.split("=")[0]):
-            grpo.check_grpo_config(make_cfg(tiny["none"], bad))
+def test_grpo_config_checks():
+    for bad in (
+        "grpo.num_generations=1",
+        "grpo.max_steps=0",
+        "grpo.sampling.temperature=0",
+        "grpo.beta=-0.1",
+        "grpo.format_reward_weight=-1",
+        "grpo.warmup_ratio=1",
+        "grpo.vllm_gpu_memory_utilization=1",
+    ):
+        with pytest.raises(ConfigError, match=re.escape(bad.split("=")[0])):
+            load_config(overrides=[bad])
     paper = load_config(preset="paper").grpo
     assert (paper.learning_rate, paper.num_generations, paper.beta) == (5e-6, 8, 0.0)
     assert (paper.max_steps, paper.max_completion_length) == (2000, 1024)
@@ -124,8 +133,8 @@ def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
     assert args.vllm_gpu_memory_utilization == 0.25
     assert args.generation_kwargs == {"stop_token_ids": [7, 9], "stop": ["\n\n"]}
     assert load_config(preset="paper").train.gradient_checkpointing
-    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
-        grpo.check_grpo_config(make_cfg(tiny["none"], "grpo.vllm_gpu_memory_utilization=1.5"))
+    with pytest.raises(ConfigError, match="grpo.vllm_gpu_memory_utilization"):
+        make_cfg(tiny["none"], "grpo.vllm_gpu_memory_utilization=1.5")
 
 
 # --------------------------------------------------------------------------- end to end

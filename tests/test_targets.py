@@ -180,13 +180,6 @@ def test_mismatched_tau_or_mode_refused(tmp_path):
         score(cfg, rundir, "dense")
 
 
-def test_hidden_refused_when_lm_head_is_adapted(tmp_path):
-    cfg, rundir, _ = make_run(tmp_path, "chatml", "train.lora.target_modules=q_proj,lm_head", n=1)
-    with pytest.raises(ValueError, match="lm_head"):
-        score(cfg, rundir, "hidden")
-    assert not rundir.targets_dir.exists()
-
-
 def test_changed_prompt_refused(tmp_path):
     """Prompt ids that the current renderer would not produce (another template, tokenizer or
     prompt config) would score the reply in the wrong context."""

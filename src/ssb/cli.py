@@ -23,7 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ssb.config import Config, ConfigError, check_available, dump_yaml, load_config
+from ssb.config import (
+    Config,
+    ConfigError,
+    check_available,
+    documented_yaml,
+    load_config,
+    reference_markdown,
+)
 from ssb.presets import PRESETS
 from ssb.rundir import Interrupted, RunDir, RunDirError, raise_interrupted
 from ssb.share import FORMATS, IMPORT_STAGE
@@ -248,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(check)
     show = sub.add_parser(
         "config",
-        help="print the resolved config as YAML (a preset's, a file's, or a run's with --run-dir)",
+        help="print the resolved config as YAML (a preset's, a file's, or a run's with --run-dir), "
+        "each key's documentation as a comment",
     )
     g = show.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS))
@@ -257,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", default=None, help="an existing run: its config.yaml (with any --set)"
     )
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument(
+        "--reference",
+        action="store_true",
+        help="print every key's default, presets and documentation as markdown (docs/config.md)",
+    )
     return parser
 
 
@@ -349,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "harness-check":
             return _harness_check(args)
         if args.command == "config":
-            sys.stdout.write(dump_yaml(resolve_config(args)))
+            shown = (
+                reference_markdown() if args.reference else documented_yaml(resolve_config(args))
+            )
+            sys.stdout.write(shown)
             return 0
         cfg = resolve_config(args)
         check_available(cfg, command_stages(args.command, cfg))

@@ -81,7 +81,6 @@ MARKED_TEACHER_TEMPLATE = (
 # on lines of their own under the question was tried: the 270M teacher then answered wrong or
 # without a box on 100 of 111 mixed problems, against 58 of 111 inline, so the few-shot form
 # keeps the question line.)
-HINT_STYLES = ("inline", "marked")
 FEWSHOT_TEACHER_TEMPLATES = {
     "inline": {
         "correct_and_incorrect": (
@@ -182,7 +181,7 @@ def teacher_messages(
     style: str = "inline",
 ) -> list[Message]:
     """The hinted prompt: the problem plus the hints chosen by `context`, laid out by `style`
-    (HINT_STYLES; `prompt.teacher_template`, when set, replaces the built-in layout)."""
+    (ssb.config.HINT_STYLES; `prompt.teacher_template`, when set, replaces the built-in layout)."""
     if cfg.teacher_template is not None:
         template = cfg.teacher_template
     else:

@@ -13,9 +13,6 @@ class TargetMode:
     description: str
     # Tensors stored per reply token, name -> storage dtype (torch's name); empty: nothing stored.
     tensors: dict[str, str] = field(default_factory=dict)
-    # The teacher's logits are recomputed through the model's own output layer (from stored or
-    # live hidden states), so that layer must stay frozen and un-adapted.
-    needs_frozen_head: bool = False
     # The loss reads the targets in this mode (online: hidden states of a live teacher forward).
     loss_mode: str = ""
 
@@ -32,7 +29,6 @@ TARGET_MODES: dict[str, TargetMode] = {
             "the teacher's final hidden states (bf16, 2*H bytes per token); logits recomputed "
             "exactly through the frozen lm_head",
             {"hidden": "bfloat16"},
-            needs_frozen_head=True,
             loss_mode="hidden",
         ),
         TargetMode(
@@ -52,7 +48,6 @@ TARGET_MODES: dict[str, TargetMode] = {
             "online",
             "nothing stored: the frozen teacher (the student with its adapter off) runs in every "
             "training step",
-            needs_frozen_head=True,
             loss_mode="hidden",
         ),
     )

@@ -37,7 +37,7 @@ from ssb.stages.lora_training import (
     attach_reporting,
     run_lora_training,
 )
-from ssb.stages.targets import check_lora_targets, check_prompts
+from ssb.stages.targets import check_prompts
 from ssb.stages.train import (
     DistillCollator,
     LogLastStepCallback,
@@ -158,7 +158,6 @@ def run_onpolicy(cfg: Config, rundir: RunDir, steps: int, progress: bool = True)
     optimizer steps into `rundir.adapter_dir`, resuming its checkpoints."""
     if cfg.train.loss.kd_weight == 0:
         raise ValueError("onpolicy: train.loss.kd_weight is 0, so the teacher would teach nothing")
-    check_lora_targets(cfg)
     pairs = rundir.read_pairs()
     base = load_base(cfg, rundir)
     check_prompts(pairs, base.tokenizer, cfg)

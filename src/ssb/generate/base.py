@@ -19,48 +19,41 @@ here) and returns, per prompt and in input order, `n` `Completion`s whose `token
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ssb.config import SamplingConfig
+from ssb.config import SamplingConfig, setting
 
 
 @dataclass
-class SamplingParams:
-    temperature: float  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 512
-    n: int = 1  # completions per prompt
-    stop_strings: list[str] = field(default_factory=list)
-    seed: int = 0
-    # One seed per prompt (e.g. derived from the problem id), so a prompt's samples do not depend
-    # on which call, batch, chunk or rank it lands in. None: derived from `seed` and the prompt's
-    # index in the call.
-    prompt_seeds: list[int] | None = None
+class SamplingParams(SamplingConfig):
+    """One generation call's settings: a config section's sampling (temperature, top_p, top_k,
+    documented and checked by `SamplingConfig`) with the call's own count, length, stops and
+    seeds."""
+
+    max_new_tokens: int = setting(512, "Longest completion, in tokens.", bounds="> 0")
+    n: int = setting(1, "Completions per prompt.", bounds="> 0")
+    stop_strings: list[str] = setting(help="Completions stop before any of these.", factory=list)
+    seed: int = setting(0, "Seed of the prompts' samples when `prompt_seeds` is None.")
+    prompt_seeds: list[int] | None = setting(
+        None,
+        "One seed per prompt (e.g. derived from the problem id), so a prompt's samples do not "
+        "depend on which call, batch, chunk or rank it lands in. None: derived from `seed` and "
+        "the prompt's index in the call.",
+    )
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.n <= 0:
-            raise ValueError(f"n must be > 0, got {self.n}")
-        if any(not s for s in self.stop_strings):
-            raise ValueError("stop_strings must not contain an empty string")
+        super().__post_init__()
+        self._require(all(self.stop_strings), "stop_strings", "an empty stop string")
 
     @classmethod
     def of(cls, sampling: SamplingConfig, **call: Any) -> SamplingParams:
         """A config section's `sampling` (temperature, top_p, top_k) with the call's own n,
         max_new_tokens, stops and seeds."""
-        return cls(
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, **call
-        )
+        trio = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(SamplingConfig)}
+        return cls(**trio, **call)
 
     @property
     def greedy(self) -> bool:

@@ -34,12 +34,11 @@ from typing import Any
 
 import torch
 
+from ssb.config import BACKENDS
 from ssb.generate.base import UNFINISHED, Completion, SamplingParams, make_completion
 from ssb.hardware import host_memory
 
 log = logging.getLogger("ssb")
-
-BACKENDS = ("auto", "hf", "vllm")
 
 # The longest sequence (prompt + reply) a CPU engine is started for when `model.max_context` is
 # not set. Without chunked prefill vLLM must take a whole prompt in one step, so its per-step

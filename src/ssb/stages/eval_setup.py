@@ -16,8 +16,6 @@ from ssb.grading import extract_boxed, grade, reference_grade
 from ssb.identity import adapter_hash
 from ssb.rundir import RunDir, has_adapter, read_jsonl
 
-SCORINGS = ("math-verify", "reference")
-
 # Which per-sample verdict each scoring reads.
 VERDICT_KEYS = {"math-verify": "correct", "reference": "correct_reference"}
 
@@ -117,8 +115,6 @@ def resolve_models(rundir: RunDir, models: list[str] | None) -> dict[str, Path |
 def eval_settings(cfg: Config) -> dict[str, Any]:
     """The effective sampling for this config (the reference harness forces greedy, 1024)."""
     e = cfg.eval
-    if e.scoring not in SCORINGS:
-        raise ValueError(f"eval.scoring: {e.scoring!r} is not one of {', '.join(SCORINGS)}")
     if e.scoring == "reference":
         n, temperature, top_p, top_k = 1, 0.0, 1.0, 0
         max_new_tokens = REFERENCE_MAX_NEW_TOKENS

@@ -88,10 +88,8 @@ def shared_arguments(
     kwargs: dict[str, Any] = {}
     if "warmup_ratio" in known:
         kwargs["warmup_ratio"] = schedule.warmup_ratio
-    elif schedule.warmup_ratio < 1:
-        kwargs["warmup_steps"] = float(schedule.warmup_ratio)  # a float in [0, 1) is a ratio
-    else:
-        raise ValueError(f"{section}.warmup_ratio must be < 1, got {schedule.warmup_ratio}")
+    else:  # the config holds it in [0, 1), which transformers reads as a ratio
+        kwargs["warmup_steps"] = float(schedule.warmup_ratio)
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else None
     kwargs[checkpointing or "gradient_checkpointing"] = cfg.train.gradient_checkpointing
     kwargs.update(

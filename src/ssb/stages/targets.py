@@ -64,23 +64,6 @@ def check_prompts(pairs: list[dict[str, Any]], tokenizer: Any, cfg: Config) -> N
                 )
 
 
-# Names transformers causal LMs give their output layer.
-OUTPUT_LAYERS = ("lm_head", "embed_out")
-
-
-def check_lora_targets(cfg: Config) -> None:
-    """Refuse LoRA on the output layer before loading anything. The loss computes logits as
-    `W h` from the lm_head weight (student side, and teacher side in hidden/online mode), so an
-    adapted lm_head would silently be ignored; and hidden targets scored through the frozen
-    head would no longer be the teacher's distribution."""
-    adapted = [m for m in cfg.train.lora.target_modules if m.split(".")[-1] in OUTPUT_LAYERS]
-    if adapted:
-        raise ValueError(
-            f"train.lora.target_modules includes the output layer ({', '.join(adapted)}); "
-            f"targets.mode={cfg.targets.mode} needs a frozen, non-adapted lm_head: remove it"
-        )
-
-
 def targets_meta(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
 
     head = output_head(model)
@@ -162,8 +145,6 @@ def run_targets(cfg: Config, rundir: RunDir, progress: bool = True) -> dict[str,
     tcfg = cfg.targets
     pairs = rundir.read_pairs()
     mode = TARGET_MODES[tcfg.mode]
-    if mode.needs_frozen_head:
-        check_lora_targets(cfg)
     if not mode.stored:  # the teacher runs inside each training step (adapter disabled)
         summary = {
             "mode": mode.name,

@@ -65,7 +65,6 @@ from ssb.stages.lora_training import (
     shared_arguments,
 )
 from ssb.stages.targets import (
-    check_lora_targets,
     check_prompts,
     student_sequence,
     targets_meta,
@@ -529,7 +528,6 @@ def run_train(
     an FSDP2 or ZeRO-3 launch (`examples/accelerate_fsdp.yaml`, `examples/accelerate_zero3.yaml`)
     the base and the LoRA weights are sharded over the processes; the adapter is still written
     once, in the same files."""
-    check_lora_targets(cfg)
     check_report_to(cfg.train.report_to)  # before any model is loaded
     sharding = launch_sharding()  # refuses what ssb does not run (FSDP1)
     pairs = rundir.read_pairs()
