@@ -119,7 +119,7 @@ def test_tracker_names_are_transformers_own():
 def test_what_a_command_reads_is_found_before_it_starts(tmp_path):
     """A benchmark or training file that cannot be found, or a local benchmark copy that is
     missing, is refused before the first stage, naming the key."""
-    from ssb.config import check_available
+    from ssb.cli import check_available
 
     data = tmp_path / "data"
     (data / "gsm8k").mkdir(parents=True)

@@ -16,8 +16,6 @@ other. Floors, lowest first (docs/architecture.md draws them):
 
 A function-level import whose comment says it dodges an import cycle ("X imports this
 module") fails too: the cycle is the fault, the late import only hides it.
-`STILL_TO_REMOVE` names the back arrows that remain, each with why; the test fails when one
-of them is gone, so that list only shrinks.
 """
 
 from __future__ import annotations
@@ -43,13 +41,6 @@ FLOORS: tuple[frozenset[str], ...] = tuple(
         "__main__",
     )
 )
-
-# (importing module, imported module): why the arrow is still there.
-STILL_TO_REMOVE = {
-    ("ssb.config", "ssb.problems.record"): "config validation names problems' error",
-    ("ssb.config", "ssb.problems.sources"): "config validation checks source names there",
-    ("ssb.config", "ssb.trackers"): "config.check_available checks the trackers are installed",
-}
 
 # A comment that says the import dodges a cycle: "import cycle", "circular", "X imports this
 # module", or "X imports <the importing module's own name>".
@@ -108,17 +99,13 @@ def package_imports(src: Path) -> list[tuple[str, str, str, bool, str]]:
     return out
 
 
-def violations(src: Path) -> tuple[list[str], list[str], set[tuple[str, str]]]:
-    """The imports that do not go down a floor, the late imports that dodge a cycle, and the
-    `STILL_TO_REMOVE` entries seen."""
-    back, dodges, seen = [], [], set()
+def violations(src: Path) -> tuple[list[str], list[str]]:
+    """The imports that do not go down a floor, and the late imports that dodge a cycle."""
+    back, dodges = [], []
     for importer, target, where, in_function, comment in package_imports(src):
         here, there = unit_of(importer), unit_of(target)
         names = "|".join(re.escape(n) for n in {importer.rpartition(".")[2], here})
         says_cycle = _CYCLE_WORDS.search(comment) or re.search(rf"\bimports? ({names})\b", comment)
-        if (importer, target) in STILL_TO_REMOVE:
-            seen.add((importer, target))
-            continue
         if here != there and floor_of(there) >= floor_of(here):
             back.append(
                 f"{where}: {importer} (floor {floor_of(here)}) imports {target} "
@@ -126,15 +113,13 @@ def violations(src: Path) -> tuple[list[str], list[str], set[tuple[str, str]]]:
             )
         if in_function and says_cycle:
             dodges.append(f"{where}: {importer} imports {target} late:{comment}")
-    return back, dodges, seen
+    return back, dodges
 
 
 def test_every_import_goes_down_a_floor_and_none_dodges_a_cycle():
-    back, dodges, seen = violations(SRC)
+    back, dodges = violations(SRC)
     assert not back, "imports that do not go down a floor:\n" + "\n".join(back)
     assert not dodges, "late imports that hide an import cycle:\n" + "\n".join(dodges)
-    gone = set(STILL_TO_REMOVE) - seen
-    assert not gone, f"gone at last: strike them from STILL_TO_REMOVE: {sorted(gone)}"
 
 
 def test_the_check_reads_relative_late_and_commented_imports(tmp_path):
@@ -146,7 +131,7 @@ def test_the_check_reads_relative_late_and_commented_imports(tmp_path):
         "def f():\n"
         "    from ssb.hardware import pick_device  # noqa: PLC0415 -- hardware imports distill\n"
     )
-    back, dodges, _ = violations(tmp_path)
+    back, dodges = violations(tmp_path)
     assert back == [
         "ssb/distill/losses.py:1: ssb.distill.losses (floor 5) imports ssb.stages (floor 7)"
     ]

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,40 @@ from typing import Any
 from ssb.config import (
     Config,
     ConfigError,
-    check_available,
     documented_yaml,
     load_config,
     reference_markdown,
 )
 from ssb.presets import PRESETS
+from ssb.problems.record import ProblemsError
+from ssb.problems.sources import check_eval_source, check_train_source
 from ssb.rundir import Interrupted, RunDir, RunDirError, raise_interrupted
 from ssb.share import FORMATS, IMPORT_STAGE
+from ssb.trackers import check_report_to
 
 log = logging.getLogger("ssb")
+
+
+def check_available(cfg: Config, stages: Collection[str]) -> None:
+    """What `Config.validate` cannot tell from the values alone, checked before a command's first stage
+    starts: the training problems and every benchmark the `stages` read can be found (without
+    loading them), and every tracker training reports to is installed."""
+    stages = set(stages)
+    try:
+        if stages & {"rollout", "grpo", "ablate"}:
+            key = "data.train"
+            check_train_source(cfg)
+        if stages & {"eval", "ablate"}:
+            for i, benchmark in enumerate(cfg.eval.benchmarks):
+                key = f"eval.benchmarks[{i}]"
+                check_eval_source(cfg, benchmark)
+    except ProblemsError as exc:
+        raise ConfigError(str(exc), key) from None
+    if stages & {"train", "grpo", "ablate"}:
+        try:
+            check_report_to(cfg.train.report_to)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _stage_rollout(cfg: Config, rundir: RunDir, args: argparse.Namespace) -> dict[str, Any]:

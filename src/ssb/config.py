@@ -18,7 +18,7 @@ import math
 import textwrap
 import types
 import typing
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,14 +221,41 @@ class DataConfig(Section):
         _check_source("train", self.train)
 
 
-def _check_source(key: str, source: str) -> None:
-    """The form of a problem source (`check_available` looks it up when a command starts)."""
-    from ssb.problems.record import ProblemsError  # noqa: PLC0415
-    from ssb.problems.sources import check_source_name  # noqa: PLC0415 -- sources imports config
+# The benchmarks a problem source may name (ssb.problems.sources loads each).
+BENCHMARKS = ("gsm8k", "math", "math500", "aime24", "amc23", "svamp", "asdiv", "synthetic")
 
+
+def parse_hf_source(source: str) -> tuple[str, str | None]:
+    """ "hf:openai/gsm8k:main" -> ("openai/gsm8k", "main")."""
+    spec = source[len("hf:") :].strip()
+    if not spec:
+        raise ValueError("hf: source needs a dataset id, e.g. hf:openai/gsm8k")
+    dataset_id, _, config = spec.partition(":")
+    return dataset_id, (config or None)
+
+
+def source_name(source: str) -> str:
+    """The benchmark name (lower case) of a problem source, or the source itself for a path or
+    an hf: id; ValueError for a source `load_problems` would not recognise from its form alone."""
+    source = str(source).strip()
+    if source.startswith("hf:"):
+        parse_hf_source(source)
+        return source
+    if source.lower().endswith((".jsonl", ".csv")):
+        return source
+    if source.lower() not in BENCHMARKS:
+        raise ValueError(
+            f"unknown problem source {source!r}: use one of {', '.join(BENCHMARKS)}, "
+            f"a .jsonl/.csv path, or hf:<dataset id>"
+        )
+    return source.lower()
+
+
+def _check_source(key: str, source: str) -> None:
+    """The form of a problem source (the CLI looks it up when a command starts)."""
     try:
-        check_source_name(source)
-    except ProblemsError as exc:
+        source_name(source)
+    except ValueError as exc:
         raise ConfigError(str(exc), key) from None
 
 
@@ -917,33 +944,6 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def check_available(cfg: Config, stages: Collection[str]) -> None:
-    """What `Config.validate` cannot tell from the values alone, checked before a command's first stage
-    starts: the training problems and every benchmark the `stages` read can be found (without
-    loading them), and every tracker training reports to is installed."""
-    from ssb.problems.record import ProblemsError  # noqa: PLC0415 -- sources imports config
-    from ssb.problems.sources import check_eval_source, check_train_source  # noqa: PLC0415
-
-    stages = set(stages)
-    try:
-        if stages & {"rollout", "grpo", "ablate"}:
-            key = "data.train"
-            check_train_source(cfg)
-        if stages & {"eval", "ablate"}:
-            for i, benchmark in enumerate(cfg.eval.benchmarks):
-                key = f"eval.benchmarks[{i}]"
-                check_eval_source(cfg, benchmark)
-    except ProblemsError as exc:
-        raise ConfigError(str(exc), key) from None
-    if stages & {"train", "grpo", "ablate"}:
-        from ssb.trackers import check_report_to  # noqa: PLC0415 -- imports transformers
-
-        try:
-            check_report_to(cfg.train.report_to)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
 
 
 # What an `ablate.variants` entry may change: how the hinted teacher is prompted, and how its

@@ -12,15 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssb.config import SyntheticConfig
+from ssb.config import BENCHMARKS, SyntheticConfig, parse_hf_source, source_name
 from ssb.grading import extract_boxed
 from ssb.problems.record import Problem, ProblemsError, format_number
 from ssb.problems.synthetic import synthetic_problems
 
 if TYPE_CHECKING:
     from ssb.config import Config
-
-BENCHMARKS = ("gsm8k", "math", "math500", "aime24", "amc23", "svamp", "asdiv", "synthetic")
 
 # Splits each benchmark ships with; the first listed "test" (else the first) is the default.
 DEFAULT_SPLITS: dict[str, tuple[str, ...]] = {
@@ -464,15 +462,6 @@ def load_hf(
     return _nonempty(problems, f"{label} split {split!r}")
 
 
-def _parse_hf_source(source: str) -> tuple[str, str | None]:
-    """ "hf:openai/gsm8k:main" -> ("openai/gsm8k", "main")."""
-    spec = source[len("hf:") :].strip()
-    if not spec:
-        raise ProblemsError("hf: source needs a dataset id, e.g. hf:openai/gsm8k")
-    dataset_id, _, config = spec.partition(":")
-    return dataset_id, (config or None)
-
-
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -496,7 +485,7 @@ def load_problems(
     _check_limit(limit)
     source = str(source).strip()
     if source.startswith("hf:"):
-        dataset_id, config = _parse_hf_source(source)
+        dataset_id, config = parse_hf_source(source)
         converter = None
         name = None
         split = split or "test"
@@ -544,20 +533,11 @@ def load_problems(
 
 
 def check_source_name(source: str) -> str:
-    """Refuse a problem source `load_problems` would not recognise (from its form alone); returns
-    the benchmark name (lower case), or the source itself for a path or hf: id."""
-    source = str(source).strip()
-    if source.startswith("hf:"):
-        _parse_hf_source(source)
-        return source
-    if source.lower().endswith((".jsonl", ".csv")):
-        return source
-    if source.lower() not in BENCHMARKS:
-        raise ProblemsError(
-            f"unknown problem source {source!r}: use one of {', '.join(BENCHMARKS)}, "
-            f"a .jsonl/.csv path, or hf:<dataset id>"
-        )
-    return source.lower()
+    """`ssb.config.source_name`, with its error as a ProblemsError."""
+    try:
+        return source_name(source)
+    except ValueError as exc:
+        raise ProblemsError(str(exc)) from None
 
 
 def check_source(
