@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from limits import HANG_GUARD_S
 from pairs_fixture import EXAMPLES, make_pairs
-from tiny_models import save_tiny_model
 
 from ssb.ablation import arms as ablation_arms
 from ssb.ablation.onpolicy import sampled_pair
+from ssb.bench.random_models import save_tiny_model
 from ssb.config import ConfigError, load_config
 from ssb.generate.base import Completion
 from ssb.rundir import RunDir, append_jsonl, read_jsonl

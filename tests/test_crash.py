@@ -23,8 +23,8 @@ import pytest
 import torch
 from limits import HANG_GUARD_S
 from pairs_fixture import make_pairs
-from tiny_models import save_tiny_model
 
+from ssb.bench.random_models import save_tiny_model
 from ssb.cli import main
 from ssb.config import load_config
 from ssb.rundir import append_jsonl

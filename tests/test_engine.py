@@ -12,8 +12,8 @@ import weakref
 import pytest
 from fake_vllm import FakeVLLM
 from pairs_fixture import tiny_config
-from tiny_models import build_tokenizer, save_tiny_model
 
+from ssb.bench.random_models import build_tokenizer, save_tiny_model
 from ssb.generate import SamplingParams, VLLMGenerator
 from ssb.generate.base import GenerationAborted
 from ssb.rundir import RunDir, read_jsonl

@@ -159,7 +159,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tiny_models import save_tiny_model
+    from ssb.bench.random_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "qwen2", "none")
 

@@ -38,7 +38,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from rank_scripts import finish, kd_batch, kd_loss, lora_model, tokenizer
-from tiny_models import build_tiny_model
+from ssb.bench.random_models import build_tiny_model
 from ssb.distill.forward import output_head
 
 dist.init_process_group("gloo")

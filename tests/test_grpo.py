@@ -1,7 +1,7 @@
 """`ssb grpo`: the GRPO baseline through TRL's GRPOTrainer.
 
 The rewards (ssb.grading, the format bonus, the eval-equivalent trimming) are unit-tested directly.
-End-to-end runs on tiny random models (tests/tiny_models.py), chat (ChatML) and few-shot (no
+End-to-end runs on tiny random models (ssb.bench.random_models), chat (ChatML) and few-shot (no
 template), check that the prompts TRL tokenised equal `render_prompt_ids`, that completions stop
 at the stop strings, that only LoRA weights train, and that the saved adapter loads with peft.
 A random model never answers correctly, so the end-to-end tests swap in a reward that varies
@@ -15,9 +15,9 @@ import itertools
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model
 from trl import GRPOTrainer
 
+from ssb.bench.random_models import save_tiny_model
 from ssb.config import ConfigError, load_config
 from ssb.models import checkpointing_enabled
 from ssb.problems import load_train_problems

@@ -29,8 +29,8 @@ import pytest
 import torch
 from limits import HANG_GUARD_S
 from pairs_fixture import make_rollouts_mixed, tiny_config
-from tiny_models import build_tokenizer, end_of_turn_token, save_tiny_model
 
+from ssb.bench.random_models import build_tokenizer, end_of_turn_token, save_tiny_model
 from ssb.generate import SamplingParams, VLLMGenerator, make_generator
 from ssb.generate.hf import HFGenerator
 from ssb.generate.vllm import vllm_available, vllm_cpu_build

@@ -55,7 +55,7 @@ sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist
 
 from rank_scripts import finish, kd_batch, kd_loss, lora_model, tokenizer
-from tiny_models import build_tiny_model
+from ssb.bench.random_models import build_tiny_model
 from ssb.sharding import (
     full_parameter, partition_for_zero3, shard_report, trainable_state_dict, zero3_for_scoring
 )
