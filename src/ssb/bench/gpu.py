@@ -51,6 +51,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     CPU at tiny sizes (``spec["device"] = "cpu"``)."""
     import torch
 
+    from ssb.bench.random_models import byte_tokenizer
     from ssb.generate import SamplingParams
 
     device = torch.device(spec.get("device", "cuda"))
@@ -95,7 +96,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     # ssb's own decode loop (the stages', onpolicy's and eval's without vLLM) against
     # transformers' generate at each batch of `loop_batches`, on the same prompts and sampling.
     params = SamplingParams(0.8, top_k=50, max_new_tokens=new, seed=0)
-    tokenizer = _byte_tokenizer(spec["vocab"])
+    tokenizer = byte_tokenizer(spec["vocab"])
     loops: dict[str, dict[str, float]] = {}
     for batch in spec.get("loop_batches", [spec["gen_prompts"]]):
         rows = torch.randint(1, spec["vocab"], (batch, prompt_len), generator=gen).tolist()
@@ -112,34 +113,15 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _byte_tokenizer(vocab_size: int) -> Any:
-    """A byte-level tokenizer of exactly `vocab_size` ids for a random model: id 0 is
-    ``<|endoftext|>`` (eos and pad), then the 256 byte symbols (every string encodes, one token
-    per byte), then filler tokens that nothing encodes to but that decode to their own text, so
-    every id the model can emit is in the vocabulary (vLLM refuses prompt ids outside it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    for i in range(len(vocab), vocab_size):
-        vocab[f"<fill{i}>"] = i
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-
-
 def _config_only_model_dir(spec: dict[str, Any], path: Path) -> Path:
-    """A model directory with `build_qwen2`'s config and `_byte_tokenizer`, but no weights:
+    """A model directory with `build_qwen2`'s config and `byte_tokenizer`, but no weights:
     vLLM's ``load_format="dummy"`` fills them with random values (nothing to write or read)."""
+    from ssb.bench.random_models import byte_tokenizer
+
     config = qwen2_config(spec, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     config.architectures = ["Qwen2ForCausalLM"]  # what vLLM picks its model class by
     config.save_pretrained(path)
-    _byte_tokenizer(spec["vocab"]).save_pretrained(path)
+    byte_tokenizer(spec["vocab"]).save_pretrained(path)
     return path
 
 
