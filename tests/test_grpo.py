@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 from trl import GRPOTrainer
 
-from ssb.bench.random_models import save_tiny_model
 from ssb.config import ConfigError, load_config
 from ssb.models import checkpointing_enabled
 from ssb.problems import load_train_problems
@@ -27,12 +26,6 @@ from ssb.stages import grpo
 from ssb.stages.common import load_base
 from ssb.stages.eval_setup import available_models
 from ssb.stages.lora_training import last_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo_models")
-    return {t: save_tiny_model(root / t, "qwen2", t) for t in ("chatml", "none")}
 
 
 def make_cfg(model_path, *extra):
@@ -70,10 +63,10 @@ def test_rewards_grade_with_ssb_grading():
     assert grpo.boxed_reward("The answer is \\boxed{8.") == 0.0  # unbalanced
 
 
-def test_reward_funcs_grade_the_text_eval_grades(tiny):
+def test_reward_funcs_grade_the_text_eval_grades(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny["none"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2", "none"))
     correct, boxed = grpo.make_reward_funcs(tok, [tok.eos_token_id], ["\n\n"])
     assert (correct.__name__, boxed.__name__) == ("correctness", "boxed")
     texts = [
@@ -88,17 +81,17 @@ def test_reward_funcs_grade_the_text_eval_grades(tiny):
     assert boxed(completion_ids=ids, **kw) == [1.0, 1.0, 0.0, 1.0]
 
 
-def test_grpo_config_checks(tiny):
+def test_grpo_config_checks(tiny_model_dir):
     for bad in ("grpo.num_generations=1", "grpo.max_steps=0", "grpo.sampling.temperature=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
-            grpo.check_grpo_config(make_cfg(tiny["none"], bad))
+            grpo.check_grpo_config(make_cfg(tiny_model_dir("qwen2", "none"), bad))
     paper = load_config(preset="paper").grpo
     assert (paper.learning_rate, paper.num_generations, paper.beta) == (5e-6, 8, 0.0)
     assert (paper.max_steps, paper.max_completion_length) == (2000, 1024)
 
 
 def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
-    tiny, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch
 ):
     """On a GPU with vLLM: TRL's colocated engine (asleep while the optimizer runs), with the
     stop ids and strings under the names vLLM's SamplingParams takes (TRL hands them over as
@@ -107,7 +100,7 @@ def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
 
     from ssb.rundir import RunDir
 
-    cfg = make_cfg(tiny["chatml"], "grpo.vllm_gpu_memory_utilization=0.25")
+    cfg = make_cfg(tiny_model_dir("qwen2", "chatml"), "grpo.vllm_gpu_memory_utilization=0.25")
     rundir = RunDir(tmp_path / "run")
     cpu = torch.device("cpu")
     plain = grpo.grpo_arguments(cfg, rundir, cpu, [7, 9], ["\n\n"], progress=False)
@@ -125,7 +118,9 @@ def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
     assert args.generation_kwargs == {"stop_token_ids": [7, 9], "stop": ["\n\n"]}
     assert load_config(preset="paper").train.gradient_checkpointing
     with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
-        grpo.check_grpo_config(make_cfg(tiny["none"], "grpo.vllm_gpu_memory_utilization=1.5"))
+        grpo.check_grpo_config(
+            make_cfg(tiny_model_dir("qwen2", "none"), "grpo.vllm_gpu_memory_utilization=1.5")
+        )
 
 
 # --------------------------------------------------------------------------- end to end
@@ -159,14 +154,14 @@ def run_and_capture(cfg, rundir, monkeypatch):
 
 
 @pytest.mark.parametrize("template", ["chatml", "none"])
-def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
+def test_run_grpo_end_to_end(tiny_model_dir, tmp_path, monkeypatch, template):
     if template == "chatml":  # KL to the reference, and checkpointing (TRL adds input hooks)
         extra = ["grpo.beta=0.1", "train.gradient_checkpointing=true"]
     else:
         extra = ["grpo.max_steps=1", "grpo.save_steps=1"]
     if template == "none":  # a stop string the random model hits often
         extra.append("prompt.stop_strings=[' ']")
-    cfg = make_cfg(tiny[template], *extra)
+    cfg = make_cfg(tiny_model_dir("qwen2", template), *extra)
     rundir = RunDir(tmp_path / "run")
     base = load_base(cfg)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -232,6 +227,6 @@ def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
 
     if template == "none":  # a checkpoint of other settings is not resumed
         assert last_checkpoint(rundir.grpo_checkpoints_dir).name == "checkpoint-1"
-        changed = make_cfg(tiny[template], *extra, "grpo.learning_rate=1e-3")
+        changed = make_cfg(tiny_model_dir("qwen2", template), *extra, "grpo.learning_rate=1e-3")
         with pytest.raises(ValueError, match="learning_rate"):
             grpo.run_grpo(changed, rundir, progress=False)
