@@ -228,7 +228,31 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
         "model": "random-init, Qwen2 architecture",
     }
     data.update(spec)
-    rows = []
+    g_spec = dict(
+        shape,
+        layers=g["layers"],
+        lora_r=0,
+        device=device,
+        gen_prompts=g["gen_prompts"],
+        gen_tokens=g["gen_tokens"],
+        prompt_len=g.get("prompt_len", 256),
+        loop_batches=g.get("loop_batches", [g["gen_prompts"]]),
+    )
+    rows: list[dict] = []
+    # The measurements, one after the other, each in its own child: each stores its figures in
+    # `data` and appends its rows. A new row goes in as one more function like these (its child
+    # task in `ssb.bench.children.CHILD_TASKS`), called here; the GPU check reads the figures
+    # it reports from `data` in `ssb.bench.gpu_check.bench`.
+    _kd_step_rows(spec, device, data, rows, progress)
+    _generation_rows(g_spec, data, rows, progress)
+    _vllm_generation_rows(g_spec, data, rows, progress)
+    return data, rows
+
+
+def _kd_step_rows(
+    spec: dict[str, Any], device: str, data: dict[str, Any], rows: list[dict], progress: bool
+) -> None:
+    """Both KD step variants: tokens/s, MFU (with a known GPU peak) and peak memory."""
     for variant in ("reference", "ours"):
         log(progress, f"gpu: KD step, {variant}")
         data[variant] = run_child("kd_step", dict(spec, variant=variant))
@@ -278,17 +302,13 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                 goal=(">=", 10.0),
             )
         )
+
+
+def _generation_rows(
+    g_spec: dict[str, Any], data: dict[str, Any], rows: list[dict], progress: bool
+) -> None:
+    """transformers' generate at batch N against batch 1, and ssb's decode loop against it."""
     log(progress, "gpu: generation")
-    g_spec = dict(
-        shape,
-        layers=g["layers"],
-        lora_r=0,
-        device=device,
-        gen_prompts=g["gen_prompts"],
-        gen_tokens=g["gen_tokens"],
-        prompt_len=g.get("prompt_len", 256),
-        loop_batches=g.get("loop_batches", [g["gen_prompts"]]),
-    )
     gen = run_child("gpu_generate", g_spec)
     data["generation"] = gen
     if "batched_tokens_per_s" in gen:
@@ -316,6 +336,13 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                     note=f"ssb's loop: {loops['ssb']:.0f} tok/s",
                 )
             )
+
+
+def _vllm_generation_rows(
+    g_spec: dict[str, Any], data: dict[str, Any], rows: list[dict], progress: bool
+) -> None:
+    """vLLM against transformers at batch N (skipped, saying why, without vLLM or CUDA)."""
+    gen = data["generation"]
     log(progress, "gpu: generation, vLLM")
     vgen = run_child("gpu_generate_vllm", g_spec)
     data["generation_vllm"] = vgen
@@ -331,4 +358,3 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                 goal=(">=", 1.0),
             )
         )
-    return data, rows

@@ -28,6 +28,8 @@ def check_bench(out: Path, device: str, logs: Path) -> StepResult:
         bench_dir.mkdir(parents=True, exist_ok=True)
         result = {"sections": {"gpu": data}, "rows": rows}
         atomic_write_json(bench_dir / "gpu_cpu_form.json", result, default=float)
+    # What the step reports from the section's `data` (`ssb.bench.gpu.gpu_runs`, which says where
+    # a new row of the section goes); the rows themselves come whole.
     figures = {
         "kd_tokens_per_s": {s: data.get(s, {}).get("tokens_per_s") for s in ("reference", "ours")},
         "kd_mfu": {s: data.get(s, {}).get("mfu") for s in ("reference", "ours")},
