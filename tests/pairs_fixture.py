@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tiny_models import save_tiny_model
-
 from ssb import records
+from ssb.bench.random_models import save_tiny_model
 from ssb.config import Config, load_config
 from ssb.problems import Problem
 from ssb.prompts import render_prompt_ids, reply_format, student_messages

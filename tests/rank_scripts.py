@@ -11,8 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
-from tiny_models import build_tokenizer
 
+from ssb.bench.random_models import build_tokenizer
 from ssb.distill.forward import final_hidden_states, output_head
 from ssb.distill.losses import chunked_kd_loss
 

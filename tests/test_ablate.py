@@ -6,27 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from limits import HANG_GUARD_S
+from kill_at import signal_at_trigger
 from pairs_fixture import EXAMPLES, make_pairs
-from tiny_models import save_tiny_model
 
 from ssb.ablation import arms as ablation_arms
 from ssb.ablation.onpolicy import sampled_pair
+from ssb.bench.random_models import save_tiny_model
 from ssb.config import ConfigError, load_config
 from ssb.generate.base import Completion
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 ARMS = ["ssb", "sft", "rft", "onpolicy", "grpo", "ssb.correct_only", "ssb.gold"]
 SEEDS = [0, 1]
 
@@ -110,32 +105,6 @@ def argv(root: Path) -> list[str]:
     return out
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="0")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    return env
-
-
-def kill_after(cmd: list[str], trigger: Path) -> None:
-    """Run `cmd` until `trigger` exists, then SIGKILL it; fails if it ended by itself."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while not trigger.exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"ablate exited early: {proc.stderr.read().decode()[-3000:]}")
-            assert time.monotonic() < deadline, f"{trigger} never appeared"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -146,7 +115,7 @@ def test_ablate_every_arm_two_seeds_killed_and_resumed(run_root, monkeypatch):
 
     ablate = run_root / "run" / "ablate"
     first = ablate / "ssb" / "seed0"
-    kill_after([sys.executable, "-m", "ssb", *argv(run_root)], first / "done.json")
+    signal_at_trigger([sys.executable, "-m", "ssb", *argv(run_root)], first / "done.json")
     done_before = {p.parent.relative_to(ablate) for p in ablate.glob("*/seed*/done.json")}
     assert Path("ssb/seed0") in done_before and len(done_before) < len(ARMS) * len(SEEDS)
     kept = {

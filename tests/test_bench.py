@@ -8,9 +8,9 @@ import json
 import math
 
 import pytest
-from tiny_models import save_tiny_model
 
 from ssb.bench import SECTIONS, report, run_bench
+from ssb.bench.random_models import save_tiny_model
 
 
 def recomputed(row):

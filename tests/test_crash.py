@@ -15,30 +15,28 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from kill_at import signal_at_trigger, single_thread_env
 from limits import HANG_GUARD_S
 from pairs_fixture import make_pairs
-from tiny_models import save_tiny_model
 
 from ssb.cli import main
 from ssb.config import load_config
 from ssb.rundir import append_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SEED = int(os.environ.get("SSB_CRASH_SEED", "1234"))
 N_PROBLEMS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(tmp_path_factory, tiny_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("crash")
-    model = save_tiny_model(root / "model", "qwen2", "chatml")
+    model = tiny_dir
     data = root / "data.jsonl"
     with data.open("w") as f:
         for i in range(N_PROBLEMS):
@@ -91,16 +89,10 @@ def run_inprocess(stage: str, run_dir: Path, sets: list[str]) -> None:
         torch.set_num_threads(threads)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="0")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    return env
-
-
 def run_subprocess(stage: str, run_dir: Path, sets: list[str]) -> None:
     proc = subprocess.run(
         [PYTHON, "-m", "ssb", *argv(stage, run_dir, sets)],
-        env=_env(),
+        env=single_thread_env(),
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
@@ -117,40 +109,11 @@ def run_and_kill(
     sig: signal.Signals = signal.SIGKILL,
 ) -> tuple[float, int, str]:
     """Start the stage, wait until `trigger` exists, sleep a random short delay, send it `sig`
-    (SIGKILL). Returns the delay, the exit status and stderr. With SIGKILL, fails if the stage
-    finished before it was killed."""
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "ssb", *argv(stage, run_dir, sets)],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while not trigger.exists():
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"{stage} exited ({proc.returncode}) before {trigger.name} appeared: "
-                    + proc.stderr.read().decode()[-3000:]
-                )
-            assert time.monotonic() < deadline, f"{trigger} never appeared"
-            time.sleep(0.005)
-        delay = rng.uniform(0.0, 0.4)
-        time.sleep(delay)
-        proc.send_signal(sig)
-        proc.wait(timeout=HANG_GUARD_S)
-        stderr = proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    if sig == signal.SIGKILL:
-        assert proc.returncode == -signal.SIGKILL, (
-            f"{stage} finished before it was killed (rc={proc.returncode}); the test did not "
-            "crash it"
-        )
-    return delay, proc.returncode, stderr
+    (SIGKILL). Returns the delay, the exit status and stderr."""
+    delay = rng.uniform(0.0, 0.4)
+    cmd = [PYTHON, "-m", "ssb", *argv(stage, run_dir, sets)]
+    rc, stderr = signal_at_trigger(cmd, trigger, delay, sig)
+    return delay, rc, stderr
 
 
 def jsonl_records(path: Path) -> list[dict[str, Any]]:

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 from pairs_fixture import make_run
-from tiny_models import build_tokenizer
 
+from ssb.bench.random_models import build_tokenizer
 from ssb.cli import main
 from ssb.config import dump_yaml
 from ssb.distill.hint_leaks import (

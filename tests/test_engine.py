@@ -12,17 +12,12 @@ import weakref
 import pytest
 from fake_vllm import FakeVLLM
 from pairs_fixture import tiny_config
-from tiny_models import build_tokenizer, save_tiny_model
 
+from ssb.bench.random_models import build_tokenizer
 from ssb.generate import SamplingParams, VLLMGenerator
 from ssb.generate.base import GenerationAborted
 from ssb.rundir import RunDir, read_jsonl
 from ssb.stages import base
-
-
-@pytest.fixture
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("engine") / "model", "qwen2", "chatml")
 
 
 def _adapter(model_dir, path, r):

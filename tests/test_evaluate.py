@@ -157,20 +157,13 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tiny_models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "qwen2", "none")
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_dir, tmp_path_factory):
+def tiny_adapter(tiny_base_dir, tmp_path_factory):
     """A random LoRA on the tiny model (B non-zero, so the student's outputs differ)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
     torch.manual_seed(1)
     peft_model = get_peft_model(
         model,
@@ -191,10 +184,10 @@ def _bench_file(tmp_path, rows=QUESTIONS):
     return path
 
 
-def _cfg(tiny_dir, bench, **eval_overrides):
+def _cfg(tiny_base_dir, bench, **eval_overrides):
     return config_from_dict(
         {
-            "model": {"name": str(tiny_dir), "dtype": "float32", "device": "cpu"},
+            "model": {"name": str(tiny_base_dir), "dtype": "float32", "device": "cpu"},
             "data": {"id_field": "id"},
             "prompt": {"format": "fewshot", "num_fewshot": 1},
             "generation": {"backend": "hf", "batch_size": 4, "max_new_tokens": 6},
@@ -203,13 +196,13 @@ def _cfg(tiny_dir, bench, **eval_overrides):
     )
 
 
-def test_run_eval_writes_records_and_resumes(tmp_path, tiny_dir):
+def test_run_eval_writes_records_and_resumes(tmp_path, tiny_base_dir):
     from ssb.stages.eval_setup import records_path
     from ssb.stages.evaluate import run_eval
 
     bench = _bench_file(tmp_path)
     rd = RunDir(tmp_path / "run")
-    cfg = _cfg(tiny_dir, bench)
+    cfg = _cfg(tiny_base_dir, bench)
     out = run_eval(cfg, rd, progress=False)
     assert out["models"] == ["base"] and out["new_records"] == {"base": {str(bench): 4}}
     path = records_path(rd, "base", str(bench))
@@ -248,7 +241,7 @@ def test_run_eval_writes_records_and_resumes(tmp_path, tiny_dir):
     assert len(read_jsonl(path)) == 4
 
 
-def test_run_eval_student_paired_and_base_left_plain(tmp_path, tiny_dir, tiny_adapter):
+def test_run_eval_student_paired_and_base_left_plain(tmp_path, tiny_base_dir, tiny_adapter):
     import shutil
 
     import torch
@@ -260,7 +253,7 @@ def test_run_eval_student_paired_and_base_left_plain(tmp_path, tiny_dir, tiny_ad
     bench = _bench_file(tmp_path)
     rd = RunDir(tmp_path / "run")
     shutil.copytree(tiny_adapter, rd.adapter_dir)
-    cfg = _cfg(tiny_dir, bench, num_samples=2, sampling={"temperature": 1.0, "top_p": 1.0})
+    cfg = _cfg(tiny_base_dir, bench, num_samples=2, sampling={"temperature": 1.0, "top_p": 1.0})
     base = load_base(cfg)
     probe = torch.tensor([base.tokenizer.encode("Question: 1 + 1")])
     with torch.no_grad():

@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from pairs_fixture import make_run, tiny_config
-from two_ranks import (
-    assert_same_targets,
-    assert_training_matches_one_process,
-    torchrun_two_ranks,
-)
+from pairs_fixture import make_run
+from two_ranks import check_sharded_targets, check_sharded_training_resumes, torchrun_two_ranks
 
 from ssb.stages.targets import run_targets
 from ssb.stages.train import run_train
@@ -38,7 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from rank_scripts import finish, kd_batch, kd_loss, lora_model, tokenizer
-from tiny_models import build_tiny_model
+from ssb.bench.random_models import build_tiny_model
 from ssb.distill.forward import output_head
 
 dist.init_process_group("gloo")
@@ -102,59 +97,16 @@ def assert_sharded(run_dir: Path, stage: str) -> None:
 
 
 def test_targets_under_fsdp2_match_one_process(tmp_path, launch_stage):
-    """`ssb targets` on a sharded teacher: the ranks split the pairs (rank 1 runs an idle batch:
-    forwards are collectives, so both ranks run as many) and the merged store equals one
-    process's."""
-    # Batches of 2: rank 0 scores 3 pairs in 2 batches, rank 1 2 pairs in 1 and then 1 idle.
-    overrides = ["targets.mode=dense", "targets.batch_size=2"]
-    cfg, rundir, pairs = make_run(tmp_path, "chatml", *overrides, n=5)
-    sharded = tmp_path / "sharded"
-    sharded.mkdir()
-    shutil.copy(rundir.pairs_path, sharded / "pairs.jsonl")
-    run_targets(cfg, rundir, progress=False)
-
-    proc = launch_stage("targets", cfg.model.name, sharded, overrides)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "rank 0/2 scores 3 of 5 pairs" in proc.stderr
-    assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
-    assert "1 idle batches, so every rank runs 2 forwards" in proc.stderr
-    assert_sharded(sharded, "targets")
-    # float32 log-probs; only the batch mates (padding) and the summation order differ.
-    ids = [p["id"] for p in pairs]
-    assert_same_targets(rundir.targets_dir, sharded / "targets", ids, rtol=1e-4, atol=1e-5)
-
-
-# The default gradient clipping (max_grad_norm 1.0) is active: the first steps' norms exceed it.
-# Activation checkpointing on, as in the paper preset.
-TRAIN = ["targets.mode=hidden", "train.save_steps=1", "train.gradient_checkpointing=true"]
+    """`ssb targets` on a sharded teacher: the ranks split the pairs and the merged store equals
+    one process's (see `check_sharded_targets`)."""
+    check_sharded_targets(tmp_path, launch_stage, assert_sharded)
 
 
 @pytest.mark.slow  # 16-25 s on 2 quiet CPU cores, over a minute when they are shared
 def test_train_under_fsdp2_killed_and_resumed_matches_one_process(tmp_path, launch_stage):
-    """6 pairs, 3 optimizer steps of 2 pairs (one process, batch 2; two ranks, batch 1 each).
-    The sharded run is killed after checkpoint-1 and resumed from it; its loss curve and saved
-    adapter equal one process's uninterrupted run."""
-    cfg, rundir, pairs = make_run(tmp_path, "chatml", *TRAIN, n=6)
-    run_targets(cfg, rundir, progress=False)
-    sharded = tmp_path / "sharded"
-    shutil.copytree(rundir.path, sharded)
-    one = run_train(
-        tiny_config(cfg.model.name, *TRAIN, "train.batch_size=2"), rundir, progress=False
-    )
-    assert one["steps"] == 3
-
-    overrides = [*TRAIN, "train.batch_size=1"]
-    killed = launch_stage("train", cfg.model.name, sharded, overrides, KILL_AFTER_CHECKPOINT="1")
-    assert killed.returncode != 0
-    assert (sharded / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists()
-    assert not (sharded / "adapter").exists()
-    proc = launch_stage("train", cfg.model.name, sharded, overrides)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((sharded / "summary-train-rank0.json").read_text())
-    assert summary["resumed_from"] == "checkpoint-1" and summary["steps"] == 3
-    assert_sharded(sharded, "train")
-
-    assert_training_matches_one_process(rundir, sharded)
+    """Killed after checkpoint-1 and resumed: the loss curve and adapter of one process's run
+    (see `check_sharded_training_resumes`)."""
+    check_sharded_training_resumes(tmp_path, launch_stage, assert_sharded)
 
 
 DEEPSPEED_MISSING = importlib.util.find_spec("deepspeed") is None

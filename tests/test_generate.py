@@ -1,4 +1,4 @@
-"""Generation backends on tiny random models of real architectures (tests/tiny_models.py)."""
+"""Generation backends on tiny random models of real architectures (ssb.bench.random_models)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from fake_vllm import FakeVLLM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import build_tiny_model, build_tokenizer, end_of_turn_token
 
+from ssb.bench.random_models import build_tiny_model, build_tokenizer, end_of_turn_token
 from ssb.config import Config
 from ssb.generate import (
     Completion,
@@ -644,8 +644,8 @@ def test_a_stage_writes_nothing_of_an_aborted_chunk(tmp_path, monkeypatch):
     """Rollout with an engine that aborts a sample: the stage fails with a clear error and
     rollouts.jsonl gets no record of that chunk (a rerun retries it)."""
     from pairs_fixture import tiny_config
-    from tiny_models import save_tiny_model
 
+    from ssb.bench.random_models import save_tiny_model
     from ssb.generate.base import GenerationAborted
     from ssb.rundir import RunDir, read_jsonl
     from ssb.stages import rollout

@@ -26,8 +26,8 @@ import pytest
 import torch
 from pairs_fixture import make_pairs, make_rollouts_mixed, tiny_config
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model
 
+from ssb.bench.random_models import save_tiny_model
 from ssb.hardware import cpu_capability
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 

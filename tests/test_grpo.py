@@ -1,7 +1,7 @@
 """`ssb grpo`: the GRPO baseline through TRL's GRPOTrainer.
 
 The rewards (ssb.grading, the format bonus, the eval-equivalent trimming) are unit-tested directly.
-End-to-end runs on tiny random models (tests/tiny_models.py), chat (ChatML) and few-shot (no
+End-to-end runs on tiny random models (ssb.bench.random_models), chat (ChatML) and few-shot (no
 template), check that the prompts TRL tokenised equal `render_prompt_ids`, that completions stop
 at the stop strings, that only LoRA weights train, and that the saved adapter loads with peft.
 A random model never answers correctly, so the end-to-end tests swap in a reward that varies
@@ -16,7 +16,6 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model
 from trl import GRPOTrainer
 
 from ssb.config import ConfigError, load_config
@@ -28,12 +27,6 @@ from ssb.stages import grpo
 from ssb.stages.base import load_base
 from ssb.stages.eval_setup import available_models
 from ssb.stages.lora_training import last_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo_models")
-    return {t: save_tiny_model(root / t, "qwen2", t) for t in ("chatml", "none")}
 
 
 def make_cfg(model_path, *extra):
@@ -71,10 +64,10 @@ def test_rewards_grade_with_ssb_grading():
     assert grpo.boxed_reward("The answer is \\boxed{8.") == 0.0  # unbalanced
 
 
-def test_reward_funcs_grade_the_text_eval_grades(tiny):
+def test_reward_funcs_grade_the_text_eval_grades(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny["none"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2", "none"))
     correct, boxed = grpo.make_reward_funcs(tok, [tok.eos_token_id], ["\n\n"])
     assert (correct.__name__, boxed.__name__) == ("correctness", "boxed")
     texts = [
@@ -107,7 +100,7 @@ def test_grpo_config_checks():
 
 
 def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
-    tiny, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch
 ):
     """On a GPU with vLLM: TRL's colocated engine (asleep while the optimizer runs), with the
     stop ids and strings under the names vLLM's SamplingParams takes (TRL hands them over as
@@ -116,7 +109,7 @@ def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
 
     from ssb.rundir import RunDir
 
-    cfg = make_cfg(tiny["chatml"], "grpo.vllm_gpu_memory_utilization=0.25")
+    cfg = make_cfg(tiny_model_dir("qwen2", "chatml"), "grpo.vllm_gpu_memory_utilization=0.25")
     rundir = RunDir(tmp_path / "run")
     cpu = torch.device("cpu")
     plain = grpo.grpo_arguments(cfg, rundir, cpu, [7, 9], ["\n\n"], progress=False)
@@ -134,7 +127,7 @@ def test_grpo_generates_with_a_colocated_vllm_engine_when_vllm_is_the_backend(
     assert args.generation_kwargs == {"stop_token_ids": [7, 9], "stop": ["\n\n"]}
     assert load_config(preset="paper").train.gradient_checkpointing
     with pytest.raises(ConfigError, match="grpo.vllm_gpu_memory_utilization"):
-        make_cfg(tiny["none"], "grpo.vllm_gpu_memory_utilization=1.5")
+        make_cfg(tiny_model_dir("qwen2", "none"), "grpo.vllm_gpu_memory_utilization=1.5")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -168,14 +161,14 @@ def run_and_capture(cfg, rundir, monkeypatch):
 
 
 @pytest.mark.parametrize("template", ["chatml", "none"])
-def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
+def test_run_grpo_end_to_end(tiny_model_dir, tmp_path, monkeypatch, template):
     if template == "chatml":  # KL to the reference, and checkpointing (TRL adds input hooks)
         extra = ["grpo.beta=0.1", "train.gradient_checkpointing=true"]
     else:
         extra = ["grpo.max_steps=1", "grpo.save_steps=1"]
     if template == "none":  # a stop string the random model hits often
         extra.append("prompt.stop_strings=[' ']")
-    cfg = make_cfg(tiny[template], *extra)
+    cfg = make_cfg(tiny_model_dir("qwen2", template), *extra)
     rundir = RunDir(tmp_path / "run")
     base = load_base(cfg)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -241,6 +234,6 @@ def test_run_grpo_end_to_end(tiny, tmp_path, monkeypatch, template):
 
     if template == "none":  # a checkpoint of other settings is not resumed
         assert last_checkpoint(rundir.grpo_checkpoints_dir).name == "checkpoint-1"
-        changed = make_cfg(tiny[template], *extra, "grpo.learning_rate=1e-3")
+        changed = make_cfg(tiny_model_dir("qwen2", template), *extra, "grpo.learning_rate=1e-3")
         with pytest.raises(ValueError, match="learning_rate"):
             grpo.run_grpo(changed, rundir, progress=False)

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import build_tiny_model, build_tokenizer
 from transformers import Trainer, TrainingArguments
 from trl import GRPOConfig
 
+from ssb.bench.random_models import build_tiny_model, build_tokenizer
 from ssb.config import load_config
 from ssb.rundir import read_jsonl
 from ssb.stages.lora_training import (

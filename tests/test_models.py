@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import ARCHS, TEMPLATES, build_tiny_model, build_tokenizer, save_tiny_model
 
 from ssb import models
+from ssb.bench.random_models import (
+    ARCHS,
+    TEMPLATES,
+    build_tiny_model,
+    build_tokenizer,
+    save_tiny_model,
+)
 from ssb.config import ModelConfig
 from ssb.generate import HFGenerator, SamplingParams
 from ssb.identity import model_identity

@@ -4,7 +4,7 @@ normalised by the step's reply tokens, with stored and online teacher targets li
 end token distilled; and packing is refused where attention would let packed sequences see each
 other (a leak that the equality itself would catch).
 
-Tiny random models of real architectures, float32 (tests/tiny_models.py, tests/pairs_fixture.py).
+Tiny random models of real architectures, float32 (ssb.bench.random_models, tests/pairs_fixture.py).
 """
 
 from __future__ import annotations

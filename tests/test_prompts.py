@@ -7,8 +7,8 @@ import re
 
 import pytest
 from pairs_fixture import make_rollouts_mixed
-from tiny_models import build_tokenizer, save_tiny_model
 
+from ssb.bench.random_models import build_tokenizer, save_tiny_model
 from ssb.config import PromptConfig, load_config
 from ssb.problems import Problem
 from ssb.prompts import (

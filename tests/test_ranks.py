@@ -17,8 +17,8 @@ import pytest
 from limits import HANG_GUARD_S
 from pairs_fixture import make_rollouts_mixed, tiny_config
 from test_accelerate import two_process_launch
-from tiny_models import save_tiny_model
 
+from ssb.bench.random_models import save_tiny_model
 from ssb.rundir import RunDir, append_jsonl, read_jsonl
 
 TESTS = Path(__file__).parent

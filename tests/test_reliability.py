@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from pairs_fixture import make_pairs
-from tiny_models import save_tiny_model
 
 from ssb import rundir as rundir_mod
+from ssb.bench.random_models import save_tiny_model
 from ssb.cli import main
 from ssb.config import ConfigError, load_config
 from ssb.rundir import RunDir, RunDirError, append_jsonl, atomic_write_text, read_jsonl
@@ -429,8 +429,7 @@ def test_funnel_counts_a_pair_whose_decision_line_was_lost(tmp_path):
 
 
 def test_a_run_refuses_another_tokenizer_unless_forced(tmp_path):
-    from tiny_models import build_tokenizer, save_tiny_model
-
+    from ssb.bench.random_models import build_tokenizer, save_tiny_model
     from ssb.config import load_config
     from ssb.identity import model_identity
     from ssb.rundir import RunDir, RunDirError

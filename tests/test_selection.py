@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from pairs_fixture import EXAMPLES, make_pairs
 from test_ablate import rollout_record, sets
-from tiny_models import save_tiny_model
 
 from ssb.ablation.arms import Arm, ablation_arms, arm_config, grid_points, point_tag
 from ssb.ablation.selection import validation_problems
+from ssb.bench.random_models import save_tiny_model
 from ssb.config import ConfigError, load_config, variant_config
 from ssb.problems import load_eval_problems, load_train_problems
 from ssb.rundir import RunDir, append_jsonl, read_jsonl

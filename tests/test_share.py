@@ -323,7 +323,8 @@ def test_imported_pairs_give_the_same_targets_and_train(run, exported, tmp_path)
 
 def test_import_into_another_tokenizer_renders_and_tokenises_again(run, exported, tmp_path):
     from pairs_fixture import tiny_config
-    from tiny_models import save_tiny_model
+
+    from ssb.bench.random_models import save_tiny_model
 
     out, _ = exported
     cfg = tiny_config(save_tiny_model(tmp_path / "gemma", "gemma3", "gemma"))

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 from pairs_fixture import end_token, make_run
-from tiny_models import build_tiny_model, build_tokenizer
 
+from ssb.bench.random_models import build_tiny_model, build_tokenizer
 from ssb.distill.forward import output_head, reply_rows
 from ssb.distill.store import TargetReader, TargetStoreError
 from ssb.rundir import append_jsonl, read_jsonl

@@ -1,7 +1,7 @@
 """`ssb train`: the collator's alignment, the loss through SSBTrainer, normalisation across
 gradient accumulation, online teacher, end-to-end runs with resume, and the refusals.
 
-Tiny random models of real architectures (tests/tiny_models.py); pairs from tests/pairs_fixture.py
+Tiny random models of real architectures (ssb.bench.random_models); pairs from tests/pairs_fixture.py
 have teacher prompts longer than student prompts (by a different amount per pair) and replies of
 different lengths.
 """

@@ -29,8 +29,8 @@ import pytest
 import torch
 from limits import HANG_GUARD_S
 from pairs_fixture import make_rollouts_mixed, tiny_config
-from tiny_models import build_tokenizer, end_of_turn_token, save_tiny_model
 
+from ssb.bench.random_models import build_tokenizer, end_of_turn_token
 from ssb.generate import SamplingParams, VLLMGenerator, make_generator
 from ssb.generate.hf import HFGenerator
 from ssb.generate.vllm import vllm_available, vllm_cpu_build
@@ -117,9 +117,9 @@ def lora_adapter(model_dir: Path, path: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("vllm_cpu")
-    model_dir = save_tiny_model(root / "model", "qwen2", "chatml", **TINY)
+    model_dir = tiny_model_dir("qwen2", "chatml", **TINY)
     adapters = {
         "a": lora_adapter(model_dir, root / "lora-a", 1),
         "b": lora_adapter(model_dir, root / "lora-b", 2),

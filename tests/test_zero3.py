@@ -20,19 +20,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from pairs_fixture import make_run, tiny_config
-from two_ranks import (
-    assert_same_targets,
-    assert_training_matches_one_process,
-    torchrun_two_ranks,
-)
-
-from ssb.stages.targets import run_targets
-from ssb.stages.train import run_train
+from two_ranks import check_sharded_targets, check_sharded_training_resumes, torchrun_two_ranks
 
 DEEPSPEED_MISSING = importlib.util.find_spec("deepspeed") is None
 pytestmark = pytest.mark.skipif(
@@ -55,7 +46,7 @@ sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist
 
 from rank_scripts import finish, kd_batch, kd_loss, lora_model, tokenizer
-from tiny_models import build_tiny_model
+from ssb.bench.random_models import build_tiny_model
 from ssb.sharding import (
     full_parameter, partition_for_zero3, shard_report, trainable_state_dict, zero3_for_scoring
 )
@@ -139,58 +130,19 @@ def assert_partitioned(run_dir: Path, stage: str) -> None:
 
 
 def test_targets_under_zero3_match_one_process(tmp_path, launch_stage):
-    """`ssb targets` on a partitioned teacher: the ranks split the pairs (rank 1 runs an idle
-    batch: forwards gather parameters, so both ranks run as many) and the merged store equals one
-    process's."""
-    overrides = ["targets.mode=dense", "targets.batch_size=2"]
-    cfg, rundir, pairs = make_run(tmp_path, "chatml", *overrides, n=5)
-    sharded = tmp_path / "zero3"
-    sharded.mkdir()
-    shutil.copy(rundir.pairs_path, sharded / "pairs.jsonl")
-    run_targets(cfg, rundir, progress=False)
-
-    proc = launch_stage("targets", cfg.model.name, sharded, overrides, **ZERO3)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "rank 0/2 scores 3 of 5 pairs" in proc.stderr
-    assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
-    assert "1 idle batches, so every rank runs 2 forwards" in proc.stderr
-    assert_partitioned(sharded, "targets")
-    # float32 log-probs; only the batch mates (padding) and the summation order differ.
-    ids = [p["id"] for p in pairs]
-    assert_same_targets(rundir.targets_dir, sharded / "targets", ids, rtol=1e-4, atol=1e-5)
+    """`ssb targets` on a partitioned teacher: the ranks split the pairs and the merged store
+    equals one process's (see `check_sharded_targets`)."""
+    check_sharded_targets(tmp_path, launch_stage, assert_partitioned, **ZERO3)
 
 
-# As in test_fsdp: clipping active, activation checkpointing on.
-TRAIN = ["targets.mode=hidden", "train.save_steps=1", "train.gradient_checkpointing=true"]
+def assert_deepspeed_checkpoint(checkpoint: Path) -> None:
+    assert list(checkpoint.glob("global_step*")), "not a DeepSpeed checkpoint"
 
 
 @pytest.mark.slow  # 32 s on 2 quiet CPU cores, 53 s when they are shared
 def test_train_under_zero3_killed_and_resumed_matches_one_process(tmp_path, launch_stage):
-    """6 pairs, 3 optimizer steps of 2 pairs (one process, batch 2; two ranks, batch 1 each).
-    The partitioned run is killed after checkpoint-1 and resumed from it (DeepSpeed's own
-    checkpoint); its loss curve and saved adapter equal one process's uninterrupted run."""
-    cfg, rundir, pairs = make_run(tmp_path, "chatml", *TRAIN, n=6)
-    run_targets(cfg, rundir, progress=False)
-    sharded = tmp_path / "zero3"
-    shutil.copytree(rundir.path, sharded)
-    one = run_train(
-        tiny_config(cfg.model.name, *TRAIN, "train.batch_size=2"), rundir, progress=False
+    """Killed after checkpoint-1 (DeepSpeed's own checkpoint) and resumed: the loss curve and
+    adapter of one process's run (see `check_sharded_training_resumes`)."""
+    check_sharded_training_resumes(
+        tmp_path, launch_stage, assert_partitioned, assert_deepspeed_checkpoint, **ZERO3
     )
-    assert one["steps"] == 3
-
-    overrides = [*TRAIN, "train.batch_size=1"]
-    killed = launch_stage(
-        "train", cfg.model.name, sharded, overrides, KILL_AFTER_CHECKPOINT="1", **ZERO3
-    )
-    assert killed.returncode != 0
-    checkpoint = sharded / "checkpoints" / "checkpoint-1"
-    assert (checkpoint / "trainer_state.json").exists()
-    assert list(checkpoint.glob("global_step*")), "not a DeepSpeed checkpoint"
-    assert not (sharded / "adapter").exists()
-    proc = launch_stage("train", cfg.model.name, sharded, overrides, **ZERO3)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((sharded / "summary-train-rank0.json").read_text())
-    assert summary["resumed_from"] == "checkpoint-1" and summary["steps"] == 3
-    assert_partitioned(sharded, "train")
-
-    assert_training_matches_one_process(rundir, sharded)

@@ -1,6 +1,7 @@
 """What the two-process tests (DDP, FSDP2, ZeRO-3 on CPU processes over gloo) share on the
 pytest side: launching scripts on two ranks, launching a stage under `accelerate launch` with an
-example config, and comparing a two-process run's targets and training with one process's.
+example config, and comparing a two-process run's targets and training with one process's
+(`check_sharded_targets`, `check_sharded_training_resumes`: the FSDP2 and ZeRO-3 runs alike).
 What the launched scripts share in each process is in `rank_scripts.py`."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,83 @@ def assert_training_matches_one_process(rundir: RunDir, sharded: Path) -> None:
     for key in a:
         assert b[key].shape == a[key].shape and b[key].dtype == a[key].dtype == torch.float32
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+# The sharded training run's settings (FSDP2 and ZeRO-3 alike): the default gradient clipping
+# (max_grad_norm 1.0) is active, the first steps' norms exceed it; activation checkpointing on,
+# as in the paper preset.
+SHARDED_TRAIN = ["targets.mode=hidden", "train.save_steps=1", "train.gradient_checkpointing=true"]
+
+
+def check_sharded_targets(
+    tmp_path: Path, launch_stage, assert_sharded: Callable[[Path, str], None], **launch: str
+) -> None:
+    """`ssb targets` on a teacher sharded over two ranks (`launch`: `launch_stage`'s config and
+    env): the ranks split the pairs (rank 1 runs an idle batch: forwards are collectives, so both
+    ranks run as many), `assert_sharded` holds on every rank, and the merged store equals one
+    process's."""
+    # Here, not at the top: conftest imports this module for every test, these load the stages.
+    from pairs_fixture import make_run
+
+    from ssb.stages.targets import run_targets
+
+    # Batches of 2: rank 0 scores 3 pairs in 2 batches, rank 1 2 pairs in 1 and then 1 idle.
+    overrides = ["targets.mode=dense", "targets.batch_size=2"]
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", *overrides, n=5)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(rundir.pairs_path, sharded / "pairs.jsonl")
+    run_targets(cfg, rundir, progress=False)
+
+    proc = launch_stage("targets", cfg.model.name, sharded, overrides, **launch)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0/2 scores 3 of 5 pairs" in proc.stderr
+    assert "rank 1/2 scores 2 of 5 pairs" in proc.stderr
+    assert "1 idle batches, so every rank runs 2 forwards" in proc.stderr
+    assert_sharded(sharded, "targets")
+    # float32 log-probs; only the batch mates (padding) and the summation order differ.
+    ids = [p["id"] for p in pairs]
+    assert_same_targets(rundir.targets_dir, sharded / "targets", ids, rtol=1e-4, atol=1e-5)
+
+
+def check_sharded_training_resumes(
+    tmp_path: Path,
+    launch_stage,
+    assert_sharded: Callable[[Path, str], None],
+    check_checkpoint: Callable[[Path], None] = lambda checkpoint: None,
+    **launch: str,
+) -> None:
+    """6 pairs, 3 optimizer steps of 2 pairs (one process, batch 2; two ranks, batch 1 each).
+    The sharded run is killed after checkpoint-1 (`check_checkpoint` looks at it) and resumed
+    from it; `assert_sharded` holds on every rank, and its loss curve and saved adapter equal one
+    process's uninterrupted run."""
+    from pairs_fixture import make_run, tiny_config
+
+    from ssb.stages.targets import run_targets
+    from ssb.stages.train import run_train
+
+    cfg, rundir, _ = make_run(tmp_path, "chatml", *SHARDED_TRAIN, n=6)
+    run_targets(cfg, rundir, progress=False)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(rundir.path, sharded)
+    one = run_train(
+        tiny_config(cfg.model.name, *SHARDED_TRAIN, "train.batch_size=2"), rundir, progress=False
+    )
+    assert one["steps"] == 3
+
+    overrides = [*SHARDED_TRAIN, "train.batch_size=1"]
+    killed = launch_stage(
+        "train", cfg.model.name, sharded, overrides, KILL_AFTER_CHECKPOINT="1", **launch
+    )
+    assert killed.returncode != 0
+    checkpoint = sharded / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "trainer_state.json").exists()
+    check_checkpoint(checkpoint)
+    assert not (sharded / "adapter").exists()
+    proc = launch_stage("train", cfg.model.name, sharded, overrides, **launch)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((sharded / "summary-train-rank0.json").read_text())
+    assert summary["resumed_from"] == "checkpoint-1" and summary["steps"] == 3
+    assert_sharded(sharded, "train")
+
+    assert_training_matches_one_process(rundir, sharded)

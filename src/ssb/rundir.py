@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -159,8 +159,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+def atomic_write_json(path: Path, obj: Any, default: Callable[[Any], Any] | None = None) -> None:
+    """`default` converts what JSON cannot hold, as in `json.dumps`."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=default)
+    atomic_write_text(path, text + "\n")
 
 
 def _fsync_dir(directory: Path) -> None:

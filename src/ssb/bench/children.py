@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ssb.rundir import atomic_write_json
+
 CHILD_TIMEOUT_S = 600
 # Task name -> "module:function" taking the spec dict and returning the result dict. Imported
 # in the child only, so this module imports no section (and no section imports each other).
@@ -92,14 +94,8 @@ def child_main(argv: list[str]) -> None:
             "error": f"{task}: {type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc(),
         }
-    write_json_atomically(Path(out_path), result)
-
-
-def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` so a reader never sees half a file (numpy scalars written as floats)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, default=float))
-    os.replace(tmp, path)
+    # numpy scalars are written as floats
+    atomic_write_json(Path(out_path), result, default=float)
 
 
 class Budget:

@@ -51,6 +51,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     CPU at tiny sizes (``spec["device"] = "cpu"``)."""
     import torch
 
+    from ssb.bench.random_models import byte_tokenizer
     from ssb.generate import SamplingParams
 
     device = torch.device(spec.get("device", "cuda"))
@@ -95,7 +96,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     # ssb's own decode loop (the stages', onpolicy's and eval's without vLLM) against
     # transformers' generate at each batch of `loop_batches`, on the same prompts and sampling.
     params = SamplingParams(0.8, top_k=50, max_new_tokens=new, seed=0)
-    tokenizer = _byte_tokenizer(spec["vocab"])
+    tokenizer = byte_tokenizer(spec["vocab"])
     loops: dict[str, dict[str, float]] = {}
     for batch in spec.get("loop_batches", [spec["gen_prompts"]]):
         rows = torch.randint(1, spec["vocab"], (batch, prompt_len), generator=gen).tolist()
@@ -112,34 +113,15 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _byte_tokenizer(vocab_size: int) -> Any:
-    """A byte-level tokenizer of exactly `vocab_size` ids for a random model: id 0 is
-    ``<|endoftext|>`` (eos and pad), then the 256 byte symbols (every string encodes, one token
-    per byte), then filler tokens that nothing encodes to but that decode to their own text, so
-    every id the model can emit is in the vocabulary (vLLM refuses prompt ids outside it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    for i in range(len(vocab), vocab_size):
-        vocab[f"<fill{i}>"] = i
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-
-
 def _config_only_model_dir(spec: dict[str, Any], path: Path) -> Path:
-    """A model directory with `build_qwen2`'s config and `_byte_tokenizer`, but no weights:
+    """A model directory with `build_qwen2`'s config and `byte_tokenizer`, but no weights:
     vLLM's ``load_format="dummy"`` fills them with random values (nothing to write or read)."""
+    from ssb.bench.random_models import byte_tokenizer
+
     config = qwen2_config(spec, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     config.architectures = ["Qwen2ForCausalLM"]  # what vLLM picks its model class by
     config.save_pretrained(path)
-    _byte_tokenizer(spec["vocab"]).save_pretrained(path)
+    byte_tokenizer(spec["vocab"]).save_pretrained(path)
     return path
 
 
@@ -246,7 +228,31 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
         "model": "random-init, Qwen2 architecture",
     }
     data.update(spec)
-    rows = []
+    g_spec = dict(
+        shape,
+        layers=g["layers"],
+        lora_r=0,
+        device=device,
+        gen_prompts=g["gen_prompts"],
+        gen_tokens=g["gen_tokens"],
+        prompt_len=g.get("prompt_len", 256),
+        loop_batches=g.get("loop_batches", [g["gen_prompts"]]),
+    )
+    rows: list[dict] = []
+    # The measurements, one after the other, each in its own child: each stores its figures in
+    # `data` and appends its rows. A new row goes in as one more function like these (its child
+    # task in `ssb.bench.children.CHILD_TASKS`), called here; the GPU check reads the figures
+    # it reports from `data` in `ssb.bench.gpu_check.bench`.
+    _kd_step_rows(spec, device, data, rows, progress)
+    _generation_rows(g_spec, data, rows, progress)
+    _vllm_generation_rows(g_spec, data, rows, progress)
+    return data, rows
+
+
+def _kd_step_rows(
+    spec: dict[str, Any], device: str, data: dict[str, Any], rows: list[dict], progress: bool
+) -> None:
+    """Both KD step variants: tokens/s, MFU (with a known GPU peak) and peak memory."""
     for variant in ("reference", "ours"):
         log(progress, f"gpu: KD step, {variant}")
         data[variant] = run_child("kd_step", dict(spec, variant=variant))
@@ -296,17 +302,13 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                 goal=(">=", 10.0),
             )
         )
+
+
+def _generation_rows(
+    g_spec: dict[str, Any], data: dict[str, Any], rows: list[dict], progress: bool
+) -> None:
+    """transformers' generate at batch N against batch 1, and ssb's decode loop against it."""
     log(progress, "gpu: generation")
-    g_spec = dict(
-        shape,
-        layers=g["layers"],
-        lora_r=0,
-        device=device,
-        gen_prompts=g["gen_prompts"],
-        gen_tokens=g["gen_tokens"],
-        prompt_len=g.get("prompt_len", 256),
-        loop_batches=g.get("loop_batches", [g["gen_prompts"]]),
-    )
     gen = run_child("gpu_generate", g_spec)
     data["generation"] = gen
     if "batched_tokens_per_s" in gen:
@@ -334,6 +336,13 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                     note=f"ssb's loop: {loops['ssb']:.0f} tok/s",
                 )
             )
+
+
+def _vllm_generation_rows(
+    g_spec: dict[str, Any], data: dict[str, Any], rows: list[dict], progress: bool
+) -> None:
+    """vLLM against transformers at batch N (skipped, saying why, without vLLM or CUDA)."""
+    gen = data["generation"]
     log(progress, "gpu: generation, vLLM")
     vgen = run_child("gpu_generate_vllm", g_spec)
     data["generation_vllm"] = vgen
@@ -349,4 +358,3 @@ def gpu_runs(g: dict[str, Any], device: str, progress: bool) -> tuple[dict[str, 
                 goal=(">=", 1.0),
             )
         )
-    return data, rows

@@ -29,36 +29,28 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def qwen2_config(spec: dict[str, Any], **extra: Any) -> Any:
     """A `Qwen2Config` of the shape in `spec` (vocab, hidden, intermediate, layers, heads,
-    kv_heads), tied embeddings; `extra` sets further fields."""
-    from transformers import Qwen2Config
+    kv_heads), tied embeddings, room for twice ``spec["seq"]``; `extra` sets further fields."""
+    from ssb.bench.random_models import model_config
 
-    return Qwen2Config(
-        vocab_size=spec["vocab"],
-        hidden_size=spec["hidden"],
-        intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"],
-        num_attention_heads=spec["heads"],
-        num_key_value_heads=spec["kv_heads"],
-        max_position_embeddings=max(4096, spec.get("seq", 0) * 2),
-        tie_word_embeddings=True,
-        **extra,
-    )
+    positions = max(4096, spec.get("seq", 0) * 2)
+    return model_config("qwen2", spec, max_position_embeddings=positions, **extra)
 
 
 def build_qwen2(spec: dict[str, Any], device: Any, dtype: Any) -> Any:
     """The random-init model of `spec`'s shape; with ``lora_r``, a PEFT LoRA student on all 7
     projections in training mode (activation checkpointing with ``gradient_checkpointing``)."""
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
+    from ssb.bench.random_models import random_model
     from ssb.models import enable_checkpointing
 
-    torch.manual_seed(spec.get("seed", 0))
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            qwen2_config(spec, use_cache=False), dtype=dtype, attn_implementation="sdpa"
-        )
+    model = random_model(
+        qwen2_config(spec, use_cache=False),
+        seed=spec.get("seed", 0),
+        dtype=dtype,
+        device=device,
+        attn_implementation="sdpa",
+    )
     if not spec.get("lora_r"):
         return model
     lora = LoraConfig(

@@ -9,10 +9,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ssb.bench.children import write_json_atomically
 from ssb.bench.generation import measure_generation
 from ssb.bench.scoring import measure_scoring
 from ssb.bench.storage import measure_approximation_error
+from ssb.rundir import atomic_write_json
 
 # Cheapest first: under the time budget the last task (generation) is the one skipped.
 MODEL_TASKS = (("storage", "approx"), ("scoring", "scoring"), ("generation", "generation"))
@@ -60,5 +60,5 @@ def child_model_tasks(spec: dict[str, Any]) -> dict[str, Any]:
         out[task] = result
         gc.collect()
         # What is done so far survives a timeout of the whole child (see run_child).
-        write_json_atomically(Path(spec["tmp"]) / "partial.json", out)
+        atomic_write_json(Path(spec["tmp"]) / "partial.json", out, default=float)
     return out

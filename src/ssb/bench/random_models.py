@@ -1,14 +1,23 @@
-"""Tiny random-init models of real architectures, with a tokenizer built locally (no hub).
+"""Random-init models of real architectures and tokenizers trained locally: no model hub.
 
-Use these in tests wherever a real model would be too slow:
+The one owner of "a random model and its tokenizer", used by the tests, the GPU check
+(``benchmarks/gpu_check.py``) and ``ssb bench`` alike (so it lives in the package, which all
+three can import; the tests directory is not importable from the others):
+
+- `train_bpe`: a byte-level BPE trained in-process on a corpus (every string round-trips through
+  bytes), optionally padded with filler tokens to a model's vocabulary; `byte_tokenizer`: the
+  untrained byte-level form of exactly ``vocab_size`` ids.
+- `model_config`: an architecture's config at a shape given in the bench's short names
+  (``vocab``, ``hidden``, ``intermediate``, ``layers``, ``heads``, ``kv_heads``); `random_model`:
+  its seeded random init.
+- The tests' tiny models, built from those:
 
     tok = build_tokenizer("chatml")            # or "gemma", "none" (a base model, no template)
     model = build_tiny_model("qwen2", tok)     # or "llama", "gemma3"
     path = save_tiny_model(tmp_path / "m", "qwen2", "chatml")   # loadable with from_pretrained
 
-The tokenizer is a byte-level BPE trained in-process on a small built-in corpus (so every string
-round-trips through bytes); it is deterministic and cached per process (each call returns a fresh
-tokenizer object, so tests may mutate it freely). Templates:
+The tiny tokenizer is trained on a small built-in corpus; it is deterministic and cached per
+process (each call returns a fresh tokenizer object, so tests may mutate it freely). Templates:
 
 - "chatml": `<|endoftext|>` (eos and pad, no bos), `<|im_start|>`, `<|im_end|>`; Qwen2.5-style
   ChatML template. Like Qwen2.5, a conversation without a system message gets the default
@@ -21,21 +30,25 @@ tokenizer object, so tests may mutate it freely). Templates:
 Tokenizers pad on the right (the `transformers` default, as real checkpoints do); code that
 needs left padding must ask for it.
 
-Models: hidden 64, 2 layers, 4 heads / 2 kv heads, float32, vocab = len(tokenizer); qwen2 and
-gemma3 tie the embeddings (as the real small models do), llama does not; gemma3 alternates a
-sliding (window 64) and a full attention layer. The weights are random but shaped so that outputs
-are peaked and context dependent (not near-uniform, and greedy decoding does not just repeat the
-last token), and the output layer is nudged so that sampling emits the end-of-turn token
-(`<|im_end|>`, `<end_of_turn>`, or eos for "none") with probability about 5% per step at
-temperature 1; greedy decoding stops early for some prompts. Tests must not rely on what these
-models say beyond shapes, ids and determinism (same arch/template/seed -> same weights).
+Tiny models: `TINY_SHAPE` (hidden 64, 2 layers, 4 heads / 2 kv heads), float32, vocab =
+len(tokenizer); qwen2 and gemma3 tie the embeddings (as the real small models do), llama does
+not; gemma3 alternates a sliding (window 64) and a full attention layer. The weights are random
+but shaped so that outputs are peaked and context dependent (not near-uniform, and greedy
+decoding does not just repeat the last token), and the output layer is nudged so that sampling
+emits the end-of-turn token (`<|im_end|>`, `<end_of_turn>`, or eos for "none") with probability
+about 5% per step at temperature 1; greedy decoding stops early for some prompts. Tests must not
+rely on what these models say beyond shapes, ids and determinism (same arch/template/seed ->
+same weights).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -43,6 +56,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -101,7 +115,16 @@ _CONST_FRACTION = 0.1  # share of residual energy in the constant coordinate
 _CONST_DIM = 0
 _EMBED_GAIN = 20.0
 _LAYER_GAIN = 5.0
-_END_OF_TURN = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "none": "<eos>"}
+TINY_SHAPE = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2}
+# The shape's short names (the bench's specs use them) -> the config fields they set.
+_CONFIG_FIELDS = {
+    "vocab": "vocab_size",
+    "hidden": "hidden_size",
+    "intermediate": "intermediate_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+}
 
 
 def _corpus() -> list[str]:
@@ -130,20 +153,62 @@ def _corpus() -> list[str]:
     return lines
 
 
-@functools.cache
-def _tokenizer_json(template: str) -> str:
-    specials = _SPECIALS[template]
+def train_bpe(
+    corpus: Iterable[str],
+    vocab_size: int,
+    specials: list[str],
+    min_frequency: int = 0,
+    fill_to: int | None = None,
+) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens (`specials` first) trained on `corpus`.
+
+    With `fill_to`, the vocabulary is padded with filler tokens (`<fill123>`) up to that size:
+    BPE never produces them (no merge leads there), but each decodes to its own text, so every
+    id a random model of that vocabulary can emit decodes (and vLLM, which refuses ids outside
+    the tokenizer, accepts them)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    if fill_to is None:
+        return tok
+    data = json.loads(tok.to_str())
+    _fill_vocab(data["model"]["vocab"], tok.get_vocab_size(), fill_to)
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _fill_vocab(vocab: dict[str, int], start: int, size: int) -> None:
+    for i in range(start, size):
+        vocab[f"<fill{i}>"] = i
+
+
+def byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """An untrained byte-level tokenizer of exactly `vocab_size` ids for a random model: id 0 is
+    ``<|endoftext|>`` (eos and pad), then the 256 byte symbols (every string encodes, one token
+    per byte), then filler tokens (see `train_bpe`)."""
+    vocab = {"<|endoftext|>": 0}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    _fill_vocab(vocab, len(vocab), vocab_size)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+@functools.cache
+def _tokenizer_json(template: str) -> str:
+    specials = _SPECIALS[template]
+    tok = train_bpe(_corpus(), VOCAB_SIZE, specials, min_frequency=2)
     if "<bos>" in specials:
         bos = tok.token_to_id("<bos>")
         tok.post_processor = processors.TemplateProcessing(
@@ -193,44 +258,62 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerFast) -> int:
     return tokenizer.eos_token_id
 
 
-def _config(arch: str, tokenizer: PreTrainedTokenizerFast, overrides: dict):
-    ids = dict(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id
-        if tokenizer.bos_token_id is not None
-        else tokenizer.eos_token_id,
-    )
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        **ids,
-    )
+def model_config(arch: str, shape: dict[str, Any], **fields: Any) -> PreTrainedConfig:
+    """`arch`'s config ("qwen2", "llama", "gemma3") with `shape`'s sizes (short names, see
+    `_CONFIG_FIELDS`; other keys are ignored) and `fields` set as given. qwen2 and gemma3 tie
+    the embeddings, llama does not; gemma3 alternates sliding (window 64) and full attention."""
+    kw: dict[str, Any] = {
+        field: shape[key] for key, field in _CONFIG_FIELDS.items() if key in shape
+    }
     if arch == "qwen2":
-        kw = dict(common, tie_word_embeddings=True)
-        kw.update(overrides)
+        kw.update(tie_word_embeddings=True)
+        kw.update(fields)
         return Qwen2Config(**kw)
+    head_dim = shape["hidden"] // shape["heads"]
     if arch == "llama":
-        kw = dict(common, tie_word_embeddings=False, head_dim=16)
-        kw.update(overrides)
+        kw.update(tie_word_embeddings=False, head_dim=head_dim)
+        kw.update(fields)
         return LlamaConfig(**kw)
     if arch == "gemma3":
-        kw = dict(
-            common,
-            head_dim=16,
-            query_pre_attn_scalar=16,
+        kw.update(
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
             tie_word_embeddings=True,
             sliding_window=64,
-            layer_types=["sliding_attention", "full_attention"],
+            layer_types=[
+                ("sliding_attention", "full_attention")[i % 2] for i in range(shape["layers"])
+            ],
         )
-        kw.update(overrides)
+        kw.update(fields)
         return Gemma3TextConfig(**kw)
     raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
+
+
+def random_model(
+    config: PreTrainedConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """The seeded random init of `config` (default initialisation), built on `device`;
+    `kwargs` go to `from_config` (e.g. ``attn_implementation``)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+
+
+def _tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, overrides: dict[str, Any]):
+    bos = tokenizer.bos_token_id
+    return model_config(
+        arch,
+        dict(TINY_SHAPE, vocab=len(tokenizer)),
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=bos if bos is not None else tokenizer.eos_token_id,
+        **overrides,
+    )
 
 
 def _shape_weights(model: PreTrainedModel, seed: int) -> None:
@@ -338,10 +421,10 @@ def _nudge_end_of_turn(
 def build_tiny_model(
     arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides
 ) -> PreTrainedModel:
-    """A random-init float32 model of a real architecture (hidden 64, 2 layers, 4/2 heads)."""
-    config = _config(arch, tokenizer, overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    """A random-init float32 model of a real architecture at `TINY_SHAPE`, its weights shaped
+    as the module docstring says; `overrides` change its config."""
+    config = _tiny_config(arch, tokenizer, overrides)
+    model = random_model(config, seed=seed)
     model.eval()
     _shape_weights(model, seed)
     _nudge_end_of_turn(model, tokenizer, end_of_turn_token(tokenizer))
@@ -368,7 +451,5 @@ def save_tiny_model(
 
 def vocab_hash(tokenizer: PreTrainedTokenizerFast) -> str:
     """Stable hash of a vocabulary (for determinism checks)."""
-    import hashlib
-
     blob = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
