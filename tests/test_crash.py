@@ -107,10 +107,11 @@ def run_and_kill(
     trigger: Path,
     rng: random.Random,
     sig: signal.Signals = signal.SIGKILL,
+    max_delay: float = 0.4,
 ) -> tuple[float, int, str]:
-    """Start the stage, wait until `trigger` exists, sleep a random short delay, send it `sig`
-    (SIGKILL). Returns the delay, the exit status and stderr."""
-    delay = rng.uniform(0.0, 0.4)
+    """Start the stage, wait until `trigger` exists, sleep a random delay up to `max_delay`, send
+    it `sig` (SIGKILL). Returns the delay, the exit status and stderr."""
+    delay = rng.uniform(0.0, max_delay)
     cmd = [PYTHON, "-m", "ssb", *argv(stage, run_dir, sets)]
     rc, stderr = signal_at_trigger(cmd, trigger, delay, sig)
     return delay, rc, stderr
@@ -332,7 +333,8 @@ def test_interrupt_prints_one_line_and_resumes(tiny, stage, sig):
     else:
         trigger = output = stopped / "rollouts.jsonl"
     run_inprocess(stage, ref, sets)
-    _, rc, stderr = run_and_kill(stage, stopped, sets, trigger, rng, sig=sig)
+    # At once: the trigger leaves work to do, and a tiny model's stage may finish in 0.4 s.
+    _, rc, stderr = run_and_kill(stage, stopped, sets, trigger, rng, sig=sig, max_delay=0.0)
     status = json.loads((stopped / "manifest.json").read_text())["stages"][stage]["status"]
     if rc == 0 or status == "complete":
         # The stage finished first; a signal then caught the process exiting (Python dies of
