@@ -16,6 +16,7 @@ sizes from 32 up) in float32, so vLLM and ssb's transformers loop must agree tok
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,13 +29,14 @@ from pathlib import Path
 import pytest
 import torch
 from limits import HANG_GUARD_S
-from pairs_fixture import make_rollouts_mixed, tiny_config
+from pairs_fixture import make_pairs, make_rollouts_mixed, tiny_config
 from tiny_models import build_tokenizer, end_of_turn_token, save_tiny_model
 
+from ssb.config import SamplingConfig
 from ssb.generate import SamplingParams, VLLMGenerator, make_generator
 from ssb.generate.hf import HFGenerator
 from ssb.generate.vllm import vllm_available, vllm_cpu_build
-from ssb.rundir import RunDir, read_jsonl
+from ssb.rundir import RunDir, append_jsonl, read_jsonl
 
 # `make test-vllm` sets SSB_EXPECT_VLLM to the version it installed: there nothing may skip.
 EXPECTED = os.environ.get("SSB_EXPECT_VLLM")
@@ -459,3 +461,99 @@ def test_the_bench_row_measures_both_generators_on_the_same_work(tiny, tmp_path)
     assert rows[0]["value"] == pytest.approx(
         run["vllm_cpu"]["tokens_per_s"] / run["ssb_loop"]["tokens_per_s"]
     )
+
+
+# --------------------------------------------------------------------------- onpolicy
+
+
+def onpolicy_run(tiny, name: str, *sets: str):
+    """A config sampling the onpolicy arm greedily (sampled replies follow each backend's own
+    random stream, greedy ones must be the same tokens) and a run directory with its pairs."""
+    from ssb.stages.common import load_base_tokenizer
+
+    cfg = tiny_config(tiny["model"], *STAGE_SETS, "ablate.onpolicy_max_new_tokens=12", *sets)
+    greedy = dataclasses.replace(cfg.ablate, onpolicy_sampling=SamplingConfig(temperature=0.0))
+    cfg = dataclasses.replace(cfg, ablate=greedy)
+    rundir = RunDir(tiny["root"] / name)
+    rundir.path.mkdir()
+    append_jsonl(rundir.pairs_path, make_pairs(load_base_tokenizer(cfg)[0], cfg))
+    return cfg, rundir
+
+
+def test_onpolicy_replies_served_by_vllm_follow_the_students_weights_as_transformers(tiny):
+    """The onpolicy sampler with a vLLM engine serving the student's adapter and with ssb's
+    decode loop on the student itself, greedy: the same replies token for token for a fixed
+    adapter; a step's micro-batches reuse the served adapter; after the weights change (an
+    optimizer step) the engine serves the new ones, and its replies change exactly as the
+    decode loop's do. One scratch adapter at a time; the engine's processes end with close."""
+    from ssb.ablation.onpolicy import ReplySampler, ServedStudent
+    from ssb.stages.common import load_base, release_accelerator
+    from ssb.stages.train import student_model
+
+    cfg, rundir = onpolicy_run(tiny, "onpolicy-sampler")
+    base = load_base(cfg)
+    student = student_model(cfg, base.model)
+    lora_b = [p for n, p in student.named_parameters() if "lora_B" in n]
+    torch.manual_seed(3)
+    with torch.no_grad():  # PEFT's B=0 would leave the base's replies
+        for p in lora_b:
+            p.normal_(0, 0.3)
+    pairs = rundir.read_pairs()
+
+    def sampler(served):  # `list` as the collator: the sampled pairs themselves
+        return ReplySampler(
+            cfg, base.tokenizer, base.reply, list, cfg.ablate.onpolicy_sampling, 12, served
+        )
+
+    loop = sampler(None)
+    served = ServedStudent(cfg, base.tokenizer, list(base.reply.stop_token_ids))
+    engine = sampler(served)
+    before = engine_processes()
+    try:
+        first = engine(student, pairs, 0)
+        assert first == loop(student, pairs, 0)
+        assert {p["end_token_id"] for p in first} != {base.reply.end_token_id}  # some were cut
+        assert engine(student, pairs, 0) == first and served.saves == 1
+        with torch.no_grad():
+            for p in lora_b:
+                p.add_(torch.randn_like(p), alpha=0.3)
+        second = engine(student, pairs, 1)
+        assert second == loop(student, pairs, 1)
+        assert second != first
+        assert served.saves == 2 and [d.name for d in served.scratch.iterdir()] == ["adapter-2"]
+        scratch = served.scratch
+    finally:
+        engine.close()
+        release_accelerator()  # the cached base now has LoRA layers
+    assert not scratch.exists()
+    assert not engine_processes() - before, "the engine outlived close()"
+
+
+def test_onpolicy_trains_the_same_adapter_through_vllm_as_through_transformers(tiny):
+    """`run_onpolicy` for three optimizer steps, greedy, once sampling through vLLM and once
+    through ssb's decode loop: every step sampled the same tokens and had the same loss, and the
+    two adapters agree; no engine process is left."""
+    from safetensors.torch import load_file
+
+    from ssb.ablation.onpolicy import run_onpolicy
+    from ssb.stages.common import release_accelerator
+
+    sets = ("train.learning_rate=5e-2", "train.batch_size=3", "train.lora.r=8")
+    logs, adapters = {}, {}
+    before = engine_processes()
+    for backend in ("hf", "vllm"):
+        cfg, rundir = onpolicy_run(
+            tiny, f"onpolicy-{backend}", f"generation.backend={backend}", *sets
+        )
+        run_onpolicy(cfg, rundir, steps=3, progress=False)
+        release_accelerator()
+        logs[backend] = [r for r in read_jsonl(rundir.train_log_path) if "loss" in r]
+        adapters[backend] = load_file(rundir.adapter_dir / "adapter_model.safetensors")
+    assert not engine_processes() - before
+    assert len(logs["vllm"]) == 3
+    for hf, vllm in zip(logs["hf"], logs["vllm"]):
+        assert vllm["sampled_tokens"] == hf["sampled_tokens"]
+        assert vllm["loss"] == pytest.approx(hf["loss"], rel=1e-4)
+    assert len({r["sampled_tokens"] for r in logs["vllm"]}) > 1  # the replies changed with training
+    for name, weight in adapters["hf"].items():
+        torch.testing.assert_close(adapters["vllm"][name], weight, rtol=1e-4, atol=1e-5)

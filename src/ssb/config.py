@@ -245,7 +245,7 @@ class GrpoConfig:
     save_steps: int = 50
     # When generation.backend resolves to vllm, GRPO generates with a vLLM engine colocated with
     # the trainer (TRL's use_vllm, colocate mode, asleep while the optimizer runs) that may take
-    # this share of the GPU's memory.
+    # this share of the GPU's memory; so does the onpolicy arm's engine (ssb.ablation.onpolicy).
     vllm_gpu_memory_utilization: float = 0.3
 
 
