@@ -879,6 +879,47 @@ def check_bench(out: Path, device: str, logs: Path) -> tuple[str, dict[str, Any]
     return text, figures
 
 
+ONPOLICY_STEPS = 4
+
+
+def check_onpolicy(run: Path, overrides: list[str], out: Path, backend: str):
+    """On-policy step time: the onpolicy arm (`ssb.ablation.onpolicy.run_onpolicy`) for
+    `ONPOLICY_STEPS` optimizer steps on the staged pairs, sampling with ssb's decode loop and,
+    where the backend is vllm, with one engine serving the student's adapter (re-registered each
+    step, asleep while the optimizer runs). Per step: seconds and seconds spent sampling (the
+    first step's sampling includes the engine start); greedy token equality is tested on CPU."""
+    from ssb.ablation.onpolicy import run_onpolicy
+    from ssb.config import load_config
+    from ssb.rundir import RunDir, read_jsonl
+    from ssb.stages.common import release_accelerator
+
+    figures: dict[str, Any] = {}
+    for name in ("hf", "vllm") if backend == "vllm" else ("hf",):
+        rundir = RunDir(out / f"onpolicy-{name}")
+        rundir.path.mkdir(parents=True)
+        shutil.copy(RunDir(run).pairs_path, rundir.pairs_path)
+        cfg = load_config(overrides=[*overrides, f"generation.backend={name}"])
+        start = time.perf_counter()
+        run_onpolicy(cfg, rundir, ONPOLICY_STEPS, progress=False)
+        total = time.perf_counter() - start
+        release_accelerator()
+        log = [r for r in read_jsonl(rundir.train_log_path) if "loss" in r]
+        sampling = [r["sampling_s"] for r in log]
+        later = sorted(sampling[1:])
+        figures[name] = {
+            "total_s": round(total, 2),
+            "sampling_s": sampling,
+            "sampled_tokens": [r["sampled_tokens"] for r in log],
+            # The steady step: all but the first step's extra sampling time (warm-up, engine).
+            "step_s": round((total - sampling[0] + later[len(later) // 2]) / len(log), 2),
+        }
+    text = ", ".join(
+        f"{name}: {f['step_s']:.2f} s/step (sampling {f['sampling_s'][-1]:.2f} s)"
+        for name, f in figures.items()
+    )
+    return text, figures
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -979,6 +1020,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     steps.run("fsdp2", lambda: check_fsdp2(out, run, overrides, logs, device), needs=("train",))
     steps.run("bench", lambda: check_bench(out, device, logs))
+    steps.run(
+        "onpolicy",
+        lambda: check_onpolicy(run, overrides, out, backend),
+        needs=("bootstrap (staged)",),
+    )
 
     total = time.perf_counter() - start
     ok = all(entry["ok"] for entry in steps.results.values())

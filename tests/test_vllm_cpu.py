@@ -554,6 +554,7 @@ def test_onpolicy_trains_the_same_adapter_through_vllm_as_through_transformers(t
     for hf, vllm in zip(logs["hf"], logs["vllm"]):
         assert vllm["sampled_tokens"] == hf["sampled_tokens"]
         assert vllm["loss"] == pytest.approx(hf["loss"], rel=1e-4)
+        assert vllm["sampling_s"] > 0 and hf["sampling_s"] > 0
     assert len({r["sampled_tokens"] for r in logs["vllm"]}) > 1  # the replies changed with training
     for name, weight in adapters["hf"].items():
         torch.testing.assert_close(adapters["vllm"][name], weight, rtol=1e-4, atol=1e-5)

@@ -29,6 +29,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,7 @@ class ReplySampler:
     served: ServedStudent | None = None
     sampled_tokens: int = 0  # since the last log
     scored_replies: int = 0
+    sampling_s: float = 0.0  # with a vLLM engine's start and adapter updates
 
     def params(self, pairs: list[dict[str, Any]], step: int) -> SamplingParams:
         """How step `step` samples `pairs`, on either backend."""
@@ -214,6 +216,7 @@ class ReplySampler:
 
     def __call__(self, model: Any, pairs: list[dict[str, Any]], step: int) -> dict[str, Any]:
 
+        start = time.perf_counter()
         student = unwrap_model(model)
         prompts = [p["student_prompt_ids"] for p in pairs]
         params = self.params(pairs, step)
@@ -234,6 +237,7 @@ class ReplySampler:
                     outputs = generator.generate(prompts, params, progress=False)
         finally:
             student.train(was_training)
+        self.sampling_s += time.perf_counter() - start
         sampled = [
             sampled_pair(p, outs[0], self.reply.end_token_id) for p, outs in zip(pairs, outputs)
         ]
@@ -291,7 +295,9 @@ class OnPolicyTrainer(SSBTrainer):
         if "loss" in logs:  # one process: what this interval's steps sampled and scored
             logs["sampled_tokens"] = float(self.sampler.sampled_tokens)
             logs["scored_replies"] = float(self.sampler.scored_replies)
+            logs["sampling_s"] = round(self.sampler.sampling_s, 3)
             self.sampler.sampled_tokens = self.sampler.scored_replies = 0
+            self.sampler.sampling_s = 0.0
         super().log(logs, start_time)
 
 
