@@ -43,6 +43,9 @@ table is printed at the end. The exit code is 1 when any check failed.
    transformers' generate at batch 16 and 64); on CPU the same code at tiny sizes
    (`ssb.bench.gpu.gpu_runs(..., "cpu")`, the decode loop at batch 4 and 8; the vLLM figure is
    skipped there, saying why).
+11. onpolicy: the onpolicy arm's step and sampling seconds (`check_onpolicy`), 4 steps on the
+   staged pairs, with ssb's decode loop and, where the backend is vllm, through one engine
+   serving the student's adapter (re-registered each step, asleep between steps).
 
 What is real: the model architecture and its sizes, the tokenizer files, every stage except
 bootstrap (real CLI subprocesses on the real config), the engine, adapters written by `ssb train`,
