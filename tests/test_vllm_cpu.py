@@ -7,8 +7,8 @@ every test that only generates, and the stage tests share one run directory per 
 
 What stays with the stand-in, because only a GPU can show it: CUDA memory and
 `release_accelerator`'s emptying of CUDA's cache before an engine starts, tensor-parallel GPUs
-per rank, and TRL's colocated engine with sleep mode (test_engine.py, test_grpo.py,
-test_ranks.py); `benchmarks/gpu_check.sh` runs the real engine on a GPU.
+per rank, TRL's colocated engine with sleep mode, and the onpolicy engine's sleep between
+steps (test_engine.py, test_grpo.py, test_ranks.py); `benchmarks/gpu_check.sh` runs the real engine on a GPU.
 
 The model is tiny (random-init Qwen2, hidden 64, two heads of 32: vLLM's CPU attention takes head
 sizes from 32 up) in float32, so vLLM and ssb's transformers loop must agree token for token.
@@ -466,14 +466,19 @@ def test_the_bench_row_measures_both_generators_on_the_same_work(tiny, tmp_path)
 # --------------------------------------------------------------------------- onpolicy
 
 
+def onpolicy_config(model_dir, *sets: str):
+    """A config sampling the onpolicy arm greedily: sampled replies follow each backend's own
+    random stream, greedy ones must be the same tokens."""
+    cfg = tiny_config(model_dir, *STAGE_SETS, "ablate.onpolicy_max_new_tokens=12", *sets)
+    greedy = dataclasses.replace(cfg.ablate, onpolicy_sampling=SamplingConfig(temperature=0.0))
+    return dataclasses.replace(cfg, ablate=greedy)
+
+
 def onpolicy_run(tiny, name: str, *sets: str):
-    """A config sampling the onpolicy arm greedily (sampled replies follow each backend's own
-    random stream, greedy ones must be the same tokens) and a run directory with its pairs."""
+    """`onpolicy_config` and a run directory with its pairs."""
     from ssb.stages.common import load_base_tokenizer
 
-    cfg = tiny_config(tiny["model"], *STAGE_SETS, "ablate.onpolicy_max_new_tokens=12", *sets)
-    greedy = dataclasses.replace(cfg.ablate, onpolicy_sampling=SamplingConfig(temperature=0.0))
-    cfg = dataclasses.replace(cfg, ablate=greedy)
+    cfg = onpolicy_config(tiny["model"], *sets)
     rundir = RunDir(tiny["root"] / name)
     rundir.path.mkdir()
     append_jsonl(rundir.pairs_path, make_pairs(load_base_tokenizer(cfg)[0], cfg))
@@ -558,3 +563,86 @@ def test_onpolicy_trains_the_same_adapter_through_vllm_as_through_transformers(t
     assert len({r["sampled_tokens"] for r in logs["vllm"]}) > 1  # the replies changed with training
     for name, weight in adapters["hf"].items():
         torch.testing.assert_close(adapters["vllm"][name], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_onpolicy_through_vllm_killed_and_resumed_trains_what_an_uninterrupted_run_does(
+    tiny, tmp_path
+):
+    """The onpolicy arm sampling through vLLM, killed (SIGKILL) in its third step after the
+    second checkpoint, in a process of its own: its engine's processes end with it. Resumed here,
+    the engine starts on the checkpoint's adapter, and the run ends with the adapter and last
+    steps of an uninterrupted run (on the decode loop, which samples the same greedy tokens)."""
+    from safetensors.torch import load_file
+
+    from ssb.ablation.onpolicy import run_onpolicy
+    from ssb.stages.common import release_accelerator
+
+    sets = ["train.learning_rate=5e-2", "train.batch_size=3", "train.save_steps=1"]
+    cfg, reference = onpolicy_run(tiny, "onpolicy-reference", "generation.backend=hf", *sets)
+    run_onpolicy(cfg, reference, steps=3, progress=False)
+    release_accelerator()
+    vllm_sets = ["generation.backend=vllm", *sets]
+    cfg, rundir = onpolicy_run(tiny, "onpolicy-killed", *vllm_sets)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_ONPOLICY)
+    pids_file = tmp_path / "engine_pids.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(TESTS), str(tiny["model"]), str(rundir.path)]
+        + [str(pids_file), json.dumps(vllm_sets)],
+        timeout=HANG_GUARD_S,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    assert (rundir.checkpoints_dir / "checkpoint-2").is_dir()
+    orphans = set(json.loads(pids_file.read_text()))
+    assert orphans, "the killed run had no engine process"
+    deadline = time.monotonic() + 120
+    while orphans and time.monotonic() < deadline:
+        orphans = {pid for pid in orphans if _alive(pid)}
+        time.sleep(1)
+    assert not orphans, f"engine processes {orphans} outlived the killed run"
+
+    summary = run_onpolicy(cfg, rundir, steps=3, progress=False)
+    release_accelerator()
+    assert summary["resumed_from"] == "checkpoint-2"
+    want = [r for r in read_jsonl(reference.train_log_path) if "loss" in r]
+    got = [r for r in read_jsonl(rundir.train_log_path) if "loss" in r]
+    assert got[-1]["step"] == 3 and got[-1]["sampled_tokens"] == want[-1]["sampled_tokens"]
+    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-4)
+    trained = load_file(rundir.adapter_dir / "adapter_model.safetensors")
+    for name, weight in load_file(reference.adapter_dir / "adapter_model.safetensors").items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5)
+
+
+KILLED_ONPOLICY = r"""
+import json, os, signal, sys
+from pathlib import Path
+
+
+def main():
+    sys.path.insert(0, sys.argv[1])
+    import psutil
+    from test_vllm_cpu import onpolicy_config
+    from ssb.ablation import onpolicy
+    from ssb.rundir import RunDir
+
+    model_dir, run, pids_file, sets = sys.argv[2:6]
+    cfg = onpolicy_config(model_dir, *json.loads(sets))
+    sample = onpolicy.ReplySampler.__call__
+
+    def die_in_step_three(self, model, pairs, step):
+        out = sample(self, model, pairs, step)
+        if step == 2:  # checkpoint-2 is written; the engine has served this step
+            pids = [p.pid for p in psutil.Process().children(recursive=True)]
+            Path(pids_file).write_text(json.dumps(pids))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    onpolicy.ReplySampler.__call__ = die_in_step_three
+    onpolicy.run_onpolicy(cfg, RunDir(run), 3, progress=False)
+
+
+if __name__ == "__main__":  # vLLM's CPU workers are spawned: they import this file again
+    main()
+"""
