@@ -13,10 +13,10 @@ Each optimizer step, for each of its `train.batch_size` pairs:
    `distillation_loss`, `SSBTrainer`).
 
 With `generation.backend` resolving to vllm (auto: on a GPU with vLLM installed; vllm: also
-vLLM's CPU build) and one process, step 1 runs on a vLLM engine in the training process
-(`ServedStudent`) that serves the student's current LoRA: before each step samples, the adapter is
-saved to a scratch directory and registered under a fresh LoRA id. Same prompts, seeds and stop
-rules as the transformers path, so greedy replies are the same tokens.
+vLLM's CPU build) and one process, the sampling (1.) runs on a vLLM engine in the training
+process (`ServedStudent`) that serves the student's current LoRA: before each step samples, the
+adapter is saved to a scratch directory and registered under a fresh LoRA id. Same prompts, seeds
+and stop rules as the transformers path, so greedy replies are the same tokens.
 
 Each step is normalised by its own reply tokens (the batch is made inside the step, so
 transformers cannot count a step's tokens in advance); with `train.grad_accum` 1 that is the same
