@@ -574,7 +574,7 @@ def test_onpolicy_through_vllm_killed_and_resumed_trains_what_an_uninterrupted_r
     steps of an uninterrupted run (on the decode loop, which samples the same greedy tokens)."""
     from safetensors.torch import load_file
 
-    from ssb.ablation.onpolicy import run_onpolicy
+    from ssb.ablation.onpolicy import SERVED_ADAPTERS, run_onpolicy
     from ssb.stages.common import release_accelerator
 
     sets = ["train.learning_rate=5e-2", "train.batch_size=3", "train.save_steps=1"]
@@ -603,9 +603,12 @@ def test_onpolicy_through_vllm_killed_and_resumed_trains_what_an_uninterrupted_r
         time.sleep(1)
     assert not orphans, f"engine processes {orphans} outlived the killed run"
 
+    served = rundir.checkpoints_dir / SERVED_ADAPTERS
+    assert served.is_dir()  # the killed run's served adapter
     summary = run_onpolicy(cfg, rundir, steps=3, progress=False)
     release_accelerator()
     assert summary["resumed_from"] == "checkpoint-2"
+    assert not served.exists()
     want = [r for r in read_jsonl(reference.train_log_path) if "loss" in r]
     got = [r for r in read_jsonl(rundir.train_log_path) if "loss" in r]
     assert got[-1]["step"] == 3 and got[-1]["sampled_tokens"] == want[-1]["sampled_tokens"]

@@ -99,6 +99,7 @@ def onpolicy_backend(cfg: Config) -> str:
 
 
 STUDENT = "student"  # the served adapter's name
+SERVED_ADAPTERS = "onpolicy-served-adapters"
 
 
 @dataclass
@@ -116,6 +117,9 @@ class ServedStudent:
     cfg: Config
     tokenizer: Any
     stop_token_ids: list[int]
+    # Where the served adapters are written: the run's checkpoints directory, so a killed run's
+    # are replaced when it resumes (None: a temporary directory).
+    scratch_parent: Path | None = None
     engine: VLLMGenerator | None = None
     scratch: Path | None = None
     served_dir: Path | None = None
@@ -153,7 +157,12 @@ class ServedStudent:
         return self.served_dir
 
     def _start(self, student: Any) -> None:
-        self.scratch = Path(tempfile.mkdtemp(prefix="ssb-onpolicy-"))
+        if self.scratch_parent is None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="ssb-onpolicy-"))
+        else:
+            self.scratch = self.scratch_parent / SERVED_ADAPTERS
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch.mkdir(parents=True)
         cfg = self.cfg
         limit = vllm_context_limit(cfg, context_limit(cfg, student.config))
         self.sleeps = vllm_device() == "cuda"
@@ -251,12 +260,17 @@ class ReplySampler:
 
 
 def reply_sampler(
-    cfg: Config, tokenizer: Any, reply: Any, collator: DistillCollator
+    cfg: Config,
+    tokenizer: Any,
+    reply: Any,
+    collator: DistillCollator,
+    scratch_parent: Path | None = None,
 ) -> ReplySampler:
-    """The onpolicy arm's sampler, on the backend `onpolicy_backend` picks."""
+    """The onpolicy arm's sampler, on the backend `onpolicy_backend` picks (`scratch_parent`:
+    see `ServedStudent`)."""
     served = None
     if onpolicy_backend(cfg) == "vllm":
-        served = ServedStudent(cfg, tokenizer, list(reply.stop_token_ids))
+        served = ServedStudent(cfg, tokenizer, list(reply.stop_token_ids), scratch_parent)
     return ReplySampler(
         cfg,
         tokenizer,
@@ -338,7 +352,8 @@ def run_onpolicy(cfg: Config, rundir: RunDir, steps: int, progress: bool = True)
     try:
         check_head_frozen(model, "online")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        sampler = reply_sampler(cfg, tokenizer, base.reply, DistillCollator(pad, mode="online"))
+        collator = DistillCollator(pad, mode="online")
+        sampler = reply_sampler(cfg, tokenizer, base.reply, collator, rundir.checkpoints_dir)
         device = next(model.parameters()).device
         trainer = OnPolicyTrainer(
             model=model,
