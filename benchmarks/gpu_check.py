@@ -43,6 +43,9 @@ table is printed at the end. The exit code is 1 when any check failed.
    transformers' generate at batch 16 and 64); on CPU the same code at tiny sizes
    (`ssb.bench.gpu.gpu_runs(..., "cpu")`, the decode loop at batch 4 and 8; the vLLM figure is
    skipped there, saying why).
+11. onpolicy: the onpolicy arm's step and sampling seconds, 4 steps on the staged pairs, with
+   ssb's decode loop and, where the backend is vllm, through one engine serving the student's
+   adapter (re-registered each step, asleep between steps).
 
 What is real: the model architecture and its sizes, the tokenizer files, every stage except
 bootstrap (real CLI subprocesses on the real config), the engine, adapters written by `ssb train`,
@@ -71,6 +74,7 @@ from pathlib import Path
 
 from ssb.bench.gpu_check.bench import check_bench
 from ssb.bench.gpu_check.lora import check_lora_tokens, check_lora_tokens_fp32
+from ssb.bench.gpu_check.onpolicy import check_onpolicy
 from ssb.bench.gpu_check.setup import build_model, check_environment
 from ssb.bench.gpu_check.stages import (
     TRAIN_BATCH,
@@ -199,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         needs=("train",),
     )
     steps.run("bench", lambda: check_bench(out, device, logs))
+    steps.run(
+        "onpolicy",
+        lambda: check_onpolicy(run, sets, out, backend),
+        needs=("bootstrap (staged)",),
+    )
 
     total = time.perf_counter() - start
     ok = all(entry["ok"] for entry in steps.results.values())

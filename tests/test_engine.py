@@ -214,3 +214,84 @@ def test_a_teacher_prompt_past_the_context_is_a_decision_not_a_failure(tmp_path,
     assert summary["skipped_long_prompts"] == 1
     assert funnel(rundir)["rejected"]["teacher_prompt_too_long"] == 1
     assert funnel(rundir)["mixed"] == 2
+
+
+def test_onpolicy_engine_serves_each_steps_adapter_and_sleeps_between(monkeypatch, tmp_path):
+    """The onpolicy arm's colocated engine on a (stand-in) GPU: started once, with sleep mode and
+    GRPO's colocated share of the GPU; each optimizer step registers the student's current
+    adapter under a fresh LoRA id, name and path and removes the old id, a step's micro-batches
+    reuse it; the engine sleeps after sampling and wakes before the next; the seeds are the
+    transformers path's; close shuts it down and removes the scratch adapters. That the engine's
+    replies are the student's, token for token, takes the real one (test_vllm_cpu.py)."""
+    import torch
+    from pairs_fixture import make_run
+    from safetensors.torch import load_file
+
+    from ssb.ablation.onpolicy import ReplySampler, onpolicy_backend, reply_sampler
+    from ssb.stages.train import student_model
+
+    cfg, rundir, pairs = make_run(tmp_path, "chatml", "ablate.onpolicy_max_new_tokens=6")
+    loaded = base.load_base(cfg)
+    student = student_model(cfg, loaded.model)
+    assert onpolicy_backend(cfg) == "hf"  # auto on a CPU: the decode loop
+    fake = FakeVLLM(loaded.tokenizer)
+    fake.install(monkeypatch)
+    assert onpolicy_backend(cfg) == "vllm"  # auto on a GPU with vLLM
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert onpolicy_backend(cfg) == "hf"  # each rank's engine would need the whole adapter
+    monkeypatch.delenv("WORLD_SIZE")
+    sampler = reply_sampler(cfg, loaded.tokenizer, loaded.reply, list)
+    assert sampler.served is not None
+    loop = ReplySampler(cfg, loaded.tokenizer, loaded.reply, list, sampler.sampling, 6)
+
+    def served_weights() -> dict:
+        request = fake.generate_calls[-1][2]["lora_request"]
+        return load_file(f"{request.lora_path}/adapter_model.safetensors")
+
+    def student_weights() -> dict:
+        return {n: p.detach().clone() for n, p in student.named_parameters() if "lora_" in n}
+
+    lora_b = [p for n, p in student.named_parameters() if "lora_B" in n]
+    try:
+        sampler(student, pairs[:2], 0)
+        sampler(student, pairs[2:4], 0)  # the same step's next micro-batch
+        weights = served_weights()
+        with torch.no_grad():
+            for p in lora_b:
+                p.add_(1.0)
+        sampler(student, pairs[:2], 1)
+        scratch = sampler.served.scratch
+        assert sorted(d.name for d in scratch.iterdir()) == ["adapter-2"]
+        new_weights = served_weights()
+        current = student_weights()
+        assert sorted(new_weights) == sorted(n.replace(".default", "") for n in current)
+        for name, value in current.items():
+            torch.testing.assert_close(new_weights[name.replace(".default", "")], value)
+            if "lora_B" in name:
+                assert not torch.equal(weights[name.replace(".default", "")], value)
+    finally:
+        sampler.close()
+    assert not scratch.exists()
+    (kwargs,) = fake.llm_kwargs
+    assert kwargs["enable_lora"] and kwargs["enable_sleep_mode"]
+    assert kwargs["gpu_memory_utilization"] == cfg.grpo.vllm_gpu_memory_utilization
+    assert fake.events == [
+        ("empty_cache",),
+        ("start",),
+        ("generate", "student", 2),
+        ("sleep", 1),
+        ("wake_up",),
+        ("generate", "student", 2),
+        ("sleep", 1),
+        ("wake_up",),
+        ("remove_lora", 1),
+        ("generate", "student@2", 2),
+        ("sleep", 1),
+        ("shutdown",),
+        ("cleanup",),
+    ]
+    # Each request's seed is the one the transformers path gives that problem at that step.
+    seeds = [sp.kwargs["seed"] for call in fake.generate_calls for sp in call[1]]
+    steps = [(pairs[:2], 0), (pairs[2:4], 0), (pairs[:2], 1)]
+    want = [s for batch, step in steps for s in loop.params(batch, step).prompt_seeds]
+    assert seeds == want and len(set(seeds)) == 6

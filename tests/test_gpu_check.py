@@ -29,6 +29,7 @@ STEPS = [
     "lora_tokens_fp32",
     "fsdp2",
     "bench",
+    "onpolicy",
 ]
 
 
@@ -85,3 +86,8 @@ def test_gpu_check_cpu_form(tmp_path):
     assert sum("decode loop tokens/s" in r["what"] for r in bench["rows"]) == 2
     assert "skipped" in bench["vllm_generation"]
     assert (out / "gpu_check.md").read_text().startswith("| step |")
+
+    # The onpolicy arm's steps, timed, on the decode loop only (vLLM: GPU or vLLM's CPU build).
+    onpolicy = steps["onpolicy"]["details"]
+    assert list(onpolicy) == ["hf"]
+    assert len(onpolicy["hf"]["sampling_s"]) == 4 and onpolicy["hf"]["step_s"] > 0

@@ -7,8 +7,8 @@ every test that only generates, and the stage tests share one run directory per 
 
 What stays with the stand-in, because only a GPU can show it: CUDA memory and
 `release_accelerator`'s emptying of CUDA's cache before an engine starts, tensor-parallel GPUs
-per rank, and TRL's colocated engine with sleep mode (test_engine.py, test_grpo.py,
-test_ranks.py); `benchmarks/gpu_check.sh` runs the real engine on a GPU.
+per rank, TRL's colocated engine with sleep mode, and the onpolicy engine's sleep between
+steps (test_engine.py, test_grpo.py, test_ranks.py); `benchmarks/gpu_check.sh` runs the real engine on a GPU.
 
 The model is tiny (random-init Qwen2, hidden 64, two heads of 32: vLLM's CPU attention takes head
 sizes from 32 up) in float32, so vLLM and ssb's transformers loop must agree token for token.
@@ -16,6 +16,7 @@ sizes from 32 up) in float32, so vLLM and ssb's transformers loop must agree tok
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,13 +29,14 @@ from pathlib import Path
 import pytest
 import torch
 from limits import HANG_GUARD_S
-from pairs_fixture import make_rollouts_mixed, tiny_config
+from pairs_fixture import make_pairs, make_rollouts_mixed, tiny_config
 
 from ssb.bench.random_models import build_tokenizer, end_of_turn_token
+from ssb.config import SamplingConfig
 from ssb.generate import SamplingParams, VLLMGenerator, make_generator
 from ssb.generate.hf import HFGenerator
 from ssb.generate.vllm import vllm_available, vllm_cpu_build
-from ssb.rundir import RunDir, read_jsonl
+from ssb.rundir import RunDir, append_jsonl, read_jsonl
 
 # `make test-vllm` sets SSB_EXPECT_VLLM to the version it installed: there nothing may skip.
 EXPECTED = os.environ.get("SSB_EXPECT_VLLM")
@@ -459,3 +461,191 @@ def test_the_bench_row_measures_both_generators_on_the_same_work(tiny, tmp_path)
     assert rows[0]["value"] == pytest.approx(
         run["vllm_cpu"]["tokens_per_s"] / run["ssb_loop"]["tokens_per_s"]
     )
+
+
+# --------------------------------------------------------------------------- onpolicy
+
+
+def onpolicy_config(model_dir, *sets: str):
+    """A config sampling the onpolicy arm greedily: sampled replies follow each backend's own
+    random stream, greedy ones must be the same tokens."""
+    cfg = tiny_config(model_dir, *STAGE_SETS, "ablate.onpolicy_max_new_tokens=12", *sets)
+    greedy = dataclasses.replace(cfg.ablate, onpolicy_sampling=SamplingConfig(temperature=0.0))
+    return dataclasses.replace(cfg, ablate=greedy)
+
+
+def onpolicy_run(tiny, name: str, *sets: str):
+    """`onpolicy_config` and a run directory with its pairs."""
+    from ssb.stages.base import load_base
+
+    cfg = onpolicy_config(tiny["model"], *sets)
+    rundir = RunDir(tiny["root"] / name)
+    rundir.path.mkdir()
+    append_jsonl(rundir.pairs_path, make_pairs(load_base(cfg, weights=False).tokenizer, cfg))
+    return cfg, rundir
+
+
+def test_onpolicy_replies_served_by_vllm_follow_the_students_weights_as_transformers(tiny):
+    """The onpolicy sampler with a vLLM engine serving the student's adapter and with ssb's
+    decode loop on the student itself, greedy: the same replies token for token for a fixed
+    adapter; a step's micro-batches reuse the served adapter; after the weights change (an
+    optimizer step) the engine serves the new ones, and its replies change exactly as the
+    decode loop's do. One scratch adapter at a time; the engine's processes end with close."""
+    from ssb.ablation.onpolicy import ReplySampler, ServedStudent
+    from ssb.stages.base import load_base, release_accelerator
+    from ssb.stages.train import student_model
+
+    cfg, rundir = onpolicy_run(tiny, "onpolicy-sampler")
+    base = load_base(cfg)
+    student = student_model(cfg, base.model)
+    lora_b = [p for n, p in student.named_parameters() if "lora_B" in n]
+    torch.manual_seed(3)
+    with torch.no_grad():  # PEFT's B=0 would leave the base's replies
+        for p in lora_b:
+            p.normal_(0, 0.3)
+    pairs = rundir.read_pairs()
+
+    def sampler(served):  # `list` as the collator: the sampled pairs themselves
+        return ReplySampler(
+            cfg, base.tokenizer, base.reply, list, cfg.ablate.onpolicy_sampling, 12, served
+        )
+
+    loop = sampler(None)
+    served = ServedStudent(cfg, base.tokenizer, list(base.reply.stop_token_ids))
+    engine = sampler(served)
+    before = engine_processes()
+    try:
+        first = engine(student, pairs, 0)
+        assert first == loop(student, pairs, 0)
+        assert {p["end_token_id"] for p in first} != {base.reply.end_token_id}  # some were cut
+        assert engine(student, pairs, 0) == first and served.saves == 1
+        with torch.no_grad():
+            for p in lora_b:
+                p.add_(torch.randn_like(p), alpha=0.3)
+        second = engine(student, pairs, 1)
+        assert second == loop(student, pairs, 1)
+        assert second != first
+        assert served.saves == 2 and [d.name for d in served.scratch.iterdir()] == ["adapter-2"]
+        scratch = served.scratch
+    finally:
+        engine.close()
+        release_accelerator()  # the cached base now has LoRA layers
+    assert not scratch.exists()
+    assert not engine_processes() - before, "the engine outlived close()"
+
+
+def test_onpolicy_trains_the_same_adapter_through_vllm_as_through_transformers(tiny):
+    """`run_onpolicy` for three optimizer steps, greedy, once sampling through vLLM and once
+    through ssb's decode loop: every step sampled the same tokens and had the same loss, and the
+    two adapters agree; no engine process is left."""
+    from safetensors.torch import load_file
+
+    from ssb.ablation.onpolicy import run_onpolicy
+    from ssb.stages.base import release_accelerator
+
+    sets = ("train.learning_rate=5e-2", "train.batch_size=3", "train.lora.r=8")
+    logs, adapters = {}, {}
+    before = engine_processes()
+    for backend in ("hf", "vllm"):
+        cfg, rundir = onpolicy_run(
+            tiny, f"onpolicy-{backend}", f"generation.backend={backend}", *sets
+        )
+        run_onpolicy(cfg, rundir, steps=3, progress=False)
+        release_accelerator()
+        logs[backend] = [r for r in read_jsonl(rundir.train_log_path) if "loss" in r]
+        adapters[backend] = load_file(rundir.adapter_dir / "adapter_model.safetensors")
+    assert not engine_processes() - before
+    assert len(logs["vllm"]) == 3
+    for hf, vllm in zip(logs["hf"], logs["vllm"]):
+        assert vllm["sampled_tokens"] == hf["sampled_tokens"]
+        assert vllm["loss"] == pytest.approx(hf["loss"], rel=1e-4)
+        assert vllm["sampling_s"] > 0 and hf["sampling_s"] > 0
+    assert len({r["sampled_tokens"] for r in logs["vllm"]}) > 1  # the replies changed with training
+    for name, weight in adapters["hf"].items():
+        torch.testing.assert_close(adapters["vllm"][name], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_onpolicy_through_vllm_killed_and_resumed_trains_what_an_uninterrupted_run_does(
+    tiny, tmp_path
+):
+    """The onpolicy arm sampling through vLLM, killed (SIGKILL) in its third step after the
+    second checkpoint, in a process of its own: its engine's processes end with it. Resumed here,
+    the engine starts on the checkpoint's adapter, and the run ends with the adapter and last
+    steps of an uninterrupted run (on the decode loop, which samples the same greedy tokens)."""
+    from safetensors.torch import load_file
+
+    from ssb.ablation.onpolicy import SERVED_ADAPTERS, run_onpolicy
+    from ssb.stages.base import release_accelerator
+
+    sets = ["train.learning_rate=5e-2", "train.batch_size=3", "train.save_steps=1"]
+    cfg, reference = onpolicy_run(tiny, "onpolicy-reference", "generation.backend=hf", *sets)
+    run_onpolicy(cfg, reference, steps=3, progress=False)
+    release_accelerator()
+    vllm_sets = ["generation.backend=vllm", *sets]
+    cfg, rundir = onpolicy_run(tiny, "onpolicy-killed", *vllm_sets)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_ONPOLICY)
+    pids_file = tmp_path / "engine_pids.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(TESTS), str(tiny["model"]), str(rundir.path)]
+        + [str(pids_file), json.dumps(vllm_sets)],
+        timeout=HANG_GUARD_S,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    assert (rundir.checkpoints_dir / "checkpoint-2").is_dir()
+    orphans = set(json.loads(pids_file.read_text()))
+    assert orphans, "the killed run had no engine process"
+    deadline = time.monotonic() + 120
+    while orphans and time.monotonic() < deadline:
+        orphans = {pid for pid in orphans if _alive(pid)}
+        time.sleep(1)
+    assert not orphans, f"engine processes {orphans} outlived the killed run"
+
+    served = rundir.checkpoints_dir / SERVED_ADAPTERS
+    assert served.is_dir()  # the killed run's served adapter
+    summary = run_onpolicy(cfg, rundir, steps=3, progress=False)
+    release_accelerator()
+    assert summary["resumed_from"] == "checkpoint-2"
+    assert not served.exists()
+    want = [r for r in read_jsonl(reference.train_log_path) if "loss" in r]
+    got = [r for r in read_jsonl(rundir.train_log_path) if "loss" in r]
+    assert got[-1]["step"] == 3 and got[-1]["sampled_tokens"] == want[-1]["sampled_tokens"]
+    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-4)
+    trained = load_file(rundir.adapter_dir / "adapter_model.safetensors")
+    for name, weight in load_file(reference.adapter_dir / "adapter_model.safetensors").items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5)
+
+
+KILLED_ONPOLICY = r"""
+import json, os, signal, sys
+from pathlib import Path
+
+
+def main():
+    sys.path.insert(0, sys.argv[1])
+    import psutil
+    from test_vllm_cpu import onpolicy_config
+    from ssb.ablation import onpolicy
+    from ssb.rundir import RunDir
+
+    model_dir, run, pids_file, sets = sys.argv[2:6]
+    cfg = onpolicy_config(model_dir, *json.loads(sets))
+    sample = onpolicy.ReplySampler.__call__
+
+    def die_in_step_three(self, model, pairs, step):
+        out = sample(self, model, pairs, step)
+        if step == 2:  # checkpoint-2 is written; the engine has served this step
+            pids = [p.pid for p in psutil.Process().children(recursive=True)]
+            Path(pids_file).write_text(json.dumps(pids))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    onpolicy.ReplySampler.__call__ = die_in_step_three
+    onpolicy.run_onpolicy(cfg, RunDir(run), 3, progress=False)
+
+
+if __name__ == "__main__":  # vLLM's CPU workers are spawned: they import this file again
+    main()
+"""

@@ -572,7 +572,8 @@ class GrpoConfig(Section):
         0.3,
         "When generation.backend resolves to vllm, GRPO generates with a vLLM engine colocated "
         "with the trainer (TRL's use_vllm, colocate mode, asleep while the optimizer runs) that "
-        "may take this share of the GPU's memory.",
+        "may take this share of the GPU's memory; so does the onpolicy arm's engine "
+        "(ssb.ablation.onpolicy).",
         bounds="(0, 1)",
     )
 

@@ -12,6 +12,12 @@ Each optimizer step, for each of its `train.batch_size` pairs:
    through the same collator, loss and trainer as `ssb train` (`DistillCollator`,
    `distillation_loss`, `SSBTrainer`).
 
+With `generation.backend` resolving to vllm (auto: on a GPU with vLLM installed; vllm: also
+vLLM's CPU build) and one process, the sampling (1.) runs on a vLLM engine in the training
+process (`ServedStudent`) that serves the student's current LoRA: before each step samples, the
+adapter is saved to a scratch directory and registered under a fresh LoRA id. Same prompts, seeds
+and stop rules as the transformers path, so greedy replies are the same tokens.
+
 Each step is normalised by its own reply tokens (the batch is made inside the step, so
 transformers cannot count a step's tokens in advance); with `train.grad_accum` 1 that is the same
 per-token mean `ssb train` uses.
@@ -20,17 +26,31 @@ per-token mean `ssb train` uses.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ssb.config import Config, to_dict
 from ssb.distill.forward import unwrap_model
-from ssb.generate import SamplingParams, make_generator
+from ssb.generate import (
+    Completion,
+    SamplingParams,
+    VLLMGenerator,
+    context_limit,
+    make_generator,
+    select_backend,
+    vllm_context_limit,
+)
+from ssb.generate.vllm import vllm_device
 from ssb.rundir import RunDir
 from ssb.stages.base import load_base
-from ssb.stages.common import stable_seed
+from ssb.stages.common import log, stable_seed
 from ssb.stages.lora_training import (
     JsonlLogCallback,
     LoraTraining,
@@ -65,9 +85,121 @@ def sampled_pair(pair: dict[str, Any], completion: Any, end_token_id: int) -> di
     return {**pair, "reply_ids": reply, "end_token_id": end}
 
 
+def onpolicy_backend(cfg: Config) -> str:
+    """Where the onpolicy arm samples: "vllm" when `generation.backend` resolves to vllm (the
+    rule of every generating stage) in one process; else "hf", ssb's decode loop on the training
+    model. Several processes sample with transformers: each rank's engine would need the whole
+    adapter, which FSDP and ZeRO-3 shard."""
+    backend = select_backend(cfg.generation.backend)
+    if backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.info("onpolicy: several processes sample with transformers, not vLLM")
+        return "hf"
+    return backend
+
+
+STUDENT = "student"  # the served adapter's name
+SERVED_ADAPTERS = "onpolicy-served-adapters"
+
+
+@dataclass
+class ServedStudent:
+    """A vLLM engine in the training process that serves the student's current LoRA weights.
+
+    Started at the first sampling step (after a resumed checkpoint is loaded), stopped by
+    `close`. Each optimizer step the adapter is saved to a scratch directory and re-registered
+    (`VLLMGenerator.replace_adapter`), rather than merged into the engine's base weights as TRL
+    does: that works with vLLM's engine in processes of its own (its CPU build always runs it so)
+    and moves r-rank matrices, not the model. On a GPU the engine sleeps (level 1: base weights to
+    host memory, KV cache freed) while the optimizer runs, and takes `grpo.vllm_gpu_memory_
+    utilization` of the GPU beside the training model; vLLM's CPU build has no sleep mode."""
+
+    cfg: Config
+    tokenizer: Any
+    stop_token_ids: list[int]
+    # Where the served adapters are written: the run's checkpoints directory, so a killed run's
+    # are replaced when it resumes (None: a temporary directory).
+    scratch_parent: Path | None = None
+    engine: VLLMGenerator | None = None
+    scratch: Path | None = None
+    served_dir: Path | None = None
+    served_step: int | None = None  # the optimizer step whose weights the engine serves
+    sleeps: bool = False  # on a GPU: sleep while the optimizer runs
+    asleep: bool = False
+    saves: int = 0
+
+    def generate(
+        self, student: Any, step: int, prompts: list[list[int]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """The student's completions of `prompts` with its weights at optimizer step `step`."""
+        if self.engine is None:
+            self._start(student)
+        if self.asleep:  # awake before the adapter changes: removing one writes to its slot
+            self.engine.llm.wake_up()
+            self.asleep = False
+        if step != self.served_step:  # grad_accum > 1: a step's micro-batches share weights
+            if self.served_step is not None:
+                old = self.served_dir
+                self.engine.replace_adapter(STUDENT, self._save(student))
+                shutil.rmtree(old, ignore_errors=True)  # its id is removed: never loaded again
+            self.served_step = step
+        outputs = self.engine.serving(STUDENT).generate(prompts, params, progress=False)
+        if self.sleeps:
+            self.engine.llm.sleep(level=1)
+            self.asleep = True
+        return outputs
+
+    def _save(self, student: Any) -> Path:
+        assert self.scratch is not None
+        self.saves += 1
+        self.served_dir = self.scratch / f"adapter-{self.saves}"
+        student.save_pretrained(str(self.served_dir))
+        return self.served_dir
+
+    def _start(self, student: Any) -> None:
+        if self.scratch_parent is None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="ssb-onpolicy-"))
+        else:
+            self.scratch = self.scratch_parent / SERVED_ADAPTERS
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch.mkdir(parents=True)
+        cfg = self.cfg
+        limit = vllm_context_limit(cfg, context_limit(cfg, student.config))
+        self.sleeps = vllm_device() == "cuda"
+        extra: dict[str, Any] = {}
+        if self.sleeps:
+            share = cfg.grpo.vllm_gpu_memory_utilization
+            extra = {"gpu_memory_utilization": share, "enable_sleep_mode": True}
+            torch.cuda.empty_cache()  # vLLM sizes itself from the memory free when it starts
+        log.info("onpolicy: starting a vLLM engine that serves the student's current adapter")
+        engine = make_generator(
+            cfg,
+            None,
+            self.tokenizer,
+            self.stop_token_ids,
+            adapters={STUDENT: self._save(student)},
+            max_model_len=limit,
+            llm_kwargs=extra,
+        )
+        assert isinstance(engine, VLLMGenerator)
+        self.engine = engine
+
+    def close(self) -> None:
+        """Stop the engine and remove the scratch adapters."""
+        engine, self.engine = self.engine, None
+        try:
+            if engine is not None:
+                engine.shutdown()
+        finally:
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = self.served_dir = self.served_step = None
+            self.asleep = False
+
+
 @dataclass
 class ReplySampler:
-    """Samples the student's replies inside a training step and makes the step's batch."""
+    """Samples the student's replies inside a training step and makes the step's batch: with
+    ssb's decode loop on the training model, or with `served` (a vLLM engine) when set."""
 
     cfg: Config
     tokenizer: Any
@@ -75,41 +207,78 @@ class ReplySampler:
     collator: DistillCollator
     sampling: Any  # ssb.config.SamplingConfig
     max_new_tokens: int
+    served: ServedStudent | None = None
     sampled_tokens: int = 0  # since the last log
     scored_replies: int = 0
+    sampling_s: float = 0.0  # with a vLLM engine's start and adapter updates
 
-    def __call__(self, model: Any, pairs: list[dict[str, Any]], step: int) -> dict[str, Any]:
-
-        student = unwrap_model(model)
-        was_training = student.training
-        student.eval()  # sample without dropout, as the trained student will run
-        hf = dataclasses.replace(self.cfg.generation, backend="hf")
-        generator = make_generator(
-            dataclasses.replace(self.cfg, generation=hf),
-            student,
-            self.tokenizer,
-            self.reply.stop_token_ids,
-        )
-        params = SamplingParams.of(
+    def params(self, pairs: list[dict[str, Any]], step: int) -> SamplingParams:
+        """How step `step` samples `pairs`, on either backend."""
+        return SamplingParams.of(
             self.sampling,
             max_new_tokens=self.max_new_tokens,
             stop_strings=self.reply.stop_strings,
             # Seeded by step and problem: a resumed run samples what an uninterrupted one would.
             prompt_seeds=[stable_seed(self.cfg.seed, "onpolicy", step, p["id"]) for p in pairs],
         )
+
+    def __call__(self, model: Any, pairs: list[dict[str, Any]], step: int) -> dict[str, Any]:
+
+        start = time.perf_counter()
+        student = unwrap_model(model)
+        prompts = [p["student_prompt_ids"] for p in pairs]
+        params = self.params(pairs, step)
+        was_training = student.training
+        student.eval()  # sample without dropout, as the trained student will run
         try:
             with torch.no_grad():
-                outputs = generator.generate(
-                    [p["student_prompt_ids"] for p in pairs], params, progress=False
-                )
+                if self.served is not None:
+                    outputs = self.served.generate(student, step, prompts, params)
+                else:
+                    hf = dataclasses.replace(self.cfg.generation, backend="hf")
+                    generator = make_generator(
+                        dataclasses.replace(self.cfg, generation=hf),
+                        student,
+                        self.tokenizer,
+                        self.reply.stop_token_ids,
+                    )
+                    outputs = generator.generate(prompts, params, progress=False)
         finally:
             student.train(was_training)
+        self.sampling_s += time.perf_counter() - start
         sampled = [
             sampled_pair(p, outs[0], self.reply.end_token_id) for p, outs in zip(pairs, outputs)
         ]
         self.sampled_tokens += sum(len(p["reply_ids"]) + 1 for p in sampled)
         self.scored_replies += len(sampled)
         return self.collator(sampled)
+
+    def close(self) -> None:
+        if self.served is not None:
+            self.served.close()
+
+
+def reply_sampler(
+    cfg: Config,
+    tokenizer: Any,
+    reply: Any,
+    collator: DistillCollator,
+    scratch_parent: Path | None = None,
+) -> ReplySampler:
+    """The onpolicy arm's sampler, on the backend `onpolicy_backend` picks (`scratch_parent`:
+    see `ServedStudent`)."""
+    served = None
+    if onpolicy_backend(cfg) == "vllm":
+        served = ServedStudent(cfg, tokenizer, list(reply.stop_token_ids), scratch_parent)
+    return ReplySampler(
+        cfg,
+        tokenizer,
+        reply,
+        collator,
+        cfg.ablate.onpolicy_sampling,
+        cfg.ablate.onpolicy_max_new_tokens or cfg.generation.max_new_tokens,
+        served,
+    )
 
 
 class OnPolicyTrainer(SSBTrainer):
@@ -118,6 +287,12 @@ class OnPolicyTrainer(SSBTrainer):
     def __init__(self, *args: Any, sampler: ReplySampler, **kwargs: Any):
         super().__init__(*args, target_mode="online", **kwargs)
         self.sampler = sampler
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.sampler.close()  # a vLLM engine's processes and memory end with the training
 
     def compute_loss(
         self,
@@ -133,7 +308,9 @@ class OnPolicyTrainer(SSBTrainer):
         if "loss" in logs:  # one process: what this interval's steps sampled and scored
             logs["sampled_tokens"] = float(self.sampler.sampled_tokens)
             logs["scored_replies"] = float(self.sampler.scored_replies)
+            logs["sampling_s"] = round(self.sampler.sampling_s, 3)
             self.sampler.sampled_tokens = self.sampler.scored_replies = 0
+            self.sampler.sampling_s = 0.0
         super().log(logs, start_time)
 
 
@@ -195,13 +372,9 @@ class OnPolicyTraining(LoraTraining):
         cfg = self.cfg
         check_head_frozen(model, "online")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        sampler = ReplySampler(
-            cfg,
-            self.tokenizer,
-            self.reply,
-            DistillCollator(pad_id=pad, mode="online"),
-            cfg.ablate.onpolicy_sampling,
-            cfg.ablate.onpolicy_max_new_tokens or cfg.generation.max_new_tokens,
+        collator = DistillCollator(pad, mode="online")
+        sampler = reply_sampler(
+            cfg, self.tokenizer, self.reply, collator, self.rundir.checkpoints_dir
         )
         device = next(model.parameters()).device
         trainer = OnPolicyTrainer(

@@ -87,6 +87,7 @@ def make_generator(
     *,
     adapters: Mapping[str, str | Path] | None = None,
     max_model_len: int | None = None,
+    llm_kwargs: Mapping[str, object] | None = None,
 ) -> Generator:
     """The generator `cfg.generation.backend` selects.
 
@@ -95,7 +96,8 @@ def make_generator(
     `ssb.models.model_location(cfg.model)` (`model` is not used) and serves every saved adapter in
     `adapters` (name -> PEFT adapter directory) as a LoRA; `VLLMGenerator.serving(name)` picks
     one; `max_model_len` (default `model.max_context`; the stage passes its
-    `vllm_context_limit`) is the longest sequence it takes.
+    `vllm_context_limit`) is the longest sequence it takes; `llm_kwargs` are more ``vllm.LLM``
+    arguments (they win), e.g. a colocated engine's memory share and sleep mode.
     `ssb.stages.engine` decides which model is on the GPU when.
     """
     backend = select_backend(cfg.generation.backend)
@@ -141,5 +143,5 @@ def make_generator(
         seed=cfg.seed,
         tensor_parallel_size=cfg.generation.tensor_parallel_size,
         gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
-        llm_kwargs=engine_args,
+        llm_kwargs={**engine_args, **(llm_kwargs or {})},
     )

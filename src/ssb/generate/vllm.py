@@ -247,6 +247,7 @@ class VLLMGenerator:
                 name: LoRARequest(name, i, str(path))
                 for i, (name, path) in enumerate(adapters.items(), start=1)
             }
+        self.last_lora_id = len(self.lora_requests)
         kwargs.update(llm_kwargs or {})
         before = {p.pid for p in multiprocessing.active_children()}
         with kept_environment():
@@ -258,6 +259,21 @@ class VLLMGenerator:
         if adapter is not None and adapter not in self.lora_requests:
             raise KeyError(f"the vLLM engine does not serve an adapter named {adapter!r}")
         return _Served(self, adapter)
+
+    def replace_adapter(self, name: str, path: str | Path) -> None:
+        """Serve the adapter saved in `path` as `name` from now on (a trainer's new weights).
+
+        It gets a LoRA id, name and path never used before, and the request it replaces is
+        removed from the engine: vLLM loads an adapter once per id, and its prefix cache keys on
+        the adapter's name and path, so reusing any of them could serve the old weights.
+        `path` must stay on disk while the engine may load it (until its first request)."""
+        from vllm.lora.request import LoRARequest
+
+        old = self.lora_requests[name]
+        self.last_lora_id += 1
+        new_id = self.last_lora_id
+        self.lora_requests[name] = LoRARequest(f"{name}@{new_id}", new_id, str(path))
+        self.llm.llm_engine.remove_lora(old.lora_int_id)
 
     def shutdown(self) -> None:
         """Stop the engine and its worker processes now (not whenever the garbage collector gets
