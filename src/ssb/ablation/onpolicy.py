@@ -390,7 +390,4 @@ class OnPolicyTraining(LoraTraining):
         return trainer
 
     def summary(self, trainer: OnPolicyTrainer, result: Any) -> dict[str, Any]:
-        return {
-            "examples": len(self.pairs),
-            "train_loss": round(float(result.training_loss), 6),
-        }
+        return {"examples": len(self.pairs)}

@@ -402,7 +402,6 @@ def grpo_summary(trainer: Any, result: Any, records: list[dict[str, Any]]) -> di
         "problems": len(trainer.train_dataset),
         "completions_per_step": g.per_device_train_batch_size * trainer.accelerator.num_processes,
         "num_generations": g.num_generations,
-        "train_loss": round(float(result.training_loss), 6),
         "prompts_checked": trainer.prompts_checked,
     }
     rewards = [r["reward"] for r in records if isinstance(r.get("reward"), (int, float))]

@@ -310,7 +310,8 @@ class LoraTraining(ABC):
 
     @abstractmethod
     def summary(self, trainer: Any, result: Any) -> dict[str, Any]:
-        """The training's own summary keys (the recipe adds steps, adapter and resumed_from)."""
+        """The training's own summary keys (the recipe adds steps, train_loss over every logged
+        step, adapter and resumed_from)."""
 
     def cleanup(self, trainer: Any | None) -> None:  # noqa: B027 -- optional, as setup
         """After training, finished or failed (`trainer` None when it was never built), before
@@ -344,7 +345,12 @@ def run_lora_training(training: LoraTraining, base_model: Any) -> dict[str, Any]
             trained_model(model, trainer), files.adapter_dir, trainer.is_world_process_zero()
         )
         trainer.accelerator.wait_for_everyone()
-        summary = {"steps": trainer.state.global_step, **training.summary(trainer, result)}
+        summary = {
+            "steps": trainer.state.global_step,
+            # Over every step, the ones before a resume included (Trainer's covers its own).
+            "train_loss": round(logged_mean_loss(files.log_path) or result.training_loss, 6),
+            **training.summary(trainer, result),
+        }
         summary["adapter"] = str(files.adapter_dir)
         if is_sharded(model):
             summary["sharding"] = shard_report(model)  # this rank's share of the parameters

@@ -59,7 +59,6 @@ from ssb.stages.lora_training import (
     LoraFiles,
     LoraTraining,
     attach_reporting,
-    logged_mean_loss,
     lora_config,
     run_lora_training,
     shared_arguments,
@@ -621,8 +620,6 @@ class StudentTraining(LoraTraining):
         log_path = self.files.log_path
         summary = {
             "examples": len(self.pairs),
-            # Over every step, the ones before a resume included (Trainer's covers its own).
-            "train_loss": round(logged_mean_loss(log_path) or result.training_loss, 6),
         }
         losses = [r["loss"] for r in read_jsonl(log_path) if "loss" in r]
         if losses:
