@@ -145,10 +145,6 @@ def prompt_records(cfg: Config, tokenizer: Any) -> list[dict[str, Any]]:
     return records
 
 
-def prompt_key(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-
-
 # --------------------------------------------------------------------------- trainer
 
 
@@ -280,7 +276,7 @@ def make_grpo_trainer(
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
         callbacks=[JsonlLogCallback(rundir.grpo_log_path)],
-        expected_prompt_ids={prompt_key(r["prompt"]): r["prompt_ids"] for r in records},
+        expected_prompt_ids=[(r["prompt"], r["prompt_ids"]) for r in records],
         stop_token_ids=stop_ids,
         stop_strings=reply.stop_strings,
     )

@@ -4,13 +4,13 @@ which imports this module on first use: importing trl takes a few seconds)."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 from trl import GRPOTrainer
 
 from ssb.generate.base import stop_string_cut
-from ssb.stages.grpo import prompt_key
 
 
 class SSBGRPOTrainer(GRPOTrainer):
@@ -21,13 +21,14 @@ class SSBGRPOTrainer(GRPOTrainer):
     def __init__(
         self,
         *args: Any,
-        expected_prompt_ids: dict[str, list[int]],
+        expected_prompt_ids: list[tuple[Any, list[int]]],
         stop_token_ids: list[int],
         stop_strings: list[str],
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.expected_prompt_ids = expected_prompt_ids
+        # (prompt as TRL gets it, ids ssb renders) -> looked up by the prompt TRL tokenizes.
+        self.expected_prompt_ids = {prompt_key(p): ids for p, ids in expected_prompt_ids}
         self.prompts_checked = 0
         self.stop_strings = list(stop_strings)
         # Masking after EOS uses `eos_token_ids` (the generation config gets the same ids
@@ -96,3 +97,8 @@ class SSBGRPOTrainer(GRPOTrainer):
             return False
         text = self._tokenizer.decode(ids, skip_special_tokens=True)
         return any(s in text for s in self.stop_strings)
+
+
+def prompt_key(prompt: Any) -> str:
+    """A prompt (text, or chat messages) as a dictionary key."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
