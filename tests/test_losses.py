@@ -292,6 +292,9 @@ def test_chunk_rows_from_the_vocabulary():
     assert chunk_rows(262144) == 64  # Gemma 3
     assert chunk_rows(10**9) == 16  # never fewer
     assert chunk_rows(262144, 7) == 7  # an explicit size wins
+    # A small step is one chunk (no recomputation); a large one is chunked.
+    assert chunk_rows(262144, None, 192) == 192  # a CPU quickstart batch
+    assert chunk_rows(151936, None, 2048) == 96
     for vocab in (4096, 151936, 262144):
         rows = chunk_rows(vocab)
         assert rows % 16 == 0 and rows * vocab * 4 <= CHUNK_LOGITS_BYTES

@@ -452,8 +452,9 @@ class LossConfig(Section):
     ce_weight: float = setting(0.0, "lambda_CE: cross-entropy on the reply tokens.", bounds=">= 0")
     chunk_size: int | None = setting(
         None,
-        "Reply positions per chunk of vocabulary-sized work (the loss's memory); null: as many as "
-        "keep one chunk's float32 logits within 64 MiB (ssb.distill.losses.chunk_rows).",
+        "Reply positions per chunk of vocabulary-sized work (the loss's memory); null: one pass "
+        "while the step's float32 logits fit in 256 MiB, else chunks of 64 MiB "
+        "(ssb.distill.losses.chunk_rows).",
         bounds="> 0",
     )
     clip: float | None = setting(None, "Per-token cap on the divergence (null: off).", bounds="> 0")

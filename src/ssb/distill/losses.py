@@ -356,14 +356,21 @@ def topk_targets(teacher_logits: Tensor, k: int, tau: float) -> tuple[Tensor, Te
 # The float32 logits of one chunk take at most this much memory. A chunk's forward and backward
 # hold a few vocabulary-wide tensors of that size at once: the loss's share of a step's peak.
 CHUNK_LOGITS_BYTES = 64 * 2**20
+# Rows whose float32 logits fit in this much are one chunk: more than one chunk runs each under
+# activation checkpointing, which computes the logits (and hidden targets' teacher logits) twice,
+# a cost a small step (a CPU quickstart batch) should not pay for the memory it would save.
+ONE_PASS_LOGITS_BYTES = 256 * 2**20
 
 
-def chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk of vocabulary-sized work: ``chunk_size`` when given, else as many as keep
-    one chunk's float32 logits within :data:`CHUNK_LOGITS_BYTES` (a multiple of 16, at least 16;
-    96 rows for Qwen2.5's 151,936-entry vocabulary, 64 for Gemma 3's 262,144)."""
+def chunk_rows(vocab_size: int, chunk_size: int | None = None, rows: int | None = None) -> int:
+    """Rows per chunk of vocabulary-sized work: ``chunk_size`` when given; all ``rows`` when their
+    float32 logits fit in :data:`ONE_PASS_LOGITS_BYTES`; else as many as keep one chunk's within
+    :data:`CHUNK_LOGITS_BYTES` (a multiple of 16, at least 16: 96 rows for Qwen2.5's
+    151,936-entry vocabulary, 64 for Gemma 3's 262,144)."""
     if chunk_size is not None:
         return chunk_size
+    if rows is not None and 0 < rows * vocab_size * 4 <= ONE_PASS_LOGITS_BYTES:
+        return rows
     return max(16, CHUNK_LOGITS_BYTES // (4 * vocab_size) // 16 * 16)
 
 
@@ -501,8 +508,8 @@ def chunked_kd_loss(
         tau_squared: multiply KD by tau^2 (Hinton et al.; keeps gradient scale comparable across
             temperatures; the paper and the reference do).
         kd_weight, ce_weight: per-row loss = ``kd_weight * KD + ce_weight * CE``.
-        chunk_size: rows per chunk; peak memory is O(chunk_size x V), never O(N x V). None: as
-            many rows as :func:`chunk_rows` allows for this vocabulary.
+        chunk_size: rows per chunk; peak memory is O(chunk_size x V), never O(N x V). None:
+            :func:`chunk_rows` for this vocabulary and N.
         clip: if set, per-token clamp (max) of KD after the tau^2 factor, in the spirit of the
             OPSD / verl ``loss_max_clamp`` clipping: a few tokens with huge divergence (stylistic
             tokens, hint leakage) cannot dominate the step. Clipped tokens get zero KD gradient.
@@ -540,7 +547,7 @@ def chunked_kd_loss(
     )
     keys = TARGET_KEYS[mode] if targets is not None else ()
     n = student_hidden.shape[0]
-    chunk_size = chunk_rows(lm_head_weight.shape[0], chunk_size)
+    chunk_size = chunk_rows(lm_head_weight.shape[0], chunk_size, n)
     scale = tau * tau if tau_squared else 1.0
 
     plain = suppress is None and advantage_weighting == "none"
