@@ -319,13 +319,7 @@ def test_an_engine_is_shut_down_when_its_stage_fails_and_the_stage_resumes(stage
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
     assert len(read_jsonl(rundir.rollouts_path)) == 2
-    orphans = set(json.loads(pids_file.read_text()))
-    assert orphans, "the killed stage had no engine process"
-    deadline = time.monotonic() + 120
-    while orphans and time.monotonic() < deadline:
-        orphans = {pid for pid in orphans if _alive(pid)}
-        time.sleep(1)
-    assert not orphans, f"engine processes {orphans} outlived the killed stage"
+    assert_engines_end(pids_file, "the killed stage")
 
     before = engine_processes()
 
@@ -343,6 +337,18 @@ def test_an_engine_is_shut_down_when_its_stage_fails_and_the_stage_resumes(stage
     finally:
         rollout.generation_chunk_size = original
     assert read_jsonl(rundir.rollouts_path) == stages["reference"]
+
+
+def assert_engines_end(pids_file: Path, killed: str) -> None:
+    """The engine processes recorded in `pids_file` existed and all end within two minutes of
+    `killed` (a SIGKILLed process) dying."""
+    orphans = set(json.loads(pids_file.read_text()))
+    assert orphans, f"{killed} had no engine process"
+    deadline = time.monotonic() + 120
+    while orphans and time.monotonic() < deadline:
+        orphans = {pid for pid in orphans if _alive(pid)}
+        time.sleep(1)
+    assert not orphans, f"engine processes {orphans} outlived {killed}"
 
 
 def _alive(pid: int) -> bool:
@@ -599,13 +605,7 @@ def test_onpolicy_through_vllm_killed_and_resumed_trains_what_an_uninterrupted_r
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
     assert (rundir.checkpoints_dir / "checkpoint-2").is_dir()
-    orphans = set(json.loads(pids_file.read_text()))
-    assert orphans, "the killed run had no engine process"
-    deadline = time.monotonic() + 120
-    while orphans and time.monotonic() < deadline:
-        orphans = {pid for pid in orphans if _alive(pid)}
-        time.sleep(1)
-    assert not orphans, f"engine processes {orphans} outlived the killed run"
+    assert_engines_end(pids_file, "the killed run")
 
     served = rundir.checkpoints_dir / SERVED_ADAPTERS
     assert served.is_dir()  # the killed run's served adapter
